@@ -1,0 +1,1 @@
+"""gla_jax.train."""
