@@ -1,0 +1,312 @@
+"""Shared helpers for the experiment scripts: command-line flags, run metadata, results (JSON + PNG), tables,
+and a small optax/NNX training loop for tasks whose loss is not plain next-token prediction (MQAR).
+
+Every experiment writes ``experiments/results/<name>.json`` with the keys ``experiment``, ``config``, ``seed``,
+``env`` (package versions, device, platform, git commit), ``started``/``finished`` (UTC) and ``results`` (a list
+of row dicts), and one or more PNG plots next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+EXPERIMENTS_DIR = pathlib.Path(__file__).resolve().parent
+REPO_ROOT = EXPERIMENTS_DIR.parent
+RESULTS_DIR = EXPERIMENTS_DIR / "results"
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "matplotlib", "torch",
+            "flash-linear-attention", "triton", "gla-jax")
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
+    """Installed versions of ``names`` (None when a package is not installed)."""
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit, with "+dirty" when tracked files differ from it; None outside a checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def device_info() -> dict[str, Any]:
+    """The JAX backend and devices this process runs on."""
+    import jax
+
+    devs = jax.devices()
+    return {
+        "backend": jax.default_backend(),
+        "device_count": len(devs),
+        "device_kind": devs[0].device_kind if devs else None,
+        "process_count": jax.process_count(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def env_info() -> dict[str, Any]:
+    """Everything needed to say where a result came from: versions, device, platform, commit, command line."""
+    return {
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device_info(),
+        "git_commit": git_commit(),
+        "argv": [pathlib.Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else [],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """Flags every experiment has: ``--out`` (results folder), ``--seed``, ``--smoke`` (seconds-long check run)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR, help="folder for the JSON and PNG results")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data and initialisation)")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run of the whole pipeline (tests, CI)")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    return p
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, pathlib.Path):
+        return str(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if hasattr(x, "item") and getattr(x, "ndim", 1) == 0:  # numpy / jax scalars
+        return _jsonable(x.item())
+    if hasattr(x, "tolist"):
+        return _jsonable(x.tolist())
+    return x
+
+
+def write_results(name: str, *, config: dict, seed: int, results: list[dict], out_dir: pathlib.Path | str,
+                  started: str | None = None, extra: dict | None = None) -> pathlib.Path:
+    """Writes ``<out_dir>/<name>.json`` (experiment, config, seed, env, started, finished, results[, extra])."""
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"name: expected a plain file stem, got {name!r}")
+    if not isinstance(results, list):
+        raise ValueError(f"results: expected a list of row dicts, got {type(results).__name__}")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "experiment": name,
+        "config": config,
+        "seed": seed,
+        "env": env_info(),
+        "started": started or utc_now(),
+        "finished": utc_now(),
+        "results": results,
+    }
+    if extra:
+        doc.update(extra)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False) + "\n")
+    return path
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, floatfmt: str = ".4g") -> str:
+    """A plain-text (Markdown) table of ``rows`` (dicts) over ``columns`` (default: keys of the first row)."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0].keys())
+
+    def fmt(v):
+        if isinstance(v, float):
+            return format(v, floatfmt) if math.isfinite(v) else str(v)
+        return "" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(columns), sep, *(line(r) for r in cells)])
+
+
+def save_figure(fig, out_dir: pathlib.Path | str, name: str) -> pathlib.Path:
+    """Saves a matplotlib figure as ``<out_dir>/<name>.png`` and closes it."""
+    import matplotlib.pyplot as plt
+
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend (scripts run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training: a small NNX + optax loop with an optional per-position loss mask.
+
+
+def count_params(model) -> int:
+    """Number of trainable parameters of an NNX module."""
+    import jax
+    from flax import nnx
+
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def make_optimizer(lr: float, steps: int, *, warmup: int | None = None, weight_decay: float = 0.1,
+                   b2: float = 0.95, clip: float = 1.0, min_lr_ratio: float = 0.1):
+    """AdamW with linear warmup and cosine decay to ``min_lr_ratio * lr`` and global-norm clipping (the paper's
+    recipe, at a small scale)."""
+    import optax
+
+    if steps < 1:
+        raise ValueError(f"steps: expected >= 1, got {steps}")
+    warmup = max(1, min(steps // 10, 100)) if warmup is None else warmup
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=max(1, min(warmup, steps - 1)) if steps > 1 else 1,
+                                               decay_steps=max(steps, 2), end_value=lr * min_lr_ratio)
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, b1=0.9, b2=b2, weight_decay=weight_decay))
+
+
+def masked_xent(logits, labels, mask):
+    """Mean cross-entropy over positions where ``mask`` is true, and the accuracy there.
+
+    logits: [B, T, V] (any float dtype; computed in float32), labels: [B, T] int, mask: [B, T] bool/float.
+    """
+    import jax.numpy as jnp
+    import optax
+
+    logits = logits.astype(jnp.float32)
+    mask = mask.astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    denom = jnp.maximum(mask.sum(), 1.0)
+    loss = (losses * mask).sum() / denom
+    acc = ((jnp.argmax(logits, -1) == labels) * mask).sum() / denom
+    return loss, acc
+
+
+def train_model(model, batches: Callable[[int], tuple], *, steps: int, lr: float, weight_decay: float = 0.1,
+                log_every: int = 0, log: Callable[[str], None] = print, warmup: int | None = None):
+    """Trains ``model`` (NNX, ``model(input_ids) -> logits``) in place for ``steps`` AdamW steps.
+
+    ``batches(step)`` returns ``(input_ids [B, T] int32, labels [B, T] int32, mask [B, T])``; the loss is the
+    cross-entropy at positions where ``mask`` is true. Returns a history list of dicts
+    ``{step, loss, acc, tokens_per_sec}`` (every ``log_every`` steps and the last step) and the elapsed seconds.
+    """
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    tx = make_optimizer(lr, steps, warmup=warmup, weight_decay=weight_decay)
+    opt = _nnx_optimizer(model, tx)
+
+    @nnx.jit
+    def step_fn(model, opt, x, y, m):
+        def loss_fn(model):
+            return masked_xent(model(x), y, m)
+
+        (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+        _opt_update(opt, model, grads)
+        return loss, acc
+
+    history = []
+    t0 = time.perf_counter()
+    t_last, tok = t0, 0
+    every = log_every or max(1, steps // 20)
+    for s in range(steps):
+        x, y, m = batches(s)
+        loss, acc = step_fn(model, opt, x, y, m)
+        tok += int(np.prod(np.shape(x)))
+        if (s + 1) % every == 0 or s == steps - 1:
+            loss = float(jax.device_get(loss))
+            now = time.perf_counter()
+            rec = {"step": s + 1, "loss": loss, "acc": float(acc), "tokens_per_sec": tok / max(now - t_last, 1e-9)}
+            history.append(rec)
+            t_last, tok = now, 0
+            if log_every:
+                log(f"  step {s + 1:5d}  loss {loss:.4f}  acc {rec['acc']:.3f}  {rec['tokens_per_sec']:.0f} tok/s")
+    return history, time.perf_counter() - t0
+
+
+def _nnx_optimizer(model, tx):
+    """``nnx.Optimizer`` across flax versions (``wrt`` became required in 0.11)."""
+    from flax import nnx
+
+    try:
+        return nnx.Optimizer(model, tx, wrt=nnx.Param)
+    except TypeError:
+        return nnx.Optimizer(model, tx)
+
+
+def _opt_update(opt, model, grads):
+    try:
+        opt.update(model, grads)
+    except TypeError:
+        opt.update(grads)
+
+
+def lm_eval_loss(model, inputs, labels, mask=None, batch_size: int = 8):
+    """Mean per-position cross-entropy of ``model`` over arrays ``inputs``/``labels`` [N, T] (float64 numpy sums).
+
+    Returns (per_position_loss [T] numpy float64, mean_loss float)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    @nnx.jit
+    def f(model, x, y):
+        return optax.softmax_cross_entropy_with_integer_labels(model(x).astype(jnp.float32), y)
+
+    n, t = inputs.shape
+    total = np.zeros(t, np.float64)
+    count = np.zeros(t, np.float64)
+    for i in range(0, n, batch_size):
+        x = inputs[i:i + batch_size]
+        y = labels[i:i + batch_size]
+        m = np.ones_like(y, np.float64) if mask is None else np.asarray(mask[i:i + batch_size], np.float64)
+        losses = np.asarray(jax.device_get(f(model, jnp.asarray(x), jnp.asarray(y))), np.float64)
+        total += (losses * m).sum(0)
+        count += m.sum(0)
+    per_pos = total / np.maximum(count, 1)
+    return per_pos, float(total.sum() / max(count.sum(), 1))
+
+
+def timer():
+    """A ``perf_counter``-based stopwatch: ``t = timer(); ...; t()`` returns elapsed seconds."""
+    t0 = time.perf_counter()
+    return lambda: time.perf_counter() - t0

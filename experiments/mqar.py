@@ -1,0 +1,239 @@
+"""Experiment 1: multi-query associative recall (MQAR, the Zoology synthetic task).
+
+Each example is a sequence of ``seq_len`` tokens that starts with ``num_kv_pairs`` key-value pairs
+``k1 v1 k2 v2 ...`` (keys drawn without replacement from ``[1, vocab/2)``, values from ``[vocab/2, vocab)``); in the
+rest of the sequence every key appears once more, as a query, at an even offset chosen without replacement with
+probability proportional to ``gap ** (power_a - 1)`` (short gaps favoured; ``power_a`` = 0.01 as in the
+literature). The model must output the key's value at the query position; only query positions are scored.
+Positions that are neither context nor query hold random tokens.
+
+Models (2 layers, 2 heads, as in the GLA paper's MQAR figure): GLA, data-dependent scalar gate, fixed per-head
+decay (RetNet-style), no gate (plain linear attention) and Transformer++ (softmax attention), over model widths.
+Expected at full size: attention ~100%; GLA above fixed decay and no gate.
+
+    python experiments/mqar.py                  # CPU default (minutes)
+    python experiments/mqar.py --smoke          # seconds; the pipeline only
+    python experiments/mqar.py --paper          # the literature's setting (vocab 8192, seq 256/512, 16/64 pairs,
+                                                # widths 64-512): a GPU job
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
+MODELS = ("gla", "scalar", "fixed", "none", "transformer")
+LABELS = {"gla": "GLA", "scalar": "scalar gate", "fixed": "fixed decay (RetNet-style)", "none": "no gate",
+          "transformer": "Transformer++"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def _check_mqar_args(batch, seq_len, num_kv_pairs, vocab_size, power_a):
+    for name, v in (("batch", batch), ("seq_len", seq_len), ("num_kv_pairs", num_kv_pairs),
+                    ("vocab_size", vocab_size)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    if seq_len % 2:
+        raise ValueError(f"seq_len: expected an even length, got {seq_len}")
+    if 4 * num_kv_pairs > seq_len:
+        raise ValueError(f"num_kv_pairs: expected 4 * num_kv_pairs <= seq_len ({seq_len}), got {num_kv_pairs}")
+    if vocab_size < 2 * num_kv_pairs + 2:
+        raise ValueError(f"vocab_size: expected >= 2 * num_kv_pairs + 2 = {2 * num_kv_pairs + 2}, got {vocab_size}")
+    if not 0 < power_a <= 1:
+        raise ValueError(f"power_a: expected 0 < power_a <= 1, got {power_a}")
+
+
+def mqar_batch(rng: np.random.Generator, batch: int, seq_len: int, num_kv_pairs: int, vocab_size: int,
+               power_a: float = 0.01, random_non_queries: bool = True):
+    """A batch of MQAR examples.
+
+    Returns ``(inputs [batch, seq_len] int32, targets [batch, seq_len] int32, mask [batch, seq_len] bool)``:
+    ``targets[b, t]`` is the value of the key ``inputs[b, t]`` where ``mask[b, t]`` (a query position) and 0
+    elsewhere. Exactly ``num_kv_pairs`` query positions per row, all after the ``2 * num_kv_pairs`` context tokens.
+    """
+    _check_mqar_args(batch, seq_len, num_kv_pairs, vocab_size, power_a)
+    n = num_kv_pairs
+    half = vocab_size // 2
+    ctx = 2 * n
+    # Keys from [1, half), values from [half, vocab): distinct within a row (top-n of a random permutation).
+    keys = np.argsort(rng.random((batch, half - 1)), axis=1)[:, :n] + 1
+    values = np.argsort(rng.random((batch, vocab_size - half)), axis=1)[:, :n] + half
+    # Query slots: the rest of the sequence has (seq_len - ctx) // 2 even offsets; choose n of them without
+    # replacement with weights gap^(a-1) (Gumbel top-k == sequential sampling without replacement).
+    space = (seq_len - ctx) // 2
+    logw = (power_a - 1.0) * np.log(np.arange(1, space + 1, dtype=np.float64))
+    gumbel = -np.log(-np.log(rng.random((batch, space)).clip(1e-300, 1.0)))
+    gaps = np.argsort(-(logw + gumbel), axis=1)[:, :n]
+    qpos = ctx + 2 * gaps  # [batch, n]; the j-th key is queried at qpos[:, j]
+
+    if random_non_queries:
+        inputs = rng.integers(0, vocab_size, size=(batch, seq_len))
+    else:
+        inputs = np.zeros((batch, seq_len), np.int64)
+    inputs[:, 0:ctx:2] = keys
+    inputs[:, 1:ctx:2] = values
+    rows = np.arange(batch)[:, None]
+    inputs[rows, qpos] = keys
+    targets = np.zeros((batch, seq_len), np.int64)
+    targets[rows, qpos] = values
+    mask = np.zeros((batch, seq_len), bool)
+    mask[rows, qpos] = True
+    return inputs.astype(np.int32), targets.astype(np.int32), mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def build_model(kind: str, *, width: int, vocab_size: int, seq_len: int, layers: int = 2, heads: int = 2,
+                seed: int = 0):
+    """A 2-layer language model of ``width`` for ``kind`` in MODELS (GLA gate variants or Transformer++)."""
+    from flax import nnx
+
+    from gla_jax.models import GLAConfig, GLAForCausalLM, TransformerConfig, TransformerForCausalLM
+
+    if kind not in MODELS:
+        raise ValueError(f"kind: expected one of {MODELS}, got {kind!r}")
+    rngs = nnx.Rngs(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_heads=heads)
+    if kind == "transformer":
+        return TransformerForCausalLM(_make_config(TransformerConfig, common, max_position_embeddings=seq_len),
+                                      rngs=rngs)
+    return GLAForCausalLM(_make_config(GLAConfig, common, gate=kind), rngs=rngs)
+
+
+def _make_config(cls, fields: dict, **extra):
+    """Builds a config dataclass from the fields it has (so an absent optional field is skipped, not an error)."""
+    import dataclasses
+
+    kwargs = {**fields, **extra}
+    if dataclasses.is_dataclass(cls):
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in kwargs.items() if k in names or k in ("gate",)}
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The experiment
+
+
+def evaluate(model, data) -> float:
+    """Accuracy over query positions of ``data = (inputs, targets, mask)`` (numpy), in batches of 64."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    @nnx.jit
+    def predict(model, x):
+        return jnp.argmax(model(x), axis=-1)
+
+    x, y, m = data
+    correct = total = 0
+    for i in range(0, len(x), 64):
+        pred = np.asarray(predict(model, jnp.asarray(x[i:i + 64])))
+        correct += int(((pred == y[i:i + 64]) & m[i:i + 64]).sum())
+        total += int(m[i:i + 64].sum())
+    return correct / max(total, 1)
+
+
+def run(args) -> dict:
+    import jax.numpy as jnp
+
+    started = C.utc_now()
+    settings = [tuple(int(x) for x in s.split(":")) for s in args.settings]
+    rows = []
+    for seq_len, n_kv in settings:
+        test = mqar_batch(np.random.default_rng(10_000 + args.seed), args.test_examples, seq_len, n_kv, args.vocab)
+        for width in args.widths:
+            for kind in args.models:
+                rng = np.random.default_rng(args.seed)
+                model = build_model(kind, width=width, vocab_size=args.vocab, seq_len=seq_len, layers=args.layers,
+                                    heads=args.heads, seed=args.seed)
+
+                def batches(step, rng=rng, seq_len=seq_len, n_kv=n_kv):
+                    x, y, m = mqar_batch(rng, args.batch, seq_len, n_kv, args.vocab)
+                    return jnp.asarray(x), jnp.asarray(y), jnp.asarray(m)
+
+                hist, secs = C.train_model(model, batches, steps=args.steps, lr=args.lr,
+                                           weight_decay=args.weight_decay, log_every=0)
+                acc = evaluate(model, test)
+                row = {"model": kind, "width": width, "seq_len": seq_len, "num_kv_pairs": n_kv,
+                       "params": C.count_params(model), "steps": args.steps, "final_train_loss": hist[-1]["loss"],
+                       "final_train_acc": hist[-1]["acc"], "test_acc": acc, "train_seconds": secs}
+                rows.append(row)
+                print(f"  {LABELS[kind]:28s} width {width:4d}  T {seq_len:4d}  kv {n_kv:3d}  "
+                      f"test acc {acc:.3f}  ({secs:.0f}s)", flush=True)
+    config = {k: (v if not isinstance(v, pathlib.Path) else str(v)) for k, v in vars(args).items()}
+    path = C.write_results(args.name, config=config, seed=args.seed, results=rows, out_dir=args.out, started=started)
+    print(C.format_table(rows, ["model", "width", "seq_len", "num_kv_pairs", "params", "final_train_loss",
+                                "test_acc", "train_seconds"]))
+    if not args.no_plot:
+        plot(rows, args.out, args.name)
+    return {"json": path, "rows": rows}
+
+
+def plot(rows, out_dir, name):
+    plt = C.pyplot()
+    settings = sorted({(r["seq_len"], r["num_kv_pairs"]) for r in rows})
+    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4), squeeze=False)
+    for ax, (t, n) in zip(axes[0], settings):
+        for kind in MODELS:
+            pts = sorted((r["width"], r["test_acc"]) for r in rows
+                         if r["model"] == kind and r["seq_len"] == t and r["num_kv_pairs"] == n)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=LABELS[kind])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("model width")
+        ax.set_ylabel("MQAR accuracy (query positions)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"seq {t}, {n} key-value pairs")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return C.save_figure(fig, out_dir, name)
+
+
+def parse_args(argv=None):
+    p = C.base_parser(__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--widths", nargs="+", type=int, default=[32, 64, 128])
+    p.add_argument("--settings", nargs="+", default=["128:16"], help="seq_len:num_kv_pairs pairs")
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--test-examples", type=int, default=512)
+    p.add_argument("--paper", action="store_true",
+                   help="the literature's setting: vocab 8192, seq 256 (16 pairs) and 512 (64 pairs), widths "
+                        "64-512, 20k steps of batch 256 (a GPU job)")
+    p.add_argument("--name", default="mqar", help="results file stem")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.widths, args.settings, args.vocab, args.steps = [16], ["32:4"], 64, 3
+        args.batch, args.test_examples = 4, 16
+        args.name = args.name if args.name != "mqar" else "mqar_smoke"
+    elif args.paper:
+        args.widths, args.settings, args.vocab = [64, 128, 256, 512], ["256:16", "512:64"], 8192
+        args.steps, args.batch, args.lr, args.test_examples = 20_000, 256, 1e-3, 3000
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print(f"MQAR: models {args.models}, widths {args.widths}, settings {args.settings}, vocab {args.vocab}, "
+          f"{args.steps} steps of batch {args.batch}")
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

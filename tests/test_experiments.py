@@ -1,0 +1,178 @@
+"""The experiment scripts: the MQAR generator's layout, the numerics report's float64 reference (checked against
+tests/reference.py), the results writer, and each script's --smoke path (seconds) with the JSON fields it promises.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXP = ROOT / "experiments"
+sys.path.insert(0, str(EXP))
+
+
+def _load(name):
+    """Imports experiments/<name>.py under a private module name."""
+    spec = importlib.util.spec_from_file_location(f"_exp_{name}", EXP / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def common():
+    return _load("common")
+
+
+@pytest.fixture(scope="module")
+def mqar():
+    return _load("mqar")
+
+
+@pytest.fixture(scope="module")
+def numerics():
+    return _load("numerics")
+
+
+def _has(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+HAS_MODELS = _has("gla_jax.models") and hasattr(importlib.import_module("gla_jax.models"), "GLAForCausalLM")
+HAS_CHUNK = _has("gla_jax.ops.chunk")
+
+# ----------------------------------------------------------------------------------------------------------------
+# MQAR data
+
+
+@pytest.mark.parametrize("seq_len,n,vocab", [(32, 4, 64), (128, 16, 256), (256, 64, 8192), (64, 16, 40)])
+def test_mqar_layout(mqar, seq_len, n, vocab):
+    x, y, m = mqar.mqar_batch(np.random.default_rng(seq_len + n), 64, seq_len, n, vocab)
+    assert x.shape == y.shape == m.shape == (64, seq_len)
+    assert x.dtype == np.int32 and y.dtype == np.int32 and m.dtype == bool
+    half = vocab // 2
+    assert (x >= 0).all() and (x < vocab).all()
+    for b in range(64):
+        keys, vals = x[b, 0:2 * n:2], x[b, 1:2 * n:2]
+        assert len(set(keys.tolist())) == n and len(set(vals.tolist())) == n, "keys/values must be distinct"
+        assert ((keys >= 1) & (keys < half)).all() and ((vals >= half) & (vals < vocab)).all()
+        table = dict(zip(keys.tolist(), vals.tolist()))
+        qpos = np.flatnonzero(m[b])
+        assert len(qpos) == n, "one query per key"
+        assert (qpos >= 2 * n).all() and ((qpos - 2 * n) % 2 == 0).all(), "queries after the context, even offsets"
+        assert sorted(x[b, qpos].tolist()) == sorted(keys.tolist()), "every key is queried exactly once"
+        for t in qpos:
+            assert y[b, t] == table[int(x[b, t])], "the target of a query is its key's value"
+        assert (y[b][~m[b]] == 0).all()
+
+
+def test_mqar_queries_favour_short_gaps(mqar):
+    # power_a = 0.01: P(gap i) ~ i^-0.99, so the first query slot is chosen far more often than the last.
+    _, _, m = mqar.mqar_batch(np.random.default_rng(0), 2000, 256, 16, 8192)
+    counts = m[:, 32::2].sum(0)
+    assert counts[0] > 5 * counts[-1]
+    assert counts[:10].sum() > counts[-10:].sum() * 3
+
+
+def test_mqar_deterministic_and_bad_args(mqar):
+    a = mqar.mqar_batch(np.random.default_rng(3), 4, 32, 4, 64)
+    b = mqar.mqar_batch(np.random.default_rng(3), 4, 32, 4, 64)
+    for u, w in zip(a, b):
+        np.testing.assert_array_equal(u, w)
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="num_kv_pairs"):
+        mqar.mqar_batch(rng, 4, 32, 9, 64)
+    with pytest.raises(ValueError, match="seq_len"):
+        mqar.mqar_batch(rng, 4, 33, 4, 64)
+    with pytest.raises(ValueError, match="vocab_size"):
+        mqar.mqar_batch(rng, 4, 32, 4, 8)
+    with pytest.raises(ValueError, match="batch"):
+        mqar.mqar_batch(rng, 0, 32, 4, 64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numerics: the float64 reference with a hand-written backward, against tests/reference.py (jax autodiff, x64).
+
+
+@pytest.mark.parametrize("regime", ["layer", "extreme"])
+def test_numerics_reference_matches_independent_float64(numerics, regime):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from reference import reference_gla
+
+    rng = np.random.default_rng(1)
+    B, T, H, K, V = 2, 70, 2, 8, 5  # T not a multiple of the checkpoint block
+    q, k = rng.standard_normal((B, T, H, K)), rng.standard_normal((B, T, H, K))
+    v, do = rng.standard_normal((B, T, H, V)), rng.standard_normal((B, T, H, V))
+    g = numerics.make_gates(rng, regime, (B, T, H, K))
+    assert (g <= 0).all()
+    o, grads = numerics.recurrence_f64(q, k, v, g, 0.3, do=do, block=16)
+    o_ref, _, grads_ref = reference_gla(q, k, v, g, scale=0.3, do=do)
+    np.testing.assert_allclose(o, o_ref, rtol=1e-10, atol=1e-10)
+    for x, r in zip(grads, grads_ref[:4]):
+        np.testing.assert_allclose(x, r, rtol=1e-9, atol=1e-9)
+    assert numerics.rel_rms(o * (1 + 1e-3), o) == pytest.approx(1e-3, rel=1e-6)
+    assert numerics.rel_rms(np.full_like(o, np.nan), o) == float("inf")
+
+
+def test_numerics_smoke(numerics, tmp_path):
+    impls = ["recurrent"] + (["chunk"] if HAS_CHUNK else [])
+    numerics.main(["--smoke", "--out", str(tmp_path), "--impls", *impls])
+    doc = json.loads((tmp_path / "numerics_smoke.json").read_text())
+    _check_doc(doc, "numerics_smoke")
+    assert (tmp_path / "numerics_smoke.png").stat().st_size > 1000
+    rows = doc["results"]
+    assert {r["impl"] for r in rows} == set(impls)
+    for r in rows:
+        assert {"T", "gate", "dtype", "o_err", "o_floor", "dq_err", "dk_err", "dv_err", "dg_err"} <= set(r)
+        bound = 1e-5 if r["dtype"] == "float32" else 2e-2
+        assert r["finite"] and r["o_err"] < bound and r["dg_err"] < bound, r
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _check_doc(doc, name):
+    assert doc["experiment"] == name
+    assert isinstance(doc["config"], dict) and isinstance(doc["seed"], int)
+    env = doc["env"]
+    assert env["packages"]["jax"] and env["packages"]["numpy"]
+    assert env["device"]["backend"] in ("cpu", "gpu", "tpu") and env["device"]["device_count"] >= 1
+    assert env["python"] and doc["started"] <= doc["finished"]
+    assert isinstance(doc["results"], list) and doc["results"]
+
+
+def test_write_results_and_table(common, tmp_path):
+    path = common.write_results("demo", config={"a": 1, "p": pathlib.Path("x")}, seed=7,
+                                results=[{"x": np.float32(1.5), "y": float("nan"), "z": np.arange(2)}],
+                                out_dir=tmp_path)
+    doc = json.loads(path.read_text())
+    _check_doc(doc, "demo")
+    assert doc["results"] == [{"x": 1.5, "y": None, "z": [0, 1]}] and doc["config"]["p"] == "x"
+    with pytest.raises(ValueError, match="name"):
+        common.write_results("a/b", config={}, seed=0, results=[], out_dir=tmp_path)
+    table = common.format_table([{"a": 1, "b": 0.5}, {"a": 22, "b": None}])
+    lines = table.splitlines()
+    assert len(lines) == 4 and "22" in lines[3] and "0.5" in lines[2]
+
+
+def test_masked_xent(common):
+    import jax.numpy as jnp
+
+    logits = jnp.log(jnp.array([[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]]))
+    labels = jnp.array([[0, 1]])
+    loss, acc = common.masked_xent(logits, labels, jnp.array([[True, False]]))
+    assert float(loss) == pytest.approx(-np.log(0.7), rel=1e-5) and float(acc) == 1.0
+    loss, acc = common.masked_xent(logits, labels, jnp.array([[True, True]]))
+    assert float(loss) == pytest.approx(-(np.log(0.7) + np.log(0.1)) / 2, rel=1e-5) and float(acc) == 0.5
