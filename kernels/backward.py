@@ -1,0 +1,295 @@
+"""Backward Pallas (Triton) kernels of chunkwise GLA.
+
+Inputs are padded as in ``forward.py``. With b the chunk-local cumulative gate, S_n the state entering chunk n and
+dS_n the gradient of the state leaving chunk n (both [K, V] per batch and head):
+
+  1. ``state_pass`` (forward kernel) recomputes the chunk-start states (nothing float32 per chunk is stored).
+  2. ``dstate_pass``: reverse loop over chunks, dS_{n-1} = diag(e^{b_C}) dS_n + (scale q ⊙ e^b)ᵀ do; writes dS_n
+     for every chunk and the initial state's gradient.
+  3. ``attn_grad``: dA = do vᵀ (causal, same document) per chunk.
+  4. ``dv``: dv = Aᵀ do + (k ⊙ e^{b_C - b}) dS_n per (chunk, V tile).
+  5. ``dqk``: per (chunk, 16-row sub-chunk, K tile) the inter-chunk parts (do Sᵀ, v dSᵀ), the off-diagonal intra
+     parts as half-precision matmuls relative to a sub-chunk reference gate, and the diagonal sub-block
+     elementwise in float32.
+  6. dg (plain jnp, O(T K)): dB = q ⊙ dq − k ⊙ dk, reverse cumulative sum inside each document, plus
+     Σ_v S_T ⊙ dS_T on the last document; zero at document starts (their gate multiplies a dropped state).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from .forward import F32, _split, chunk_cumsum, state_pass
+from .tiling import SUB_CHUNK, Tiling, compiler_params, dot
+
+# ----------------------------------------------------------------------------------------------------- kernels
+
+
+def _dstate_kernel(q_ref, g_ref, do_ref, dht_ref, *rest, C, NT, scale, has_seg, dt):
+    """One (b, h, K tile, V tile): walk the chunks backwards; store the gradient of each chunk's end state."""
+    rel_ref, (dhs_ref, dh0_ref) = _split(rest, has_seg)
+
+    def body(it, ds):
+        n = NT - 1 - it
+        t0 = pl.multiple_of(n * C, C)
+        dhs_ref[n] = ds.astype(dhs_ref.dtype)
+        gb = g_ref[pl.ds(t0, C), :]
+        gl = g_ref[pl.ds(t0 + C - 1, 1), :]
+        qe = q_ref[pl.ds(t0, C), :].astype(F32) * (jnp.exp(gb) * scale)
+        decay = jnp.exp(gl)
+        if has_seg:
+            rb = rel_ref[pl.ds(t0, C)]
+            rl = rel_ref[pl.ds(t0 + C - 1, 1)]
+            qe = jnp.where((rb == 0)[:, None], qe, 0.0)  # only the first document saw the incoming state
+            decay = jnp.where((rl == 0)[None, :], decay, 0.0)
+        return ds * decay.reshape(-1)[:, None] + dot(qe.astype(dt), do_ref[pl.ds(t0, C), :].astype(dt),
+                                                     trans_a=True)
+
+    dh0_ref[...] = lax.fori_loop(0, NT, body, dht_ref[...].astype(F32))
+
+
+def _attn_grad_kernel(do_ref, v_ref, *rest, C, NV, BV, has_seg, dt):
+    """One (b, h, chunk): dA = do vᵀ, masked to the causal same-document pairs."""
+    rel_ref, (da_ref,) = _split(rest, has_seg)
+    da = jnp.zeros((C, C), F32)
+    for vt in range(NV):
+        vs = pl.ds(vt * BV, BV)
+        da += dot(do_ref[:, vs].astype(dt), v_ref[:, vs].astype(dt), trans_b=True)
+    rows = jnp.arange(C)
+    mask = rows[:, None] >= rows[None, :]
+    if has_seg:
+        rel = rel_ref[...]
+        mask = mask & (rel[:, None] == rel[None, :])
+    da_ref[...] = jnp.where(mask, da, 0.0)
+
+
+def _dv_kernel(a_ref, do_ref, k_ref, g_ref, dhs_ref, *rest, C, NK, BK, has_seg, dt):
+    """One (b, h, chunk, V tile): dv = Aᵀ do + (k ⊙ e^{b_C - b}) dS."""
+    rel_ref, (dv_ref,) = _split(rest, has_seg)
+    dv = dot(a_ref[...].astype(dt), do_ref[...].astype(dt), trans_a=True)
+    for kt in range(NK):
+        ks = pl.ds(kt * BK, BK)
+        ke = k_ref[:, ks].astype(F32) * jnp.exp(g_ref[pl.ds(C - 1, 1), ks] - g_ref[:, ks])
+        if has_seg:
+            rel = rel_ref[...]
+            ke = jnp.where((rel == rel_ref[pl.ds(C - 1, 1)])[:, None], ke, 0.0)
+        dv += dot(ke.astype(dt), dhs_ref[ks, :].astype(dt))
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dqk_kernel(q_ref, k_ref, g_ref, do_ref, v_ref, hs_ref, dhs_ref, da_ref, *rest, C, NV, BV, scale, has_seg,
+                dt):
+    """One (b, h, chunk, sub-chunk I, K tile): dq and dk of I's 16 rows."""
+    rel_ref, (dq_ref, dk_ref) = _split(rest, has_seg)
+    c = SUB_CHUNK
+    s0 = pl.multiple_of(pl.program_id(3) * c, c)
+    rows_i = pl.ds(s0, c)
+    g_i = g_ref[rows_i, :]
+    g_last = g_ref[pl.ds(C - 1, 1), :]
+    # Inter-chunk parts: the incoming state S for dq, the outgoing state's gradient dS for dk.
+    dq = jnp.zeros((c, g_i.shape[1]), F32)
+    dk = jnp.zeros_like(dq)
+    for vt in range(NV):
+        vs = pl.ds(vt * BV, BV)
+        dq += dot(do_ref[rows_i, vs].astype(dt), hs_ref[:, vs].astype(dt), trans_b=True)
+        dk += dot(v_ref[rows_i, vs].astype(dt), dhs_ref[:, vs].astype(dt), trans_b=True)
+    dq = dq * (jnp.exp(g_i) * scale)
+    dk = dk * jnp.exp(g_last - g_i)
+    if has_seg:
+        rel_i = rel_ref[rows_i]
+        dq = jnp.where((rel_i == 0)[:, None], dq, 0.0)
+        dk = jnp.where((rel_i == rel_ref[pl.ds(C - 1, 1)])[:, None], dk, 0.0)
+    # Off-diagonal intra-chunk parts (dA already holds the causal / same-document mask).
+    rows = jnp.arange(C)[:, None]
+    q_all = q_ref[...].astype(F32)
+    k_all = k_ref[...].astype(F32)
+    g_all = g_ref[...]
+    r = g_ref[pl.ds(s0, 1), :]  # I's first row: columns before I have gates >= r
+    k_before = jnp.where(rows < s0, k_all * jnp.exp(jnp.minimum(r - g_all, 0.0)), 0.0)
+    dq += (jnp.exp(g_i - r) * scale) * dot(da_ref[rows_i, :].astype(dt), k_before.astype(dt))
+    r2 = g_ref[pl.ds(s0 + c - 1, 1), :]  # I's last row: rows after I have gates <= r2
+    q_after = jnp.where(rows >= s0 + c, q_all * jnp.exp(jnp.minimum(g_all - r2, 0.0)), 0.0)
+    dk += (jnp.exp(r2 - g_i) * scale) * dot(da_ref[:, rows_i].astype(dt), q_after.astype(dt), trans_a=True)
+    # Diagonal sub-block, elementwise in float32: w[i, j, d] = dA_ij e^{b_id - b_jd}.
+    da_d = da_ref[rows_i, rows_i]
+    w = da_d[:, :, None] * jnp.exp(jnp.minimum(g_i[:, None, :] - g_i[None, :, :], 0.0))
+    dq += scale * jnp.sum(w * k_ref[rows_i, :].astype(F32)[None, :, :], axis=1)
+    dk += scale * jnp.sum(w * q_ref[rows_i, :].astype(F32)[:, None, :], axis=0)
+    dq_ref[...] = dq
+    dk_ref[...] = dk
+
+
+# ----------------------------------------------------------------------------------------------------- launchers
+
+
+def dstate_pass(q, gc, do, dht, rel, *, scale: float, tiling: Tiling, interpret: bool, state_dtype):
+    """Gradients of each chunk's end state dhs [B, NT, H, K, V] (``state_dtype``) and of the initial state
+    [B, H, K, V] float32."""
+    B, T, H, K = q.shape
+    V = do.shape[-1]
+    C, BK, BV = tiling.chunk_size, tiling.block_k, tiling.block_v
+    NT = T // C
+    has_seg = rel is not None
+    kmap = lambda b, h, i, j: (b, 0, h, i)
+    in_specs = [
+        pl.BlockSpec((None, T, None, BK), kmap),
+        pl.BlockSpec((None, T, None, BK), kmap),
+        pl.BlockSpec((None, T, None, BV), lambda b, h, i, j: (b, 0, h, j)),
+        pl.BlockSpec((None, None, BK, BV), lambda b, h, i, j: (b, h, i, j)),
+    ]
+    args = [q, gc, do, dht]
+    if has_seg:
+        in_specs.append(pl.BlockSpec((None, T), lambda b, h, i, j: (b, 0)))
+        args.append(rel)
+    kernel = functools.partial(_dstate_kernel, C=C, NT=NT, scale=scale, has_seg=has_seg, dt=q.dtype)
+    return pl.pallas_call(
+        kernel,
+        grid=(B, H, K // BK, V // BV),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, NT, None, BK, BV), lambda b, h, i, j: (b, 0, h, i, j)),
+            pl.BlockSpec((None, None, BK, BV), lambda b, h, i, j: (b, h, i, j)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((B, NT, H, K, V), state_dtype), jax.ShapeDtypeStruct((B, H, K, V), F32)],
+        compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
+        interpret=interpret,
+        name="gla_state_bwd",
+    )(*args)
+
+
+def attn_grad(do, v, rel, *, tiling: Tiling, interpret: bool):
+    """dA [B, T, H, C] float32 (causal, same document)."""
+    B, T, H, V = v.shape
+    C, BV = tiling.chunk_size, tiling.block_v
+    has_seg = rel is not None
+    cmap = lambda b, h, n: (b, n, h, 0)
+    in_specs = [pl.BlockSpec((None, C, None, V), cmap)] * 2
+    args = [do, v]
+    if has_seg:
+        in_specs.append(pl.BlockSpec((None, C), lambda b, h, n: (b, n)))
+        args.append(rel)
+    kernel = functools.partial(_attn_grad_kernel, C=C, NV=V // BV, BV=BV, has_seg=has_seg, dt=v.dtype)
+    return pl.pallas_call(
+        kernel,
+        grid=(B, H, T // C),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, C, None, C), cmap),
+        out_shape=jax.ShapeDtypeStruct((B, T, H, C), F32),
+        compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
+        interpret=interpret,
+        name="gla_attn_bwd",
+    )(*args)
+
+
+def value_grad(a, do, k, gc, dhs, rel, *, tiling: Tiling, interpret: bool):
+    """dv [B, T, H, V] float32."""
+    B, T, H, K = k.shape
+    V = do.shape[-1]
+    C, BK, BV = tiling.chunk_size, tiling.block_k, tiling.block_v
+    has_seg = rel is not None
+    cmap = lambda b, h, n, j: (b, n, h, 0)
+    vmap = lambda b, h, n, j: (b, n, h, j)
+    in_specs = [
+        pl.BlockSpec((None, C, None, C), cmap),
+        pl.BlockSpec((None, C, None, BV), vmap),
+        pl.BlockSpec((None, C, None, K), cmap),
+        pl.BlockSpec((None, C, None, K), cmap),
+        pl.BlockSpec((None, None, None, K, BV), lambda b, h, n, j: (b, n, h, 0, j)),
+    ]
+    args = [a, do, k, gc, dhs]
+    if has_seg:
+        in_specs.append(pl.BlockSpec((None, C), lambda b, h, n, j: (b, n)))
+        args.append(rel)
+    kernel = functools.partial(_dv_kernel, C=C, NK=K // BK, BK=BK, has_seg=has_seg, dt=k.dtype)
+    return pl.pallas_call(
+        kernel,
+        grid=(B, H, T // C, V // BV),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, C, None, BV), vmap),
+        out_shape=jax.ShapeDtypeStruct((B, T, H, V), F32),
+        compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
+        interpret=interpret,
+        name="gla_dv_bwd",
+    )(*args)
+
+
+def query_key_grad(q, k, gc, do, v, hs, dhs, da, rel, *, scale: float, tiling: Tiling, interpret: bool):
+    """(dq, dk) [B, T, H, K] float32."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C, BK, BV, c = tiling.chunk_size, tiling.block_k_bwd, tiling.block_v, SUB_CHUNK
+    NC = C // c
+    has_seg = rel is not None
+    kmap = lambda b, h, n, i, kt: (b, n, h, kt)
+    fmap = lambda b, h, n, i, kt: (b, n, h, 0)
+    smap = lambda b, h, n, i, kt: (b, n, h, kt, 0)
+    in_specs = [
+        pl.BlockSpec((None, C, None, BK), kmap),
+        pl.BlockSpec((None, C, None, BK), kmap),
+        pl.BlockSpec((None, C, None, BK), kmap),
+        pl.BlockSpec((None, C, None, V), fmap),
+        pl.BlockSpec((None, C, None, V), fmap),
+        pl.BlockSpec((None, None, None, BK, V), smap),
+        pl.BlockSpec((None, None, None, BK, V), smap),
+        pl.BlockSpec((None, C, None, C), fmap),
+    ]
+    args = [q, k, gc, do, v, hs, dhs, da]
+    if has_seg:
+        in_specs.append(pl.BlockSpec((None, C), lambda b, h, n, i, kt: (b, n)))
+        args.append(rel)
+    out_spec = pl.BlockSpec((None, c, None, BK), lambda b, h, n, i, kt: (b, n * NC + i, h, kt))
+    kernel = functools.partial(_dqk_kernel, C=C, NV=V // BV, BV=BV, scale=scale, has_seg=has_seg, dt=q.dtype)
+    return pl.pallas_call(
+        kernel,
+        grid=(B, H, T // C, NC, K // BK),
+        in_specs=in_specs,
+        out_specs=[out_spec, out_spec],
+        out_shape=[jax.ShapeDtypeStruct((B, T, H, K), F32)] * 2,
+        compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
+        interpret=interpret,
+        name="gla_dqk_bwd",
+    )(*args)
+
+
+def gate_grad(q, k, dq, dk, ht, dht, rel, chunk_size: int):
+    """dg [B, T, H, K] float32 from the full dq, dk and the final-state term (see the module docstring)."""
+    db = q.astype(F32) * dq - k.astype(F32) * dk
+    final = jnp.sum(ht * dht.astype(F32), axis=-1)[:, None]  # [B, 1, H, K]
+    if rel is None:
+        return jnp.flip(jnp.cumsum(jnp.flip(db, 1), axis=1), 1) + final
+    B, T = rel.shape
+    r = rel.reshape(B, T // chunk_size, chunk_size)
+    starts = jnp.concatenate([r[..., :1], r[..., 1:] - r[..., :-1]], axis=-1).reshape(B, T).astype(F32)
+    keep = 1.0 - starts
+    # y_t = db_t + keep_{t+1} y_{t+1}: a reverse cumulative sum that stops at the next document start.
+    carry = jnp.concatenate([keep[:, 1:], jnp.zeros((B, 1), F32)], axis=1)[:, :, None, None]
+    carry = jnp.broadcast_to(carry, db.shape)
+
+    def combine(x, y):  # x comes first in (flipped) scan order
+        return x[0] * y[0], y[0] * x[1] + y[1]
+
+    _, dg = lax.associative_scan(combine, (jnp.flip(carry, 1), jnp.flip(db, 1)), axis=1)
+    dg = jnp.flip(dg, 1)
+    later_starts = jnp.flip(jnp.cumsum(jnp.flip(starts, 1), axis=1), 1) - starts  # starts after t
+    last_doc = (later_starts == 0).astype(F32)[:, :, None, None]
+    return (dg + final * last_doc) * keep[:, :, None, None]
+
+
+def backward(q, k, v, g, h0, rel, a, ht, do, dht, *, scale: float, tiling: Tiling, interpret: bool):
+    """Padded inputs and cotangents (do, dht) -> (dq, dk, dv, dg, dh0), all float32."""
+    gc = chunk_cumsum(g, tiling.chunk_size)
+    do = do.astype(q.dtype)
+    dht = dht.astype(F32)
+    hs, _ = state_pass(k, v, gc, h0, rel, tiling=tiling, interpret=interpret, state_dtype=q.dtype)
+    dhs, dh0 = dstate_pass(q, gc, do, dht, rel, scale=scale, tiling=tiling, interpret=interpret,
+                           state_dtype=q.dtype)
+    da = attn_grad(do, v, rel, tiling=tiling, interpret=interpret)
+    dv = value_grad(a, do, k, gc, dhs, rel, tiling=tiling, interpret=interpret)
+    dq, dk = query_key_grad(q, k, gc, do, v, hs, dhs, da, rel, scale=scale, tiling=tiling, interpret=interpret)
+    dg = gate_grad(q, k, dq, dk, ht, dht, rel, tiling.chunk_size)
+    return dq, dk, dv, dg, dh0

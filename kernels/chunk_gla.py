@@ -1,0 +1,124 @@
+"""Public entry of the Pallas GLA kernels: ``chunk_gla`` (validation, padding, ``jax.custom_vjp``)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from .backward import backward
+from .forward import chunk_rel, forward
+from .tiling import Tiling, padded_width
+
+_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _gla_core(q, k, v, g, h0, rel, scale, tiling, interpret):
+    o, ht, _ = forward(q, k, v, g, h0, rel, scale=scale, tiling=tiling, interpret=interpret)
+    return o, ht
+
+
+def _gla_core_fwd(q, k, v, g, h0, rel, scale, tiling, interpret):
+    o, ht, a = forward(q, k, v, g, h0, rel, scale=scale, tiling=tiling, interpret=interpret)
+    return (o, ht), (q, k, v, g, h0, rel, a, ht)
+
+
+def _gla_core_bwd(scale, tiling, interpret, res, cotangents):
+    q, k, v, g, h0, rel, a, ht = res
+    do, dht = cotangents
+    dq, dk, dv, dg, dh0 = backward(q, k, v, g, h0, rel, a, ht, do, dht, scale=scale, tiling=tiling,
+                                   interpret=interpret)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), dh0.astype(h0.dtype),
+            None)
+
+
+_gla_core.defvjp(_gla_core_fwd, _gla_core_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "output_final_state", "tiling", "interpret"))
+def _chunk_gla(q, k, v, g, initial_state, segment_ids, *, scale, output_final_state, tiling, interpret):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = tiling.chunk_size
+    Kp, Vp = padded_width(K), padded_width(V)
+    Tp = -(-T // C) * C
+    dt = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    if dt == jnp.float64:  # Triton has no useful float64 matmul: compute in float32
+        dt = jnp.float32
+    pad = lambda x, w: jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, w - x.shape[-1])))
+    q_, k_, g_ = pad(q.astype(dt), Kp), pad(k.astype(dt), Kp), pad(g.astype(jnp.float32), Kp)
+    v_ = pad(v.astype(dt), Vp)
+    if initial_state is None:
+        h0 = jnp.zeros((B, H, Kp, Vp), jnp.float32)
+    else:
+        h0 = jnp.pad(initial_state.astype(jnp.float32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
+    rel = None
+    if segment_ids is not None:  # padding continues the last document
+        seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, Tp - T)), mode="edge")
+        rel = chunk_rel(seg, C)
+    tiling = tiling.resolve(Kp, Vp)
+    o, ht = _gla_core(q_, k_, v_, g_, h0, rel, scale, tiling, interpret)
+    o = o[:, :T, :, :V].astype(jnp.result_type(q.dtype, k.dtype, v.dtype))
+    return o, (ht[:, :, :K, :V] if output_final_state else None)
+
+
+def _check(q, k, v, g, initial_state, segment_ids):
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype") or x.ndim != 4:
+            raise ValueError(f"{name}: expected a rank-4 array [B, T, H, {'V' if name == 'v' else 'K'}], "
+                             f"got {getattr(x, 'shape', type(x).__name__)}")
+        if x.dtype not in _FLOATS:
+            raise ValueError(f"{name}: expected float32/bfloat16/float16/float64, got {x.dtype}")
+    B, T, H, K = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k: expected shape {q.shape} (same as q), got {k.shape}")
+    if g.shape != q.shape:
+        raise ValueError(f"g: expected shape {q.shape} (same as q), got {g.shape}")
+    if v.ndim != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"v: expected shape ({B}, {T}, {H}, V), got {v.shape}")
+    if min(q.shape) < 1 or v.shape[3] < 1:
+        raise ValueError(f"q/v: every dimension must be >= 1, got q {q.shape}, v {v.shape}")
+    if initial_state is not None and getattr(initial_state, "shape", None) != (B, H, K, v.shape[3]):
+        raise ValueError(f"initial_state: expected shape {(B, H, K, v.shape[3])}, "
+                         f"got {getattr(initial_state, 'shape', type(initial_state).__name__)}")
+    if segment_ids is not None:
+        if getattr(segment_ids, "shape", None) != (B, T):
+            raise ValueError(f"segment_ids: expected shape {(B, T)}, "
+                             f"got {getattr(segment_ids, 'shape', type(segment_ids).__name__)}")
+        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids: expected an integer dtype, got {segment_ids.dtype}")
+
+
+def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
+              interpret=False, chunk_size=64, block_k=64, block_v=64, block_k_bwd=32, num_warps=4, num_stages=2):
+    """Chunkwise gated linear attention with Pallas Triton kernels (forward and ``custom_vjp`` backward).
+
+    Args:
+      q, k: [B, T, H, K] queries and keys; g: [B, T, H, K] log forget gates (<= 0); v: [B, T, H, V].
+        float32, bfloat16 or float16 (float64 is computed in float32). Matmuls take the inputs' dtype with
+        float32 accumulation; gates, states and the diagonal sub-blocks are float32.
+      scale: query scale (default K ** -0.5).
+      initial_state: [B, H, K, V] state before position 0 (belongs to the first document), or None.
+      output_final_state: also return the state after the last position.
+      segment_ids: [B, T] integer document ids (documents contiguous); the state restarts from zero at each
+        document start.
+      interpret: run the kernels in Pallas interpret mode (CPU); otherwise they need a CUDA GPU.
+      chunk_size, block_k, block_v, block_k_bwd, num_warps, num_stages: tiling (powers of two >= 16 for the
+        sizes); any T, K and V are accepted (padded internally).
+
+    Returns:
+      (o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] float32 or None). Differentiable in q, k, v,
+      g and initial_state.
+    """
+    _check(q, k, v, g, initial_state, segment_ids)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise ValueError(f"scale: expected a Python float or None, got {type(scale).__name__}")
+    tiling = Tiling(chunk_size=chunk_size, block_k=block_k, block_v=block_v, block_k_bwd=block_k_bwd,
+                    num_warps=num_warps, num_stages=num_stages)
+    tiling.validate()
+    return _chunk_gla(q, k, v, g, initial_state, segment_ids, scale=float(scale),
+                      output_final_state=bool(output_final_state), tiling=tiling, interpret=bool(interpret))

@@ -1,0 +1,231 @@
+"""Forward Pallas (Triton) kernels of chunkwise GLA, materialized variant.
+
+All arrays here are already padded: T a multiple of the chunk size C, K and V powers of two >= 16. Layouts are
+the operator's: q, k, g [B, T, H, K], v [B, T, H, V]; the kernels index them through BlockSpecs, no transposes.
+
+Passes (DESIGN.md §1, chunkwise form):
+  1. ``chunk_cumsum``: b, the inclusive cumulative gate from each chunk start (float32, plain jnp).
+  2. ``state_pass``: per (batch, head, K tile, V tile) a sequential loop over chunks that writes the state entering
+     every chunk (``hs`` [B, NT, H, K, V]) and the final state.
+  3. ``intra_chunk``: A [B, T, H, C], the causal intra-chunk attention matrix (scale included). One program per
+     (chunk, 16-row sub-chunk I): the off-diagonal part (columns before I) is one half-precision matmul relative to
+     the gate at I's first row; the diagonal 16x16 sub-block is elementwise float32 in log space.
+  4. ``output``: o = (scale q ⊙ e^b) S + A v per (chunk, V tile).
+
+Packed documents are handled with ``rel`` [B, T] int32: the number of document starts from the chunk start up
+to and including each position. Inside a chunk two positions see each other only when their ``rel`` agree, the
+incoming state reaches only positions with ``rel == 0``, and the state survives the chunk only when the last
+position has ``rel == 0``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .tiling import SUB_CHUNK, Tiling, compiler_params, dot
+
+F32 = jnp.float32
+
+
+def chunk_cumsum(g, chunk_size: int):
+    """[B, T, H, K] -> float32 inclusive cumulative sum of g restarted at every chunk start."""
+    B, T, H, K = g.shape
+    gc = jnp.cumsum(g.astype(F32).reshape(B, T // chunk_size, chunk_size, H, K), axis=2)
+    return gc.reshape(B, T, H, K)
+
+
+def chunk_rel(segment_ids, chunk_size: int):
+    """[B, T] int32: document starts counted from each chunk start up to and including t (0 = the chunk's first
+    document; position 0 of the sequence is never a start)."""
+    B, T = segment_ids.shape
+    prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
+    starts = (segment_ids != prev).astype(jnp.int32)
+    return jnp.cumsum(starts.reshape(B, T // chunk_size, chunk_size), axis=2).reshape(B, T)
+
+
+def _split(rest, has_seg):
+    return (rest[0], rest[1:]) if has_seg else (None, rest)
+
+
+# ----------------------------------------------------------------------------------------------------- kernels
+
+
+def _state_kernel(k_ref, v_ref, g_ref, h0_ref, *rest, C, NT, has_seg, dt):
+    """One (b, h, K tile, V tile): walk the chunks, store the state entering each one, then the final state."""
+    rel_ref, (hs_ref, ht_ref) = _split(rest, has_seg)
+
+    def body(n, s):
+        t0 = pl.multiple_of(n * C, C)
+        hs_ref[n] = s.astype(hs_ref.dtype)
+        gb = g_ref[pl.ds(t0, C), :]
+        gl = g_ref[pl.ds(t0 + C - 1, 1), :]  # [1, BK] gate sum over the whole chunk
+        kk = k_ref[pl.ds(t0, C), :].astype(F32) * jnp.exp(gl - gb)  # exponents <= 0
+        decay = jnp.exp(gl)
+        if has_seg:
+            rb = rel_ref[pl.ds(t0, C)]
+            rl = rel_ref[pl.ds(t0 + C - 1, 1)]  # [1]
+            kk = jnp.where((rb == rl)[:, None], kk, 0.0)  # only the chunk's last document reaches the next chunk
+            decay = jnp.where((rl == 0)[None, :], decay, 0.0)
+        s = s * decay.reshape(-1)[:, None] + dot(kk.astype(dt), v_ref[pl.ds(t0, C), :].astype(dt), trans_a=True)
+        return s
+
+    ht_ref[...] = lax.fori_loop(0, NT, body, h0_ref[...].astype(F32))
+
+
+def _intra_kernel(q_ref, k_ref, g_ref, *rest, C, NK, BK, BKD, scale, has_seg, dt):
+    """One (b, h, chunk, sub-chunk I): the 16 rows of A belonging to I (columns 0..C-1, zeros above the diagonal)."""
+    rel_ref, (a_ref,) = _split(rest, has_seg)
+    c = SUB_CHUNK
+    s0 = pl.multiple_of(pl.program_id(3) * c, c)
+    cols = jnp.arange(C)
+    before = (cols < s0)[:, None]  # columns of the sub-chunks before I
+    a_off = jnp.zeros((c, C), F32)
+    a_diag = jnp.zeros((c, c), F32)
+    for kt in range(NK):
+        ks = pl.ds(kt * BK, BK)
+        r = g_ref[pl.ds(s0, 1), ks]  # [1, BK] reference gate: I's first row
+        q_i = q_ref[pl.ds(s0, c), ks].astype(F32) * jnp.exp(g_ref[pl.ds(s0, c), ks] - r)  # exponents <= 0
+        k_all = k_ref[:, ks].astype(F32) * jnp.exp(jnp.minimum(r - g_ref[:, ks], 0.0))  # <= 0 before I
+        k_all = jnp.where(before, k_all, 0.0)
+        a_off += dot(q_i.astype(dt), k_all.astype(dt), trans_b=True)
+        for kd in range(BK // BKD):  # diagonal sub-block, elementwise in float32 log space
+            ds = pl.ds(kt * BK + kd * BKD, BKD)
+            gd = g_ref[pl.ds(s0, c), ds]
+            e = jnp.exp(jnp.minimum(gd[:, None, :] - gd[None, :, :], 0.0))  # [i, j, d]; j > i masked below
+            qd = q_ref[pl.ds(s0, c), ds].astype(F32)
+            kd_ = k_ref[pl.ds(s0, c), ds].astype(F32)
+            a_diag += jnp.sum(qd[:, None, :] * kd_[None, :, :] * e, axis=2)
+    rows = jnp.arange(c)
+    a_diag = jnp.where(rows[:, None] >= rows[None, :], a_diag, 0.0)
+    if has_seg:
+        r_i = rel_ref[pl.ds(s0, c)]
+        a_off = jnp.where(r_i[:, None] == rel_ref[...][None, :], a_off, 0.0)
+        a_diag = jnp.where(r_i[:, None] == r_i[None, :], a_diag, 0.0)
+    outside = jnp.broadcast_to(((cols < s0) | (cols >= s0 + c))[None, :], (c, C))
+    plgpu.store(a_ref, a_off * scale, mask=outside)
+    a_ref[:, pl.ds(s0, c)] = a_diag * scale
+
+
+def _output_kernel(q_ref, g_ref, v_ref, a_ref, hs_ref, *rest, NK, BK, scale, has_seg, dt):
+    """One (b, h, chunk, V tile): o = A v + (scale q ⊙ e^b) S."""
+    rel_ref, (o_ref,) = _split(rest, has_seg)
+    o = dot(a_ref[...].astype(dt), v_ref[...].astype(dt))
+    for kt in range(NK):
+        ks = pl.ds(kt * BK, BK)
+        qe = q_ref[:, ks].astype(F32) * (jnp.exp(g_ref[:, ks]) * scale)
+        if has_seg:
+            qe = jnp.where((rel_ref[...] == 0)[:, None], qe, 0.0)
+        o += dot(qe.astype(dt), hs_ref[ks, :].astype(dt))
+    o_ref[...] = o.astype(o_ref.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------- launchers
+
+
+def state_pass(k, v, gc, h0, rel, *, tiling: Tiling, interpret: bool, state_dtype):
+    """Chunk-start states hs [B, NT, H, K, V] (``state_dtype``) and the final state [B, H, K, V] float32."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    C, BK, BV = tiling.chunk_size, tiling.block_k, tiling.block_v
+    NT = T // C
+    has_seg = rel is not None
+    kmap = lambda b, h, i, j: (b, 0, h, i)
+    in_specs = [
+        pl.BlockSpec((None, T, None, BK), kmap),
+        pl.BlockSpec((None, T, None, BV), lambda b, h, i, j: (b, 0, h, j)),
+        pl.BlockSpec((None, T, None, BK), kmap),
+        pl.BlockSpec((None, None, BK, BV), lambda b, h, i, j: (b, h, i, j)),
+    ]
+    args = [k, v, gc, h0]
+    if has_seg:
+        in_specs.append(pl.BlockSpec((None, T), lambda b, h, i, j: (b, 0)))
+        args.append(rel)
+    kernel = functools.partial(_state_kernel, C=C, NT=NT, has_seg=has_seg, dt=k.dtype)
+    return pl.pallas_call(
+        kernel,
+        grid=(B, H, K // BK, V // BV),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, NT, None, BK, BV), lambda b, h, i, j: (b, 0, h, i, j)),
+            pl.BlockSpec((None, None, BK, BV), lambda b, h, i, j: (b, h, i, j)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((B, NT, H, K, V), state_dtype), jax.ShapeDtypeStruct((B, H, K, V), F32)],
+        compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
+        interpret=interpret,
+        name="gla_state_fwd",
+    )(*args)
+
+
+def intra_chunk(q, k, gc, rel, *, scale: float, tiling: Tiling, interpret: bool):
+    """A [B, T, H, C] float32: A[t, j] = scale Σ_d q_td k_sd e^{b_td - b_sd} for s = chunk_start + j <= t (same
+    document), else 0."""
+    B, T, H, K = q.shape
+    C, BK, c = tiling.chunk_size, tiling.block_k, SUB_CHUNK
+    NT, NC = T // C, C // c
+    has_seg = rel is not None
+    cmap = lambda b, h, n, i: (b, n, h, 0)
+    in_specs = [pl.BlockSpec((None, C, None, K), cmap)] * 3
+    args = [q, k, gc]
+    if has_seg:
+        in_specs.append(pl.BlockSpec((None, C), lambda b, h, n, i: (b, n)))
+        args.append(rel)
+    kernel = functools.partial(_intra_kernel, C=C, NK=K // BK, BK=BK, BKD=min(tiling.block_k_intra, BK),
+                               scale=scale, has_seg=has_seg, dt=q.dtype)
+    return pl.pallas_call(
+        kernel,
+        grid=(B, H, NT, NC),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, c, None, C), lambda b, h, n, i: (b, n * NC + i, h, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, T, H, C), F32),
+        compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
+        interpret=interpret,
+        name="gla_intra_fwd",
+    )(*args)
+
+
+def output(q, gc, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret: bool):
+    """o [B, T, H, V] in v's dtype from A, the chunk-start states and the queries."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C, BK, BV = tiling.chunk_size, tiling.block_k, tiling.block_v
+    NT = T // C
+    has_seg = rel is not None
+    cmap = lambda b, h, n, j: (b, n, h, 0)
+    vmap = lambda b, h, n, j: (b, n, h, j)
+    in_specs = [
+        pl.BlockSpec((None, C, None, K), cmap),
+        pl.BlockSpec((None, C, None, K), cmap),
+        pl.BlockSpec((None, C, None, BV), vmap),
+        pl.BlockSpec((None, C, None, C), cmap),
+        pl.BlockSpec((None, None, None, K, BV), lambda b, h, n, j: (b, n, h, 0, j)),
+    ]
+    args = [q, gc, v, a, hs]
+    if has_seg:
+        in_specs.append(pl.BlockSpec((None, C), lambda b, h, n, j: (b, n)))
+        args.append(rel)
+    kernel = functools.partial(_output_kernel, NK=K // BK, BK=BK, scale=scale, has_seg=has_seg, dt=q.dtype)
+    return pl.pallas_call(
+        kernel,
+        grid=(B, H, NT, V // BV),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, C, None, BV), vmap),
+        out_shape=jax.ShapeDtypeStruct((B, T, H, V), v.dtype),
+        compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
+        interpret=interpret,
+        name="gla_output_fwd",
+    )(*args)
+
+
+def forward(q, k, v, g, h0, rel, *, scale: float, tiling: Tiling, interpret: bool):
+    """Padded inputs -> (o [B, T, H, V], final state [B, H, K, V] float32, A [B, T, H, C] float32)."""
+    gc = chunk_cumsum(g, tiling.chunk_size)
+    hs, ht = state_pass(k, v, gc, h0, rel, tiling=tiling, interpret=interpret, state_dtype=q.dtype)
+    a = intra_chunk(q, k, gc, rel, scale=scale, tiling=tiling, interpret=interpret)
+    o = output(q, gc, v, a, hs, rel, scale=scale, tiling=tiling, interpret=interpret)
+    return o, ht, a

@@ -1,0 +1,78 @@
+"""Tile sizes, Triton compiler parameters and small version shims shared by the GLA Pallas kernels.
+
+Every block that a kernel loads or computes on must have power-of-two dimensions (a Triton requirement) and
+matmul operands at least 16 wide (the smallest ``tl.dot`` tile). The wrapper pads K and V up to such sizes, so
+the tile sizes here only need to divide the padded widths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+#: The sub-chunk (secondary chunk) length: off-diagonal sub-blocks are matmuls, diagonal ones elementwise.
+SUB_CHUNK = 16
+
+
+def dot(a, b, *, trans_a=False, trans_b=False):
+    """2-D matmul with float32 accumulation inside a Triton kernel (``pallas.triton.dot`` where it exists)."""
+    fn = getattr(plgpu, "dot", None) or pl.dot
+    return fn(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
+def compiler_params(num_warps: int, num_stages: int):
+    """Triton compiler parameters under the name of the installed jax (``CompilerParams`` or the older
+    ``TritonCompilerParams``)."""
+    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams", None)
+    if cls is None:  # very old jax: the class lived in pallas itself
+        cls = getattr(pl, "TritonCompilerParams")
+    return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def padded_width(n: int) -> int:
+    """Head width after padding: a power of two, at least 16 (the smallest matmul tile)."""
+    return max(SUB_CHUNK, next_pow2(n))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """Block sizes and launch parameters of the kernels (all powers of two; hashable, used as a static argument).
+
+    chunk_size: C, the chunk length (>= 16). block_k / block_v: K and V tiles of the state and output kernels.
+    block_k_bwd: K tile of the dq/dk kernel (its diagonal sub-blocks form [16, 16, block_k_bwd] float32 tensors).
+    block_k_intra: K slice of the diagonal sub-blocks in the forward intra-chunk kernel.
+    """
+
+    chunk_size: int = 64
+    block_k: int = 64
+    block_v: int = 64
+    block_k_bwd: int = 32
+    block_k_intra: int = 16
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def resolve(self, K: int, V: int) -> "Tiling":
+        """Clips the blocks to the (padded, power-of-two) head widths K and V."""
+        return dataclasses.replace(
+            self,
+            block_k=min(self.block_k, K),
+            block_v=min(self.block_v, V),
+            block_k_bwd=min(self.block_k_bwd, K),
+            block_k_intra=min(self.block_k_intra, K),
+        )
+
+    def validate(self) -> None:
+        for name in ("chunk_size", "block_k", "block_v", "block_k_bwd", "block_k_intra"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or val < SUB_CHUNK or val & (val - 1):
+                raise ValueError(f"{name}: expected a power of two >= {SUB_CHUNK}, got {val!r}")
+        for name in ("num_warps", "num_stages"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name}: expected a positive int, got {val!r}")
