@@ -1,0 +1,241 @@
+"""Device mesh (``data`` x ``fsdp`` x ``tensor``), logical-axis rules, and the shard-mapped GLA operator.
+
+Parameters carry logical axis names (``embed``, ``heads``, ``kv``, ``mlp``, ``vocab``) in their flax NNX sharding
+metadata; activations use ``batch``, ``seq``, ``embed``. The rules map them onto mesh axes:
+
+    batch -> (data, fsdp)        embed (parameters) -> fsdp        heads, kv, mlp, vocab -> tensor
+
+A mesh axis of size 1 is dropped from a spec, a mesh axis is used at most once per spec, and a dimension that the
+mesh axes do not divide evenly is left replicated (so odd sizes never fail, they just shard less).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+
+PARAM_RULES: dict[str, tuple[str, ...]] = {
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "batch": ("data", "fsdp"),
+}
+ACTIVATION_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"),
+    "seq": (),
+    "embed": (),
+    "heads": ("tensor",),
+    "kv": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+}
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+    """Resolves a ``MeshSection`` (one entry may be -1) against ``num_devices``; ValueError naming the key."""
+    dims = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    known = math.prod(d for d in dims if d != -1)
+    if -1 in dims:
+        if num_devices % known:
+            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
+                             f"(data={mesh_cfg.data}, fsdp={mesh_cfg.fsdp}, tensor={mesh_cfg.tensor})")
+        dims[dims.index(-1)] = num_devices // known
+    if math.prod(dims) > num_devices:
+        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(dims)} exceeds the {num_devices} available devices")
+    return tuple(dims)
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    """A ``Mesh`` with axes (data, fsdp, tensor). Uses the first ``data*fsdp*tensor`` devices (all processes')."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    n = math.prod(shape)
+    if n < len(devices) and jax.process_count() > 1:
+        raise ValueError(f"mesh: a multi-process run must use all {len(devices)} devices, got {shape}")
+    try:
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(shape, devices=devices[:n], allow_split_physical_axes=True)
+    except Exception:  # noqa: BLE001 - fall back to the plain order (CPU, odd shapes)
+        arr = np.asarray(devices[:n], dtype=object).reshape(shape)
+    return Mesh(arr, AXES)
+
+
+def _axis_size(mesh: Mesh, axes) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_spec(names, shape, mesh: Mesh, rules: dict) -> P:
+    """Maps a tuple of logical axis names (None = unsharded) for an array of ``shape`` to a ``PartitionSpec``."""
+    used: set[str] = set()
+    out = []
+    for dim, name in zip(shape, names or ()):
+        axes = tuple(a for a in rules.get(name, ()) if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
+        # keep the longest prefix of mesh axes that divides this dimension
+        while axes and dim % _axis_size(mesh, axes):
+            axes = axes[:-1]
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    out += [None] * (len(shape) - len(out))
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+def _variable_names(var):
+    meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
+    for key in ("out_sharding", "sharding_names", "sharding"):
+        names = meta.get(key)
+        if names is not None:
+            return tuple(names) if not isinstance(names, P) else tuple(names)
+    return None
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules: dict = PARAM_RULES):
+    """NamedShardings for an NNX state (of Variables holding arrays or ShapeDtypeStructs) from their logical names.
+
+    Returns a pytree of the same structure as the *pure* state (``nnx.State`` of values, not Variables).
+    """
+    from flax import nnx
+
+    def one(var):
+        value = var.get_value() if hasattr(var, "get_value") else var.value
+        names = _variable_names(var)
+        spec = logical_to_spec(names, value.shape, mesh, rules) if names else P()
+        return NamedSharding(mesh, spec)
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_spec(mesh: Mesh, batch: int, ndim: int = 2) -> P:
+    """Spec of a ``[batch, ...]`` array: batch over (data, fsdp), the rest replicated."""
+    return logical_to_spec(("batch",) + (None,) * (ndim - 1), (batch,) + (1,) * (ndim - 1), mesh, ACTIVATION_RULES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the GLA operator under shard_map
+
+_shard_map = getattr(jax, "shard_map", None)
+if _shard_map is None:  # pragma: no cover - older jax
+    from jax.experimental.shard_map import shard_map as _shard_map
+
+
+def shard_mapped_gla(mesh: Mesh, op=None):
+    """``gla``-compatible function that runs ``op`` (default ``gla_jax.ops.gla``) per shard with ``jax.shard_map``:
+    batch over (data, fsdp), heads over tensor. Each shard is an independent GLA problem (the recurrence never mixes
+    batch elements or heads), so no communication is needed; a Pallas custom call, which the compiler cannot split
+    on its own, then runs on local blocks. Falls back to ``op`` when a size does not divide the mesh.
+
+    Arguments as ``gla(q, k, v, g, *, scale, initial_state, output_final_state, segment_ids, impl, chunk_size)``.
+    """
+    if op is None:
+        from gla_jax.ops import gla as op
+
+    def wrapped(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None, **kw):
+        B, _, H, K = q.shape
+        bspec = logical_to_spec(("batch",), (B,), mesh, ACTIVATION_RULES)
+        hspec = logical_to_spec(("heads",), (H,), mesh, ACTIVATION_RULES)
+        if k.shape[2] != H or v.shape[2] != H or g.shape[2] != H:  # grouped heads: let the op handle it unsplit over heads
+            hspec = P()
+        b_ax = bspec[0] if len(bspec) else None
+        h_ax = hspec[0] if len(hspec) else None
+        if b_ax is None and h_ax is None:
+            return op(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                      segment_ids=segment_ids, **kw)
+        if scale is None:
+            scale = K ** -0.5
+        x_spec = P(b_ax, None, h_ax, None)
+        s_spec = P(b_ax, h_ax, None, None)
+        args = [q, k, v, g]
+        specs = [x_spec] * 4
+        has_init = initial_state is not None
+        has_seg = segment_ids is not None
+        if has_init:
+            args.append(initial_state)
+            specs.append(s_spec)
+        if has_seg:
+            args.append(segment_ids)
+            specs.append(P(b_ax, None))
+
+        def local(*a):
+            qq, kk, vv, gg = a[:4]
+            rest = list(a[4:])
+            init = rest.pop(0) if has_init else None
+            seg = rest.pop(0) if has_seg else None
+            o, s = op(qq, kk, vv, gg, scale=scale, initial_state=init, output_final_state=output_final_state,
+                      segment_ids=seg, **kw)
+            return (o, s) if output_final_state else (o,)
+
+        out_specs = (x_spec, s_spec) if output_final_state else (x_spec,)
+        fn = _shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs, check_vma=False) \
+            if _accepts_check_vma() else _shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs)
+        res = fn(*args)
+        return (res[0], res[1]) if output_final_state else (res[0], None)
+
+    return wrapped
+
+
+@functools.lru_cache(None)
+def _accepts_check_vma() -> bool:
+    import inspect
+
+    try:
+        return "check_vma" in inspect.signature(_shard_map).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# A context the GLA layer may consult for the operator to call (set by the trainer around tracing).
+GLA_OP: contextvars.ContextVar = contextvars.ContextVar("gla_jax_train_gla_op", default=None)
+
+
+@contextlib.contextmanager
+def use_sharded_gla(mesh: Mesh):
+    """Within this context the GLA layers call the shard-mapped operator for ``mesh`` (enter it around the first
+    call of a jitted function: it acts at trace time). Uses the layer's ``GLA_OP_OVERRIDE`` context variable when
+    ``gla_jax.layers.sharding`` has one, else swaps ``gla_jax.layers.gla.gla_op`` for the duration."""
+    op = shard_mapped_gla(mesh)
+    token = GLA_OP.set(op)
+    restore = []
+    try:
+        try:
+            from gla_jax.layers import sharding as layer_sharding
+        except ImportError:  # pragma: no cover - models not installed
+            layer_sharding = None
+        hook = getattr(layer_sharding, "GLA_OP_OVERRIDE", None)
+        if hook is not None:
+            t2 = hook.set(op)
+            restore.append(lambda: hook.reset(t2))
+        else:
+            try:
+                from gla_jax.layers import gla as layer_gla
+            except ImportError:  # pragma: no cover
+                layer_gla = None
+            if layer_gla is not None and hasattr(layer_gla, "gla_op"):
+                original = layer_gla.gla_op
+                layer_gla.gla_op = op
+                restore.append(lambda: setattr(layer_gla, "gla_op", original))
+        yield op
+    finally:
+        for r in reversed(restore):
+            r()
+        GLA_OP.reset(token)
+
+
+def current_gla_op():
+    """The operator installed by ``use_sharded_gla`` or None."""
+    return GLA_OP.get()
