@@ -56,12 +56,10 @@ _HF_BOILERPLATE = {
     "decoder_start_token_id", "task_specific_params", "finetuning_task", "cross_attention_hidden_size",
     "architectures", "keys_to_ignore_at_inference", "quantization_config", "name_or_path",
 }
-# Settings we cannot represent: (field, supported predicate, reason).
+# Settings we cannot represent: (field, supported predicate, reason). Others (feature_map, ...) are checked by
+# GLAConfig and the layers themselves.
 _UNSUPPORTED = (
     ("attn", lambda v: v is None, "hybrid models with softmax-attention layers are not supported"),
-    ("feature_map", lambda v: v is None, "query/key feature maps are not supported"),
-    ("use_gk", lambda v: v in (True, None), "only the per-key forget gate (use_gk=True) is supported"),
-    ("use_gv", lambda v: v in (False, None), "value gates (use_gv=True) are not supported"),
     ("hidden_act", lambda v: v in ("swish", "silu"), "only the swish (SwiGLU) activation is supported"),
     ("attnres_block_size", lambda v: v is None, "attention residuals (attnres) are not supported"),
 )
@@ -190,16 +188,17 @@ def config_from_fla(raw: dict, **overrides):
     ours = _our_config_fields(GLAConfig)
     kwargs = {}
     for key, value in raw.items():
+        if key in _HF_BOILERPLATE:
+            continue  # HF's "dtype" is the storage dtype, not our compute dtype
         if key in ours:
             kwargs[key] = value
-        elif key in _KERNEL_OR_TRAINING_ONLY or key in _HF_BOILERPLATE or key in dict(
-                (k, None) for k, _, _ in _UNSUPPORTED):
+        elif key in _KERNEL_OR_TRAINING_ONLY:
             continue
         elif key in FLA_DEFAULTS and value != FLA_DEFAULTS[key]:
             raise ValueError(f"config.json: {key}={value!r} is not supported by gla_jax's GLAConfig")
         # other unknown keys (newer fla/transformers bookkeeping) are ignored
-    for key in FLA_DEFAULTS:  # fla defaults where config.json omits a field and ours differs
-        if key in ours and key not in kwargs and key not in _KERNEL_OR_TRAINING_ONLY:
+    for key in FLA_DEFAULTS:  # fla's defaults where config.json omits a field
+        if key in ours and key not in kwargs:
             kwargs[key] = FLA_DEFAULTS[key]
     for key, value in overrides.items():
         if key not in ours:
@@ -224,6 +223,8 @@ def config_to_fla(config) -> dict:
     norm = ours.get("gate_logit_normalizer", 16)
     if norm not in (None, 16):
         raise ValueError(f"config.gate_logit_normalizer={norm}: fla's GLAForCausalLM always uses 16")
+    if ours.get("conv_bias"):
+        raise ValueError("config.conv_bias=True: fla's GLA layer has no short-convolution bias")
     gate = ours.get("gate", "gla")
     if gate not in (None, "gla"):
         raise ValueError(f"config.gate={gate!r}: fla's GLA layer has only the per-key gate ('gla')")
@@ -431,7 +432,7 @@ def load_fla(path: str | os.PathLike, *, rngs=None, **config_overrides):
             raise ValueError(f"{name}: dtype {arr.dtype} is not a floating-point type")
 
     rngs = nnx.Rngs(0) if rngs is None else rngs
-    model = nnx.eval_shape(lambda: GLAForCausalLM(config, rngs=rngs))
+    model = nnx.eval_shape(lambda r: GLAForCausalLM(config, rngs=r), rngs)
     expected = _param_paths(model)
     mapped = {e.ours for e in layout.values()}
     extra = sorted(expected - mapped, key=str)

@@ -6,7 +6,8 @@ torch side never runs inside the pytest (JAX) process: the tests call this file 
 safetensors checkpoints, token ids and reference outputs as .npy files into a folder.
 
     python tests/fla_harness.py make OUT        # fla models with random weights (PARITY_CONFIGS) + logits, op refs
-    python tests/fla_harness.py logits DIR      # load DIR with fla (Auto* and GLAForCausalLM), logits of DIR/tokens.npy
+    python tests/fla_harness.py logits DIR...   # load each DIR with fla (Auto* and GLAForCausalLM): logits of
+                                                # DIR/tokens.npy into DIR/fla_auto_logits.npy, DIR/fla_logits.npy
 
 The module itself (without running it) imports no torch: the tests use ``fla_available``, ``run_harness`` and
 ``PARITY_CONFIGS`` from it.
@@ -144,27 +145,31 @@ def _make(out: Path) -> None:
     (out / "done.json").write_text(json.dumps({"configs": list(PARITY_CONFIGS), "ops": list(OP_CASES)}))
 
 
-def _load_logits(d: Path) -> None:
-    """Loads DIR with fla through AutoModelForCausalLM and GLAForCausalLM.from_pretrained and writes both logits."""
+def _load_logits(dirs: list[Path]) -> None:
+    """Loads each dir with fla through AutoModelForCausalLM and GLAForCausalLM.from_pretrained, writes both logits
+    and prints one JSON line per dir (what fla built)."""
     torch = _setup_torch()
     import numpy as np
     import fla  # noqa: F401  (registers the "gla" model type with transformers' Auto classes)
     from fla.models import GLAForCausalLM
     from transformers import AutoModelForCausalLM
 
-    tokens = np.load(d / "tokens.npy")
-    auto = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    if type(auto).__name__ != "GLAForCausalLM":
-        raise SystemExit(f"AutoModelForCausalLM built {type(auto).__name__}, expected GLAForCausalLM")
-    np.save(d / "fla_auto_logits.npy", _logits(auto, torch, tokens))
-    direct = GLAForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    np.save(d / "fla_logits.npy", _logits(direct, torch, tokens))
-    print(json.dumps({"tied": bool(direct.config.tie_word_embeddings),
-                      "lm_head_is_embeddings": direct.lm_head.weight.data_ptr()
-                      == direct.model.embeddings.weight.data_ptr()}))
+    for d in dirs:
+        tokens = np.load(d / "tokens.npy")
+        auto = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        np.save(d / "fla_auto_logits.npy", _logits(auto, torch, tokens))
+        direct = GLAForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        np.save(d / "fla_logits.npy", _logits(direct, torch, tokens))
+        print(json.dumps({"dir": str(d), "auto_class": type(auto).__name__,
+                          "tied": bool(direct.config.tie_word_embeddings),
+                          "lm_head_is_embeddings": direct.lm_head.weight.data_ptr()
+                          == direct.model.embeddings.weight.data_ptr()}))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in ("make", "logits"):
+    if len(sys.argv) < 3 or sys.argv[1] not in ("make", "logits") or (sys.argv[1] == "make" and len(sys.argv) != 3):
         raise SystemExit(__doc__)
-    (_make if sys.argv[1] == "make" else _load_logits)(Path(sys.argv[2]))
+    if sys.argv[1] == "make":
+        _make(Path(sys.argv[2]))
+    else:
+        _load_logits([Path(a) for a in sys.argv[2:]])
