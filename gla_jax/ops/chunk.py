@@ -1,0 +1,298 @@
+"""Two-level chunkwise GLA in pure JAX, with a hand-written backward (``jax.custom_vjp``).
+
+Layout inside: the sequence is padded to a multiple of the chunk size C (zeros for q, k, v and g: a zero key adds
+nothing and a zero log-gate keeps the state, so padding never changes results) and viewed as ``[B, H, N, C, D]``.
+Per chunk, with b the chunk-local inclusive cumulative gate (float32) and S the state entering the chunk:
+
+    o_i   = scale * ( m_in_i (q_i * e^{b_i}) S  +  sum_{j<=i, same doc} A_ij v_j )
+    S'    = keep * diag(e^{b_C}) S  +  sum_j m_out_j (k_j * e^{b_C - b_j})^T v_j
+    A_ij  = sum_d q_id k_jd e^{b_id - b_jd}
+
+Only the state pass is sequential (a ``lax.scan`` over chunks of an elementwise update; the chunk-start states are
+materialized, so every chunk's output is computed at once as batched einsums). ``A`` is built on two levels:
+the chunk is cut into sub-chunks of c = 16; a pair of sub-chunks (I, J < I) is a matmul
+
+    A_IJ = (q_I * e^{b_I - r_I}) (k_J * e^{e_J - b_J} * e^{r_I - e_J})^T
+
+(r_I: b at the first row of I, e_J: b at the last row of J; every exponent <= 0, so nothing overflows), done in the
+input dtype with float32 accumulation; the diagonal 16x16 blocks are formed elementwise in float32 log space,
+masked to j <= i.
+
+Packed documents (``segment_ids``) are handled with constant masks, never with -inf gates (which would poison the
+cumulative sums): ``A_ij`` only within one document, the inter-chunk term only for rows of the document that the
+incoming state belongs to (``m_in``), the state update only from the chunk's last document (``m_out``), and the
+carried state dropped (``keep = 0``) when a document starts inside the chunk.
+
+Backward (no per-step state is stored; the residuals are the inputs, the chunk-start states ``[B, H, N, K, V]``
+and the masked intra-chunk matrix ``A`` ``[B, H, N, C, C]``): a reverse scan over chunks gives the gradient dH of
+the state leaving each chunk (and of ``initial_state``); dq, dk, dv follow chunk by chunk with the same two-level
+structure. The gate gradient uses the reverse-cumulative-sum identity of DESIGN §1, applied per chunk: because
+g_t only enters exponent differences across t,
+
+    dg_t = sum_{s>=t, s in chunk} (q_s * dq_s - k_s * dk_s)[intra + inter parts]
+           + sum_{j<t, j in chunk} k_j * dk_j[state part]  +  sum_v dH * (keep e^{b_C} S)
+
+which is the global identity (reverse cumsum over the sequence plus the final-state term sum_v S_T * dS_T)
+regrouped so that nothing crosses a chunk boundary except dH. The ``i == j`` terms of A (exponent exactly 0) are
+left out of the identity, as they cancel exactly in q*dq - k*dk; this keeps dg accurate when gates are very
+negative (e.g. log alpha = -20 per step), where the true dg is ~e^-20 times smaller than q*dq.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from gla_jax.ops.segments import segment_starts
+
+SUB_CHUNK = 16
+_F32 = jnp.float32
+_HI = lax.Precision.HIGHEST
+
+
+def _mm(spec, a, b, dtype=None):
+    """einsum with float32 accumulation; operands cast to ``dtype`` (float32 when None, at full precision)."""
+    if dtype is None or dtype == _F32:
+        return jnp.einsum(spec, a.astype(_F32), b.astype(_F32), precision=_HI, preferred_element_type=_F32)
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=_F32)
+
+
+def _cumsum(x, axis, reverse=False):
+    return lax.cumsum(x, axis=axis, reverse=reverse)
+
+
+def _masks(doc):
+    """Document masks from running document indices ``doc`` [B, N, C] (int32, non-decreasing along the row).
+
+    Returns float32 masks broadcastable against [B, H, N, ...]:
+      m_in  [B, 1, N, C, 1]: row belongs to the document of the state entering its chunk;
+      m_out [B, 1, N, C, 1]: row belongs to the chunk's last document (the one the leaving state carries);
+      keep  [B, 1, N, 1]:    no document starts inside the chunk (the entering state survives it);
+      same  [B, 1, N, C, C]: rows i and j are in the same document.
+    """
+    last = doc[:, :, -1]  # [B, N]
+    entering = jnp.concatenate([doc[:, :1, 0], last[:, :-1]], axis=1)  # document of the entering state
+    m_in = (doc == entering[..., None]).astype(_F32)[:, None, :, :, None]
+    m_out = (doc == last[..., None]).astype(_F32)[:, None, :, :, None]
+    keep = (last == entering).astype(_F32)[:, None, :, None]
+    same = (doc[..., :, None] == doc[..., None, :]).astype(_F32)[:, None]
+    return m_in, m_out, keep, same
+
+
+def _gate_terms(g, doc):
+    """Chunk-local cumulative gates and the decay factors shared by forward and backward (all float32)."""
+    b = _cumsum(g.astype(_F32), axis=3)  # [B, H, N, C, K]
+    bC = b[:, :, :, -1, :]  # [B, H, N, K]
+    eq = jnp.exp(b)  # query-side decay from the chunk start (<= 1)
+    ek = jnp.exp(bC[:, :, :, None, :] - b)  # key-side decay to the chunk end (<= 1)
+    a = jnp.exp(bC)  # whole-chunk decay of the carried state
+    masks = None
+    if doc is not None:
+        m_in, m_out, keep, same = _masks(doc)
+        eq, ek, a = eq * m_in, ek * m_out, a * keep
+        masks = (m_in, m_out, keep, same)
+    return b, eq, ek, a, masks
+
+
+def _sub_terms(q, k, b, c):
+    """Sub-chunk factors: q6, k6, b6 [B, H, N, ns, c, K] (float32), qhat, khat and the pair factors.
+
+    qhat[I]    = q_I * e^{b_I - r_I}                         [.., ns, c, K]
+    kt[J]      = k_J * e^{e_J - b_J}                         [.., ns, c, K]
+    rho[I, J]  = e^{r_I - e_J} for J < I, else 0            [.., ns, ns, K]
+    """
+    B, H, N, C, K = q.shape
+    ns = C // c
+    q6 = q.astype(_F32).reshape(B, H, N, ns, c, K)
+    k6 = k.astype(_F32).reshape(B, H, N, ns, c, K)
+    b6 = b.reshape(B, H, N, ns, c, K)
+    r = b6[..., 0, :]  # [B, H, N, ns, K]
+    e = b6[..., -1, :]
+    eqs = jnp.exp(b6 - r[..., None, :])
+    eks = jnp.exp(e[..., None, :] - b6)
+    qhat = q6 * eqs
+    kt = k6 * eks
+    lower = jnp.asarray(np.tril(np.ones((ns, ns), np.float32), -1))[:, :, None]  # J < I
+    rho = jnp.exp(jnp.minimum(r[..., :, None, :] - e[..., None, :, :], 0.0)) * lower  # [B, H, N, I, J, K]
+    return q6, k6, b6, eqs, eks, qhat, kt, rho
+
+
+def _diag_exp(b6):
+    """e^{b_i - b_j} within each sub-chunk, clamped to exponents <= 0 (rows j > i are masked by the caller)."""
+    return jnp.exp(jnp.minimum(b6[..., :, None, :] - b6[..., None, :, :], 0.0))  # [B, H, N, ns, c, c, K]
+
+
+def _intra_matrix(q, k, b, c, cdt, same):
+    """The masked intra-chunk matrix A [B, H, N, C, C] (float32, lower triangular incl. the diagonal)."""
+    B, H, N, C, K = q.shape
+    ns = C // c
+    q6, k6, b6, _, _, qhat, kt, rho = _sub_terms(q, k, b, c)
+    khat = kt[..., None, :, :, :] * rho[..., :, :, None, :]  # [B, H, N, I, J, c, K]
+    a_off = _mm("bhnIik,bhnIJjk->bhnIiJj", qhat, khat, cdt)  # zero for J >= I
+    tril = jnp.asarray(np.tril(np.ones((c, c), np.float32)))
+    d = jnp.sum(q6[..., :, None, :] * k6[..., None, :, :] * _diag_exp(b6), axis=-1) * tril  # [B, H, N, ns, c, c]
+    eye = jnp.asarray(np.eye(ns, dtype=np.float32))[:, None, :, None]
+    A = (a_off + d[..., :, :, None, :] * eye).reshape(B, H, N, C, C)
+    if same is not None:
+        A = A * same
+    return A
+
+
+def _state_scan(a, u, s0):
+    """S_{n+1} = a_n * S_n + u_n over chunks; returns (final state, chunk-start states [B, H, N, K, V])."""
+
+    def step(s, x):
+        a_n, u_n = x
+        return a_n[..., None] * s + u_n, s
+
+    s_final, starts = lax.scan(step, s0, (jnp.moveaxis(a, 2, 0), jnp.moveaxis(u, 2, 0)))
+    return s_final, jnp.moveaxis(starts, 0, 2)
+
+
+def _forward(cfg, q, k, v, g, s0, doc):
+    scale, c, cdt = cfg
+    b, eq, ek, a, masks = _gate_terms(g, doc)
+    same = None if masks is None else masks[3]
+    u = _mm("bhnck,bhncv->bhnkv", k.astype(_F32) * ek, v)  # each chunk's contribution to its leaving state
+    s_final, starts = _state_scan(a, u, s0)
+    o = _mm("bhnck,bhnkv->bhncv", q.astype(_F32) * eq, starts)  # inter-chunk term
+    A = _intra_matrix(q, k, b, c, cdt, same)
+    o = (o + _mm("bhnij,bhnjv->bhniv", A, v, cdt)) * scale
+    return (o, s_final), (q, k, v, g, doc, starts, A)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunk_op(cfg, q, k, v, g, s0, doc):
+    return _forward(cfg, q, k, v, g, s0, doc)[0]
+
+
+def _chunk_op_fwd(cfg, q, k, v, g, s0, doc):
+    return _forward(cfg, q, k, v, g, s0, doc)
+
+
+def _chunk_op_bwd(cfg, res, cts):
+    scale, c, cdt = cfg
+    q, k, v, g, doc, starts, A = res
+    do, ds_final = cts
+    B, H, N, C, K = q.shape
+    ns = C // c
+    do = do.astype(_F32) * scale
+    ds_final = ds_final.astype(_F32)
+    b, eq, ek, a, masks = _gate_terms(g, doc)
+    qf, kf = q.astype(_F32), k.astype(_F32)
+    qdec, kdec = qf * eq, kf * ek
+
+    # Reverse pass over chunks: dS_n = a_n dS_{n+1} + (q e^b)^T do; dH_n = dS_{n+1} is the gradient of the
+    # state leaving chunk n.
+    w = _mm("bhnck,bhncv->bhnkv", qdec, do)
+
+    def rstep(ds, x):
+        a_n, w_n = x
+        return a_n[..., None] * ds + w_n, ds
+
+    ds0, dh = lax.scan(rstep, ds_final, (jnp.moveaxis(a, 2, 0), jnp.moveaxis(w, 2, 0)), reverse=True)
+    dh = jnp.moveaxis(dh, 0, 2)  # [B, H, N, K, V]
+
+    # Inter-chunk and state-update parts.
+    dq_inter = _mm("bhncv,bhnkv->bhnck", do, starts) * eq
+    dk_state = _mm("bhncv,bhnkv->bhnck", v, dh) * ek
+    dv = _mm("bhnck,bhnkv->bhncv", kdec, dh)
+
+    # Intra-chunk part.
+    dA = _mm("bhniv,bhnjv->bhnij", do, v, cdt)
+    causal = jnp.asarray(np.tril(np.ones((C, C), np.float32)))
+    dA = dA * (causal if masks is None else causal * masks[3])
+    dv = dv + _mm("bhnij,bhniv->bhnjv", A, do, cdt)
+    q6, k6, b6, eqs, eks, qhat, kt, rho = _sub_terms(q, k, b, c)
+    dA6 = dA.reshape(B, H, N, ns, c, ns, c)
+    khat = kt[..., None, :, :, :] * rho[..., :, :, None, :]  # [B, H, N, I, J, c, K]
+    qrho = qhat[..., :, None, :, :] * rho[..., :, :, None, :]  # [B, H, N, I, J, c, K]
+    dq_off = _mm("bhnIiJj,bhnIJjk->bhnIik", dA6, khat, cdt) * eqs
+    dk_off = _mm("bhnIiJj,bhnIJik->bhnJjk", dA6, qrho, cdt) * eks
+    # Diagonal sub-blocks, strictly below the diagonal (the i == j terms are added afterwards).
+    eye = jnp.asarray(np.eye(ns, dtype=np.float32))
+    d_blk = jnp.einsum("bhnIiJj,IJ->bhnIij", dA6, eye)  # [B, H, N, ns, c, c]
+    strict = jnp.asarray(np.tril(np.ones((c, c), np.float32), -1))
+    d_strict = (d_blk * strict)[..., None]
+    E = _diag_exp(b6)
+    dq_diag = jnp.sum(d_strict * k6[..., None, :, :] * E, axis=-2)
+    dk_diag = jnp.sum(d_strict * q6[..., :, None, :] * E, axis=-3)
+    d_self = jnp.diagonal(d_blk, axis1=-2, axis2=-1)[..., None]  # [B, H, N, ns, c, 1]
+
+    dq_intra = (dq_off + dq_diag).reshape(B, H, N, C, K)
+    dk_intra = (dk_off + dk_diag).reshape(B, H, N, C, K)
+    dq = dq_inter + dq_intra
+    # Gate gradient (chunk-local identity, see the module docstring).
+    x = qf * dq - kf * dk_intra
+    y = kf * dk_state
+    y_excl = jnp.concatenate([jnp.zeros_like(y[:, :, :, :1]), _cumsum(y, axis=3)[:, :, :, :-1]], axis=3)
+    carried = jnp.sum(dh * a[..., None] * starts, axis=-1)  # [B, H, N, K]
+    dg = _cumsum(x, axis=3, reverse=True) + y_excl + carried[:, :, :, None, :]
+
+    dq = dq + (d_self * k6).reshape(B, H, N, C, K)
+    dk = dk_intra + dk_state + (d_self * q6).reshape(B, H, N, C, K)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), ds0,
+            None)
+
+
+_chunk_op.defvjp(_chunk_op_fwd, _chunk_op_bwd)
+
+
+def _to_chunks(x, n, C):
+    B, T, H, D = x.shape
+    return x.reshape(B, n, C, H, D).transpose(0, 3, 1, 2, 4)
+
+
+def default_matmul_dtype(dtype):
+    """Operand dtype of the intra-chunk matmuls for inputs of ``dtype``: the input dtype on accelerators (bf16
+    tensor cores), float32 on CPU (where half-precision matmuls are no faster and cost accuracy)."""
+    dtype = jnp.dtype(dtype)
+    if jax.default_backend() == "cpu" or not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits > 32:
+        return jnp.dtype(_F32)
+    return dtype
+
+
+def gla_chunk(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_size=64, matmul_dtype=None):
+    """Two-level chunkwise GLA (chunks of ``chunk_size``, sub-chunks of 16), differentiable via a custom VJP.
+
+    q, k, g: [B, T, H, K]; v: [B, T, H, V] (float32/bfloat16/float16); g <= 0 is the log forget gate;
+    initial_state: [B, H, K, V] or None; segment_ids: [B, T] int or None (state reset at each document start).
+    matmul_dtype: operand dtype of the intra-chunk matmuls (off-diagonal sub-chunk blocks, A v and their
+    gradients), always with float32 accumulation; default ``default_matmul_dtype(input dtype)``. Gates, the
+    diagonal sub-blocks and everything touching the state are float32.
+    Returns (o [B, T, H, V] float32, final_state [B, H, K, V] float32).
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = int(chunk_size)
+    c = min(SUB_CHUNK, C)
+    if C % c:
+        raise ValueError(f"chunk_size: expected a multiple of {SUB_CHUNK}, got {chunk_size!r}")
+    n = max(1, math.ceil(T / C))
+    pad = n * C - T
+    in_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+    if jnp.finfo(in_dtype).bits > 32:
+        in_dtype = jnp.dtype(_F32)
+    q, k, v = q.astype(in_dtype), k.astype(in_dtype), v.astype(in_dtype)
+    mdt = default_matmul_dtype(in_dtype) if matmul_dtype is None else jnp.dtype(matmul_dtype)
+    g = g.astype(_F32)
+    if pad:
+        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+        q, k, v, g = (jnp.pad(x, widths) for x in (q, k, v, g))
+    s0 = jnp.zeros((B, H, K, V), _F32) if initial_state is None else initial_state.astype(_F32)
+    doc = None
+    if segment_ids is not None:
+        doc = jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1)
+        if pad:
+            doc = jnp.pad(doc, ((0, 0), (0, pad)), mode="edge")
+        doc = doc.reshape(B, n, C)
+    cfg = (float(scale), c, mdt)
+    o, s_final = _chunk_op(cfg, _to_chunks(q, n, C), _to_chunks(k, n, C), _to_chunks(v, n, C), _to_chunks(g, n, C),
+                           s0, doc)
+    o = o.transpose(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]
+    return o, s_final
