@@ -239,7 +239,8 @@ class TransformerConfig(_ConfigBase):
         return self.hidden_size // self.num_heads
 
 
-# Presets: the paper's sizes (DESIGN §3) and small CPU models. Small ones use a 256-token (byte) vocabulary;
+# Presets: the paper's sizes (DESIGN §3) and small CPU models. Small ones use a 320-token vocabulary (the byte
+# tokenizer's 257 ids, padded to a multiple of 64);
 # override with get_config(name, vocab_size=...).
 PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     "gla-340m": (GLAConfig, dict(hidden_size=1024, num_hidden_layers=24, num_heads=4, vocab_size=32000,
@@ -250,14 +251,14 @@ PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
                                                  vocab_size=32000, tie_word_embeddings=True)),
     "transformer-1.3b": (TransformerConfig, dict(hidden_size=2048, num_hidden_layers=24, num_heads=32,
                                                  vocab_size=32000, tie_word_embeddings=False)),
-    "gla-tiny": (GLAConfig, dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=256,
+    "gla-tiny": (GLAConfig, dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=320,
                                  tie_word_embeddings=True)),
-    "gla-small": (GLAConfig, dict(hidden_size=256, num_hidden_layers=4, num_heads=4, vocab_size=256,
+    "gla-small": (GLAConfig, dict(hidden_size=256, num_hidden_layers=4, num_heads=4, vocab_size=320,
                                   tie_word_embeddings=True)),
     "transformer-tiny": (TransformerConfig, dict(hidden_size=64, num_hidden_layers=2, num_heads=2,
-                                                 vocab_size=256, tie_word_embeddings=True)),
+                                                 vocab_size=320, tie_word_embeddings=True)),
     "transformer-small": (TransformerConfig, dict(hidden_size=256, num_hidden_layers=4, num_heads=4,
-                                                  vocab_size=256, tie_word_embeddings=True)),
+                                                  vocab_size=320, tie_word_embeddings=True)),
 }
 
 
