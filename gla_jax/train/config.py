@@ -297,7 +297,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | list[tupl
     """Default config, then the YAML file (if any), then ``overrides`` (``"a.b=v"`` strings or pairs); validated.
 
     A YAML file whose ``model`` section names an ``arch`` or a ``preset`` starts that section from an empty
-    override set (so a preset is not mixed with the embedded default's small sizes).
+    override set (so a preset is not mixed with the embedded default's small sizes); so does ``model.preset=...``
+    on the command line. ``model.arch=transformer`` alone keeps the default's small sizes.
     """
     cfg = Config()
     if path is not None:
@@ -314,9 +315,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | list[tupl
                 cfg.model.overrides = {}
         _apply_mapping(cfg, mapping, str(p))
     pairs = parse_overrides(list(overrides)) if overrides and isinstance(next(iter(overrides)), str) else overrides
+    if path is None and any(k == "model.preset" for k, _ in pairs):
+        cfg.model.overrides = {}  # a preset replaces the embedded default's model sizes (in any argument order)
     for k, v in pairs:
-        if k in ("model.preset", "model.arch"):
-            cfg.model.overrides = {}
         _set(cfg, k, v)
     validate(cfg)
     return cfg

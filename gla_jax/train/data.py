@@ -288,7 +288,16 @@ class PackedBatches:
             key = f"shard_{s}"
             if key not in state:
                 raise ValueError(f"data state: checkpoint has no state for {key} (saved with other data.num_shards?)")
-            self._iters[s].set_state(state[key])
+            self._iters[s].set_state(_tuples(state[key]))
+
+
+def _tuples(x):
+    """JSON turns grain's tuples into lists; grain compares some of them with tuples, so turn them back."""
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return tuple(_tuples(v) for v in x)
+    return x
 
 
 def make_batches(data_cfg, source: DocumentSource, *, process_index: int = 0, process_count: int = 1,

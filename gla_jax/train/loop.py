@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -31,6 +32,19 @@ from gla_jax.train import metrics as metrics_lib
 from gla_jax.train import optim as optim_lib
 from gla_jax.train import sharding as shard_lib
 from gla_jax.train.tokenizer import get_tokenizer
+
+
+def _test_signal():
+    """Test hook: ``GLA_JAX_TEST_SIGNAL=NAME:STEP`` (e.g. ``SIGKILL:5``) makes the run send itself that signal right
+    after step STEP (after that step's checkpoint save has started)."""
+    spec = os.environ.get("GLA_JAX_TEST_SIGNAL", "")
+    if not spec:
+        return None
+    name, step = spec.split(":")
+    return getattr(signal, name), int(step)
+
+
+_TEST_SIGNAL = _test_signal()
 
 
 class TrainingError(RuntimeError):
@@ -376,6 +390,10 @@ class Trainer:
                             progress.write(line)
                     if ckptr is not None and (step % cfg.checkpoint.every == 0 or step == self.total_steps):
                         save(step)
+                    if do_eval or record is not None and ckptr is not None and step % cfg.checkpoint.every == 0:
+                        t_log = time.time()  # evaluation and checkpoint time do not count as training throughput
+                    if _TEST_SIGNAL is not None and step == _TEST_SIGNAL[1]:
+                        os.kill(os.getpid(), _TEST_SIGNAL[0])  # test hook: preemption / hard kill at this step
                     if stop.requested:
                         self.log(f"received {stop.signame}: saving a checkpoint at step {step} and stopping")
                         if ckptr is not None:
@@ -436,3 +454,38 @@ def save_resolved_config(cfg, workdir, mcfg=None) -> None:
     config_lib.save_config(cfg, workdir / "config.yaml", extra=extra)
     if mcfg is not None:
         (workdir / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2, default=str))
+
+
+def sample(trainer: Trainer, params, prompt: str, num_tokens: int, *, temperature: float = 0.7, seed: int = 0):
+    """Samples ``num_tokens`` tokens after ``prompt`` with the full forward over a fixed-length buffer (one
+    compilation; causal, so the unused tail does not matter). Stops at EOS. Returns the generated text."""
+    tok = trainer.tokenizer
+    ids = [int(i) for i in tok.encode(prompt)] or [tok.eos_id]
+    L = -(-(len(ids) + num_tokens) // 64) * 64
+    vocab = tok.vocab_size
+    repl = shard_lib.replicated(trainer.mesh)
+
+    def next_logits(params, buf, pos):
+        logits = trainer._apply(params, buf, jnp.ones_like(buf))
+        row = jax.lax.dynamic_index_in_dim(logits[0], pos, axis=0, keepdims=False)
+        return jnp.where(jnp.arange(row.shape[-1]) < vocab, row.astype(jnp.float32), -jnp.inf)
+
+    fn = jax.jit(next_logits, in_shardings=(trainer.param_shardings, repl, repl), out_shardings=repl)
+    buf = np.zeros((1, L), np.int32)
+    buf[0, :len(ids)] = ids
+    key = jax.random.key(seed + 1234)
+    out = []
+    pos = len(ids) - 1
+    with mesh_context(trainer.mesh):
+        for i in range(num_tokens):
+            row = fn(params, jnp.asarray(buf), jnp.int32(pos))
+            if temperature > 0:
+                nxt = int(jax.random.categorical(jax.random.fold_in(key, i), row / temperature))
+            else:
+                nxt = int(jnp.argmax(row))
+            if nxt == tok.eos_id or pos + 1 >= L:
+                break
+            pos += 1
+            buf[0, pos] = nxt
+            out.append(nxt)
+    return tok.decode(out)
