@@ -11,6 +11,7 @@ from jax.experimental import pallas as pl
 
 from gla_jax.kernels import chunk_gla
 from gla_jax.kernels.lowering import lower_for_cuda, triton_kernel_count
+from gla_jax.kernels.tiling import compiler_params
 from reference import reference_gla, rel_err
 
 F32_TOL = 1e-4
@@ -186,7 +187,8 @@ def test_cuda_lowering_really_checks_triton_rules():
 
         return lambda x: pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(1,),
                                         in_specs=[pl.BlockSpec((n, 32), lambda i: (0, 0))],
-                                        out_specs=pl.BlockSpec((n, 32), lambda i: (0, 0)))(x)
+                                        out_specs=pl.BlockSpec((n, 32), lambda i: (0, 0)),
+                                        compiler_params=compiler_params(num_warps=4, num_stages=1))(x)
 
     assert triton_kernel_count(lower_for_cuda(make(32), jax.ShapeDtypeStruct((32, 32), jnp.float32))) == 1
     with pytest.raises(Exception, match="power of 2"):
