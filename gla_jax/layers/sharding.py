@@ -51,4 +51,8 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_mesh(names, rules))
+    spec = logical_to_mesh(names, rules)
+    explicit = getattr(jax.sharding.AxisType, "Explicit", None)
+    if explicit is not None and mesh.axis_types and all(t == explicit for t in mesh.axis_types):
+        return jax.sharding.reshard(x, spec)  # explicit axes: with_sharding_constraint would only assert
+    return jax.lax.with_sharding_constraint(x, spec)
