@@ -6,8 +6,8 @@ torch side never runs inside the pytest (JAX) process: the tests call this file 
 safetensors checkpoints, token ids and reference outputs as .npy files into a folder.
 
     python tests/fla_harness.py make OUT        # fla models with random weights (PARITY_CONFIGS) + logits, op refs
-    python tests/fla_harness.py logits DIR...   # load each DIR with fla (Auto* and GLAForCausalLM): logits of
-                                                # DIR/tokens.npy into DIR/fla_auto_logits.npy, DIR/fla_logits.npy
+    python tests/fla_harness.py logits DIR...   # load each DIR with fla (Auto* and GLAForCausalLM, same weights?):
+                                                # logits of DIR/tokens.npy into DIR/fla_logits.npy
 
 The module itself (without running it) imports no torch: the tests use ``fla_available``, ``run_harness`` and
 ``PARITY_CONFIGS`` from it.
@@ -33,12 +33,12 @@ PARITY_CONFIGS = {
                       tie_word_embeddings=True, fuse_norm=False, fuse_swiglu=False, **_COMMON),
     # grouped key/value heads (4 query heads share 2 kv heads), short conv, clamped gates
     "gqa_conv": dict(hidden_size=128, num_heads=4, num_kv_heads=2, vocab_size=256, expand_k=0.5,
-                     use_short_conv=True, clamp_min=-0.05, **_COMMON),
+                     use_short_conv=True, clamp_min=-0.05, fuse_norm=False, fuse_swiglu=False, **_COMMON),
     # grouped kv, tied, explicit intermediate size, other eps, expand_v 2
     "gqa_tied": dict(hidden_size=64, num_heads=4, num_kv_heads=1, vocab_size=100, expand_k=1.0, expand_v=2.0,
                      intermediate_size=96, norm_eps=1e-5, tie_word_embeddings=True, **_COMMON),
 }
-BATCH, SEQ = 2, 80  # SEQ > 64 crosses a chunk boundary of the chunkwise forms
+BATCH, SEQ = 1, 72  # SEQ > 64 crosses a chunk boundary of the chunkwise forms; kept small: the interpreter is slow
 
 # Operator-level reference: shapes (B, T, H, K, V) of the naive_recurrent_gla cases.
 OP_CASES = {"small": (2, 100, 2, 16, 32), "wide": (1, 70, 3, 32, 16)}
@@ -146,8 +146,9 @@ def _make(out: Path) -> None:
 
 
 def _load_logits(dirs: list[Path]) -> None:
-    """Loads each dir with fla through AutoModelForCausalLM and GLAForCausalLM.from_pretrained, writes both logits
-    and prints one JSON line per dir (what fla built)."""
+    """Loads each dir with fla through AutoModelForCausalLM and GLAForCausalLM.from_pretrained (kernel forced to
+    fused_recurrent, the one that runs in the interpreter), checks both hold the same weights, writes the logits and
+    prints one JSON line per dir."""
     torch = _setup_torch()
     import numpy as np
     import fla  # noqa: F401  (registers the "gla" model type with transformers' Auto classes)
@@ -156,11 +157,12 @@ def _load_logits(dirs: list[Path]) -> None:
 
     for d in dirs:
         tokens = np.load(d / "tokens.npy")
-        auto = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-        np.save(d / "fla_auto_logits.npy", _logits(auto, torch, tokens))
-        direct = GLAForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        auto = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_mode="fused_recurrent").eval()
+        direct = GLAForCausalLM.from_pretrained(d, dtype=torch.float32, attn_mode="fused_recurrent").eval()
+        a, b = auto.state_dict(), direct.state_dict()
+        same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         np.save(d / "fla_logits.npy", _logits(direct, torch, tokens))
-        print(json.dumps({"dir": str(d), "auto_class": type(auto).__name__,
+        print(json.dumps({"dir": str(d), "auto_class": type(auto).__name__, "auto_equals_direct": same,
                           "tied": bool(direct.config.tie_word_embeddings),
                           "lm_head_is_embeddings": direct.lm_head.weight.data_ptr()
                           == direct.model.embeddings.weight.data_ptr()}))

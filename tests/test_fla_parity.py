@@ -80,3 +80,121 @@ def test_gla_matches_fla_naive_recurrent(fla_refs, case, impl):
     o, s = gla(q, k, v, g, initial_state=jnp.asarray(ref["h0"]), output_final_state=True, impl=impl)
     assert rel_err(o, ref["o_h0"]) <= 1e-5
     assert rel_err(s, ref["s_h0"]) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------ model level
+
+
+def _forward(model, tokens, impl=None):
+    from flax import nnx
+
+    @nnx.jit(static_argnames="impl")
+    def fwd(m, x, impl):
+        return m(x, impl=impl)
+
+    return np.asarray(fwd(model, jnp.asarray(tokens), impl))
+
+
+@pytest.mark.parametrize("name", list(PARITY_CONFIGS))
+def test_fla_checkpoint_logits_match(fla_refs, name):
+    """fla GLAForCausalLM (random weights, save_pretrained) -> load_fla -> same logits (default operator form)."""
+    from gla_jax.convert import load_fla
+
+    d = fla_refs / name
+    config, model = load_fla(d)
+    for key, value in PARITY_CONFIGS[name].items():
+        if key not in ("fuse_norm", "fuse_swiglu", "fuse_cross_entropy"):
+            assert getattr(config, key) == value, key
+    assert (model.lm_head is None) == bool(PARITY_CONFIGS[name].get("tie_word_embeddings", False))
+    logits = _forward(model, np.load(d / "tokens.npy"))
+    ref = np.load(d / "logits.npy")
+    assert logits.shape == ref.shape and logits.dtype == np.float32
+    assert rel_err(logits, ref) <= 1e-4
+
+
+def test_fla_checkpoint_logits_match_recurrent(fla_refs):
+    from gla_jax.convert import load_fla
+
+    d = fla_refs / "gqa_conv"
+    _, model = load_fla(d, impl="recurrent")
+    assert rel_err(_forward(model, np.load(d / "tokens.npy")), np.load(d / "logits.npy")) <= 1e-4
+
+
+def _randomize(model, seed: int) -> None:
+    """O(1)-output random weights for every parameter (the default init's std 0.02 makes near-zero logits)."""
+    from flax import nnx
+
+    from gla_jax.convert import _get_variable
+
+    rng = np.random.default_rng(seed)
+    flat = sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda kv: str(kv[0]))
+    for path, _ in flat:
+        var = _get_variable(model, tuple(path))
+        shape, name = var[...].shape, str(path[-1])
+        if name == "weight" and len(shape) == 1:  # norms
+            value = 1.0 + 0.2 * rng.standard_normal(shape)
+        elif name in ("bias", "embedding"):
+            value = rng.standard_normal(shape)
+        elif name == "weight":  # short conv [C, W]
+            value = rng.standard_normal(shape) / np.sqrt(shape[-1])
+        else:  # kernel [in, out]
+            value = rng.standard_normal(shape) / np.sqrt(shape[0])
+        var.set_value(jnp.asarray(value, var[...].dtype))
+
+
+NATIVE_CONFIG = dict(hidden_size=64, num_hidden_layers=2, num_heads=4, num_kv_heads=2, expand_k=1.0,
+                     use_short_conv=True, tie_word_embeddings=True, vocab_size=96, clamp_min=-0.1)
+
+
+@pytest.fixture(scope="session")
+def saved_for_fla(fla_refs, tmp_path_factory):
+    """save_fla outputs (a model built in gla-jax, and fla checkpoints passed through load_fla) with fla's logits."""
+    from flax import nnx
+
+    from gla_jax.convert import load_fla, save_fla
+    from gla_jax.models import GLAConfig, GLAForCausalLM
+
+    root = _shared_root(tmp_path_factory)
+    out = root / "saved_for_fla"
+    with open(root / "saved_for_fla.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (out / "done.json").exists():
+                shutil.rmtree(out, ignore_errors=True)
+                config = GLAConfig(**NATIVE_CONFIG)
+                model = nnx.eval_shape(lambda r: GLAForCausalLM(config, rngs=r), nnx.Rngs(3))  # no init
+                _randomize(model, seed=4)
+                save_fla(model, config, out / "native")
+                tokens = np.random.default_rng(5).integers(0, config.vocab_size, size=(1, 72)).astype(np.int32)
+                np.save(out / "native" / "tokens.npy", tokens)
+                for name in ("base", "conv_tied"):
+                    save_fla(*reversed(load_fla(fla_refs / name)), out / name)
+                    shutil.copy(fla_refs / name / "tokens.npy", out / name / "tokens.npy")
+                lines = run_harness("logits", *(str(out / n) for n in ("native", "base", "conv_tied")))
+                info = {Path(r["dir"]).name: r for r in map(json.loads, lines.strip().splitlines())}
+                (out / "done.json").write_text(json.dumps(info))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out, json.loads((out / "done.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["native", "base", "conv_tied"])
+def test_save_fla_loads_in_fla(saved_for_fla, fla_refs, name):
+    """fla's AutoModelForCausalLM and GLAForCausalLM.from_pretrained load save_fla's output with our logits."""
+    from gla_jax.convert import load_fla
+
+    out, info = saved_for_fla
+    d = out / name
+    assert info[name]["auto_class"] == "GLAForCausalLM" and info[name]["auto_equals_direct"]
+    config = json.loads((d / "config.json").read_text())
+    assert config["model_type"] == "gla" and config["architectures"] == ["GLAForCausalLM"]
+    assert info[name]["tied"] == config["tie_word_embeddings"]
+    if config["tie_word_embeddings"]:
+        assert info[name]["lm_head_is_embeddings"]
+    fla_logits = np.load(d / "fla_logits.npy")
+    _, model = load_fla(d)
+    assert rel_err(_forward(model, np.load(d / "tokens.npy")), fla_logits) <= 1e-4
+    if name == "base":  # same weights, same fla config: fla computes exactly what it computed before the round trip
+        np.testing.assert_array_equal(fla_logits, np.load(fla_refs / name / "logits.npy"))
+    elif name != "native":  # fla's fused/unfused norm kernels differ in rounding only
+        assert rel_err(fla_logits, np.load(fla_refs / name / "logits.npy")) <= 1e-5
