@@ -220,11 +220,12 @@ def masked_xent(logits, labels, mask):
 
 def train_model(model, batches: Callable[[int], tuple], *, steps: int, lr: float, weight_decay: float = 0.1,
                 log_every: int = 0, log: Callable[[str], None] = print, warmup: int | None = None):
-    """Trains ``model`` (NNX, ``model(input_ids) -> logits``) in place for ``steps`` AdamW steps.
+    """Trains ``model`` (NNX, ``model(input_ids, segment_ids=None) -> logits``) in place for ``steps`` AdamW steps.
 
-    ``batches(step)`` returns ``(input_ids [B, T] int32, labels [B, T] int32, mask [B, T])``; the loss is the
-    cross-entropy at positions where ``mask`` is true. Returns a history list of dicts
-    ``{step, loss, acc, tokens_per_sec}`` (every ``log_every`` steps and the last step) and the elapsed seconds.
+    ``batches(step)`` returns ``(input_ids [B, T] int32, labels [B, T] int32, mask [B, T])`` or the same plus
+    ``segment_ids [B, T]`` (packed documents); the loss is the cross-entropy at positions where ``mask`` is true.
+    Returns a history list of dicts ``{step, loss, acc, tokens_per_sec}`` (every ``log_every`` steps, or every
+    ``steps // 20`` when 0, and the last step) and the elapsed seconds (compilation included).
     """
     import jax
     import numpy as np
@@ -234,9 +235,10 @@ def train_model(model, batches: Callable[[int], tuple], *, steps: int, lr: float
     opt = _nnx_optimizer(model, tx)
 
     @nnx.jit
-    def step_fn(model, opt, x, y, m):
+    def step_fn(model, opt, x, y, m, seg):
         def loss_fn(model):
-            return masked_xent(model(x), y, m)
+            logits = model(x) if seg is None else model(x, segment_ids=seg)
+            return masked_xent(logits, y, m)
 
         (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         _opt_update(opt, model, grads)
@@ -247,8 +249,10 @@ def train_model(model, batches: Callable[[int], tuple], *, steps: int, lr: float
     t_last, tok = t0, 0
     every = log_every or max(1, steps // 20)
     for s in range(steps):
-        x, y, m = batches(s)
-        loss, acc = step_fn(model, opt, x, y, m)
+        batch = batches(s)
+        x, y, m = batch[:3]
+        seg = batch[3] if len(batch) > 3 else None
+        loss, acc = step_fn(model, opt, x, y, m, seg)
         tok += int(np.prod(np.shape(x)))
         if (s + 1) % every == 0 or s == steps - 1:
             loss = float(jax.device_get(loss))
@@ -259,6 +263,108 @@ def train_model(model, batches: Callable[[int], tuple], *, steps: int, lr: float
             if log_every:
                 log(f"  step {s + 1:5d}  loss {loss:.4f}  acc {rec['acc']:.3f}  {rec['tokens_per_sec']:.0f} tok/s")
     return history, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Language-model data: the library's grain pipeline over the embedded corpus (the Python standard library's sources,
+# byte tokens).
+
+BYTE_VOCAB = 320  # the byte tokenizer's 257 ids padded to a multiple of 64 (as the training default does)
+
+
+def lm_sources(source: str = "stdlib", val_fraction: float = 0.02, tokenizer: str = "byte"):
+    """(train, held-out) document sources of the library's data pipeline, and the tokenizer."""
+    from gla_jax.train.config import DataSection
+    from gla_jax.train.data import list_documents
+    from gla_jax.train.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(tokenizer)
+    data = DataSection(source=source, val_fraction=val_fraction, tokenizer=tokenizer)
+    train, val = list_documents(data, tok)
+    return train, val, tok
+
+
+def lm_batches(source, *, seq_len: int, batch_size: int, seed: int = 0):
+    """``batches(step) -> (inputs, labels, mask, segment_ids)`` over packed rows of ``source`` (shuffled, repeated;
+    the library's grain pipeline). ``labels`` are the next tokens; ``mask`` drops document ends."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gla_jax.train.config import DataSection
+    from gla_jax.train.data import loss_mask, make_batches
+
+    it = make_batches(DataSection(seq_len=seq_len, batch_size=batch_size, shuffle_seed=seed, num_shards=1), source)
+
+    def batches(step):
+        b = next(it)
+        tokens, seg = b["tokens"], b["segment_ids"]
+        labels = np.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+        return (jnp.asarray(tokens), jnp.asarray(labels), jnp.asarray(loss_mask(seg) > 0), jnp.asarray(seg))
+
+    return batches
+
+
+def eval_windows(source, length: int, max_windows: int, min_doc: int | None = None):
+    """Non-overlapping windows of ``length + 1`` tokens from the documents of ``source`` that are long enough
+    (each window a fresh context). Returns (inputs [N, length], labels [N, length]) int32 numpy, N <= max_windows."""
+    import numpy as np
+
+    rows = []
+    for i in range(len(source)):
+        doc = np.asarray(source[i])
+        if len(doc) < max(length + 1, min_doc or 0):
+            continue
+        for start in range(0, len(doc) - length, length + 1):
+            rows.append(doc[start:start + length + 1])
+            if len(rows) >= max_windows:
+                break
+        if len(rows) >= max_windows:
+            break
+    if not rows:
+        raise ValueError(f"length: no held-out document has {length + 1} tokens")
+    rows = np.stack(rows).astype(np.int32)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def functional_train_step(model, tx, donate: bool = True):
+    """A pure, jitted train step over the split ``(model, optimizer)`` state (so it can be lowered, inspected with
+    ``memory_analysis`` and timed without NNX bookkeeping in the loop).
+
+    Returns ``(step, state)`` with ``step(state, x, y, mask) -> (state, loss)`` (masked cross-entropy; see
+    ``masked_xent``) and ``state`` the initial state (``model``'s parameters are not updated in place).
+    """
+    import jax
+    from flax import nnx
+
+    opt = _nnx_optimizer(model, tx)
+    graphdef, state = nnx.split((model, opt))
+
+    def step(state, x, y, m):
+        model, opt = nnx.merge(graphdef, state)
+
+        def loss_fn(model):
+            return masked_xent(model(x), y, m)[0]
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        _opt_update(opt, model, grads)
+        return nnx.split((model, opt))[1], loss
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ()), state
+
+
+def memory_estimate(compiled) -> dict[str, int | None]:
+    """XLA's buffer sizes of a compiled computation: arguments, outputs, temporaries, and their sum less aliased
+    (donated) buffers as an estimate of peak memory. Values are None where the backend does not report them."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 (not implemented on some backends)
+        ma = None
+    if ma is None:
+        return {"argument_bytes": None, "output_bytes": None, "temp_bytes": None, "peak_estimate_bytes": None}
+    get = lambda name: int(getattr(ma, name, 0) or 0)
+    arg, out, tmp, alias = (get("argument_size_in_bytes"), get("output_size_in_bytes"), get("temp_size_in_bytes"),
+                            get("alias_size_in_bytes"))
+    return {"argument_bytes": arg, "output_bytes": out, "temp_bytes": tmp, "peak_estimate_bytes": arg + out + tmp - alias}
 
 
 def _nnx_optimizer(model, tx):
@@ -291,6 +397,9 @@ def lm_eval_loss(model, inputs, labels, mask=None, batch_size: int = 8):
     @nnx.jit
     def f(model, x, y):
         return optax.softmax_cross_entropy_with_integer_labels(model(x).astype(jnp.float32), y)
+
+    if len(inputs) == 0:
+        raise ValueError("inputs: expected at least one row")
 
     n, t = inputs.shape
     total = np.zeros(t, np.float64)

@@ -94,31 +94,22 @@ def mqar_batch(rng: np.random.Generator, batch: int, seq_len: int, num_kv_pairs:
 
 
 def build_model(kind: str, *, width: int, vocab_size: int, seq_len: int, layers: int = 2, heads: int = 2,
-                seed: int = 0):
-    """A 2-layer language model of ``width`` for ``kind`` in MODELS (GLA gate variants or Transformer++)."""
+                seed: int = 0, impl: str = "auto"):
+    """A ``layers``-deep language model of ``width`` for ``kind`` in MODELS (a GLA gate variant or Transformer++)."""
     from flax import nnx
 
-    from gla_jax.models import GLAConfig, GLAForCausalLM, TransformerConfig, TransformerForCausalLM
+    from gla_jax.models import GLAConfig, GLAForCausalLM
 
     if kind not in MODELS:
         raise ValueError(f"kind: expected one of {MODELS}, got {kind!r}")
     rngs = nnx.Rngs(seed)
-    common = dict(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_heads=heads)
+    shared = dict(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_heads=heads,
+                  tie_word_embeddings=True)
     if kind == "transformer":
-        return TransformerForCausalLM(_make_config(TransformerConfig, common, max_position_embeddings=seq_len),
-                                      rngs=rngs)
-    return GLAForCausalLM(_make_config(GLAConfig, common, gate=kind), rngs=rngs)
+        from gla_jax.models import TransformerConfig, TransformerForCausalLM
 
-
-def _make_config(cls, fields: dict, **extra):
-    """Builds a config dataclass from the fields it has (so an absent optional field is skipped, not an error)."""
-    import dataclasses
-
-    kwargs = {**fields, **extra}
-    if dataclasses.is_dataclass(cls):
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in kwargs.items() if k in names or k in ("gate",)}
-    return cls(**kwargs)
+        return TransformerForCausalLM(TransformerConfig(**shared, max_position_embeddings=seq_len), rngs=rngs)
+    return GLAForCausalLM(GLAConfig(**shared, gate=kind, impl=impl), rngs=rngs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
