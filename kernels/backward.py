@@ -8,7 +8,7 @@ dS_n the gradient of the state leaving chunk n (both [K, V] per batch and head):
      for every chunk and the initial state's gradient.
   3. ``attn_grad``: dA = do vᵀ (causal, same document) per chunk.
   4. ``dv``: dv = Aᵀ do + (k ⊙ e^{b_C - b}) dS_n per (chunk, V tile).
-  5. ``dqk``: per (chunk, 16-row sub-chunk, K tile) the inter-chunk parts (do Sᵀ, v dSᵀ), the off-diagonal intra
+  5. ``dqk``: per (chunk, K tile), 16 rows (a sub-chunk) at a time, the inter-chunk parts (do Sᵀ, v dSᵀ), the off-diagonal intra
      parts as half-precision matmuls relative to a sub-chunk reference gate, and the diagonal sub-block
      elementwise in float32.
   6. dg (plain jnp, O(T K)): dB = q ⊙ dq − k ⊙ dk, reverse cumulative sum inside each document, plus
@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .forward import F32, _split, chunk_cumsum, state_pass
-from .tiling import SUB_CHUNK, Tiling, compiler_params, dot
+from .tiling import SQUEEZED as SQ, SUB_CHUNK, Tiling, compiler_params, dot
 
 # ----------------------------------------------------------------------------------------------------- kernels
 
@@ -84,44 +84,56 @@ def _dv_kernel(a_ref, do_ref, k_ref, g_ref, dhs_ref, *rest, C, NK, BK, has_seg, 
 
 def _dqk_kernel(q_ref, k_ref, g_ref, do_ref, v_ref, hs_ref, dhs_ref, da_ref, *rest, C, NV, BV, scale, has_seg,
                 dt):
-    """One (b, h, chunk, sub-chunk I, K tile): dq and dk of I's 16 rows."""
+    """One (b, h, chunk, K tile): dq and dk of the chunk, built 16 rows (one sub-chunk I) at a time."""
     rel_ref, (dq_ref, dk_ref) = _split(rest, has_seg)
     c = SUB_CHUNK
-    s0 = pl.multiple_of(pl.program_id(3) * c, c)
-    rows_i = pl.ds(s0, c)
-    g_i = g_ref[rows_i, :]
-    g_last = g_ref[pl.ds(C - 1, 1), :]
-    # Inter-chunk parts: the incoming state S for dq, the outgoing state's gradient dS for dk.
-    dq = jnp.zeros((c, g_i.shape[1]), F32)
-    dk = jnp.zeros_like(dq)
+    NC = C // c
+    BK = q_ref.shape[-1]
+    # Inter-chunk parts: do Sᵀ for dq (S entering the chunk), v dSᵀ for dk (dS of the state leaving it); each state
+    # tile is loaded once and used by every sub-chunk.
+    dq = [jnp.zeros((c, BK), F32) for _ in range(NC)]
+    dk = [jnp.zeros((c, BK), F32) for _ in range(NC)]
     for vt in range(NV):
         vs = pl.ds(vt * BV, BV)
-        dq += dot(do_ref[rows_i, vs].astype(dt), hs_ref[:, vs].astype(dt), trans_b=True)
-        dk += dot(v_ref[rows_i, vs].astype(dt), dhs_ref[:, vs].astype(dt), trans_b=True)
-    dq = dq * (jnp.exp(g_i) * scale)
-    dk = dk * jnp.exp(g_last - g_i)
-    if has_seg:
-        rel_i = rel_ref[rows_i]
-        dq = jnp.where((rel_i == 0)[:, None], dq, 0.0)
-        dk = jnp.where((rel_i == rel_ref[pl.ds(C - 1, 1)])[:, None], dk, 0.0)
-    # Off-diagonal intra-chunk parts (dA already holds the causal / same-document mask).
+        hs_t = hs_ref[:, vs].astype(dt)
+        dhs_t = dhs_ref[:, vs].astype(dt)
+        for i in range(NC):
+            rows_i = pl.ds(i * c, c)
+            dq[i] += dot(do_ref[rows_i, vs].astype(dt), hs_t, trans_b=True)
+            dk[i] += dot(v_ref[rows_i, vs].astype(dt), dhs_t, trans_b=True)
     rows = jnp.arange(C)[:, None]
     q_all = q_ref[...].astype(F32)
     k_all = k_ref[...].astype(F32)
     g_all = g_ref[...]
-    r = g_ref[pl.ds(s0, 1), :]  # I's first row: columns before I have gates >= r
-    k_before = jnp.where(rows < s0, k_all * jnp.exp(jnp.minimum(r - g_all, 0.0)), 0.0)
-    dq += (jnp.exp(g_i - r) * scale) * dot(da_ref[rows_i, :].astype(dt), k_before.astype(dt))
-    r2 = g_ref[pl.ds(s0 + c - 1, 1), :]  # I's last row: rows after I have gates <= r2
-    q_after = jnp.where(rows >= s0 + c, q_all * jnp.exp(jnp.minimum(g_all - r2, 0.0)), 0.0)
-    dk += (jnp.exp(r2 - g_i) * scale) * dot(da_ref[:, rows_i].astype(dt), q_after.astype(dt), trans_a=True)
-    # Diagonal sub-block, elementwise in float32: w[i, j, d] = dA_ij e^{b_id - b_jd}.
-    da_d = da_ref[rows_i, rows_i]
-    w = da_d[:, :, None] * jnp.exp(jnp.minimum(g_i[:, None, :] - g_i[None, :, :], 0.0))
-    dq += scale * jnp.sum(w * k_ref[rows_i, :].astype(F32)[None, :, :], axis=1)
-    dk += scale * jnp.sum(w * q_ref[rows_i, :].astype(F32)[:, None, :], axis=0)
-    dq_ref[...] = dq
-    dk_ref[...] = dk
+    g_last = g_ref[pl.ds(C - 1, 1), :]
+    if has_seg:
+        rel_last = rel_ref[pl.ds(C - 1, 1)]
+    for i in range(NC):
+        s0 = i * c
+        rows_i = pl.ds(s0, c)
+        g_i = g_ref[rows_i, :]
+        dq_i = dq[i] * (jnp.exp(g_i) * scale)
+        dk_i = dk[i] * jnp.exp(g_last - g_i)
+        if has_seg:
+            rel_i = rel_ref[rows_i]
+            dq_i = jnp.where((rel_i == 0)[:, None], dq_i, 0.0)  # only the first document saw the incoming state
+            dk_i = jnp.where((rel_i == rel_last)[:, None], dk_i, 0.0)  # only the last one reaches the next chunk
+        # Off-diagonal intra-chunk parts (dA already holds the causal / same-document mask).
+        if i > 0:
+            r = g_ref[pl.ds(s0, 1), :]  # I's first row: columns before I have gates >= r
+            k_before = jnp.where(rows < s0, k_all * jnp.exp(jnp.minimum(r - g_all, 0.0)), 0.0)
+            dq_i += (jnp.exp(g_i - r) * scale) * dot(da_ref[rows_i, :].astype(dt), k_before.astype(dt))
+        if i < NC - 1:
+            r2 = g_ref[pl.ds(s0 + c - 1, 1), :]  # I's last row: rows after I have gates <= r2
+            q_after = jnp.where(rows >= s0 + c, q_all * jnp.exp(jnp.minimum(g_all - r2, 0.0)), 0.0)
+            dk_i += (jnp.exp(r2 - g_i) * scale) * dot(da_ref[:, rows_i].astype(dt), q_after.astype(dt),
+                                                      trans_a=True)
+        # Diagonal sub-block, elementwise in float32: w[i, j, d] = dA_ij e^{b_id - b_jd}.
+        w = da_ref[rows_i, rows_i][:, :, None] * jnp.exp(jnp.minimum(g_i[:, None, :] - g_i[None, :, :], 0.0))
+        dq_i += scale * jnp.sum(w * k_ref[rows_i, :].astype(F32)[None, :, :], axis=1)
+        dk_i += scale * jnp.sum(w * q_ref[rows_i, :].astype(F32)[:, None, :], axis=0)
+        dq_ref[rows_i, :] = dq_i
+        dk_ref[rows_i, :] = dk_i
 
 
 # ----------------------------------------------------------------------------------------------------- launchers
@@ -137,14 +149,14 @@ def dstate_pass(q, gc, do, dht, rel, *, scale: float, tiling: Tiling, interpret:
     has_seg = rel is not None
     kmap = lambda b, h, i, j: (b, 0, h, i)
     in_specs = [
-        pl.BlockSpec((None, T, None, BK), kmap),
-        pl.BlockSpec((None, T, None, BK), kmap),
-        pl.BlockSpec((None, T, None, BV), lambda b, h, i, j: (b, 0, h, j)),
-        pl.BlockSpec((None, None, BK, BV), lambda b, h, i, j: (b, h, i, j)),
+        pl.BlockSpec((SQ, T, SQ, BK), kmap),
+        pl.BlockSpec((SQ, T, SQ, BK), kmap),
+        pl.BlockSpec((SQ, T, SQ, BV), lambda b, h, i, j: (b, 0, h, j)),
+        pl.BlockSpec((SQ, SQ, BK, BV), lambda b, h, i, j: (b, h, i, j)),
     ]
     args = [q, gc, do, dht]
     if has_seg:
-        in_specs.append(pl.BlockSpec((None, T), lambda b, h, i, j: (b, 0)))
+        in_specs.append(pl.BlockSpec((SQ, T), lambda b, h, i, j: (b, 0)))
         args.append(rel)
     kernel = functools.partial(_dstate_kernel, C=C, NT=NT, scale=scale, has_seg=has_seg, dt=q.dtype)
     return pl.pallas_call(
@@ -152,8 +164,8 @@ def dstate_pass(q, gc, do, dht, rel, *, scale: float, tiling: Tiling, interpret:
         grid=(B, H, K // BK, V // BV),
         in_specs=in_specs,
         out_specs=[
-            pl.BlockSpec((None, NT, None, BK, BV), lambda b, h, i, j: (b, 0, h, i, j)),
-            pl.BlockSpec((None, None, BK, BV), lambda b, h, i, j: (b, h, i, j)),
+            pl.BlockSpec((SQ, NT, SQ, BK, BV), lambda b, h, i, j: (b, 0, h, i, j)),
+            pl.BlockSpec((SQ, SQ, BK, BV), lambda b, h, i, j: (b, h, i, j)),
         ],
         out_shape=[jax.ShapeDtypeStruct((B, NT, H, K, V), state_dtype), jax.ShapeDtypeStruct((B, H, K, V), F32)],
         compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
@@ -168,17 +180,17 @@ def attn_grad(do, v, rel, *, tiling: Tiling, interpret: bool):
     C, BV = tiling.chunk_size, tiling.block_v
     has_seg = rel is not None
     cmap = lambda b, h, n: (b, n, h, 0)
-    in_specs = [pl.BlockSpec((None, C, None, V), cmap)] * 2
+    in_specs = [pl.BlockSpec((SQ, C, SQ, V), cmap)] * 2
     args = [do, v]
     if has_seg:
-        in_specs.append(pl.BlockSpec((None, C), lambda b, h, n: (b, n)))
+        in_specs.append(pl.BlockSpec((SQ, C), lambda b, h, n: (b, n)))
         args.append(rel)
     kernel = functools.partial(_attn_grad_kernel, C=C, NV=V // BV, BV=BV, has_seg=has_seg, dt=v.dtype)
     return pl.pallas_call(
         kernel,
         grid=(B, H, T // C),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, C, None, C), cmap),
+        out_specs=pl.BlockSpec((SQ, C, SQ, C), cmap),
         out_shape=jax.ShapeDtypeStruct((B, T, H, C), F32),
         compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
         interpret=interpret,
@@ -195,22 +207,22 @@ def value_grad(a, do, k, gc, dhs, rel, *, tiling: Tiling, interpret: bool):
     cmap = lambda b, h, n, j: (b, n, h, 0)
     vmap = lambda b, h, n, j: (b, n, h, j)
     in_specs = [
-        pl.BlockSpec((None, C, None, C), cmap),
-        pl.BlockSpec((None, C, None, BV), vmap),
-        pl.BlockSpec((None, C, None, K), cmap),
-        pl.BlockSpec((None, C, None, K), cmap),
-        pl.BlockSpec((None, None, None, K, BV), lambda b, h, n, j: (b, n, h, 0, j)),
+        pl.BlockSpec((SQ, C, SQ, C), cmap),
+        pl.BlockSpec((SQ, C, SQ, BV), vmap),
+        pl.BlockSpec((SQ, C, SQ, K), cmap),
+        pl.BlockSpec((SQ, C, SQ, K), cmap),
+        pl.BlockSpec((SQ, SQ, SQ, K, BV), lambda b, h, n, j: (b, n, h, 0, j)),
     ]
     args = [a, do, k, gc, dhs]
     if has_seg:
-        in_specs.append(pl.BlockSpec((None, C), lambda b, h, n, j: (b, n)))
+        in_specs.append(pl.BlockSpec((SQ, C), lambda b, h, n, j: (b, n)))
         args.append(rel)
     kernel = functools.partial(_dv_kernel, C=C, NK=K // BK, BK=BK, has_seg=has_seg, dt=k.dtype)
     return pl.pallas_call(
         kernel,
         grid=(B, H, T // C, V // BV),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, C, None, BV), vmap),
+        out_specs=pl.BlockSpec((SQ, C, SQ, BV), vmap),
         out_shape=jax.ShapeDtypeStruct((B, T, H, V), F32),
         compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
         interpret=interpret,
@@ -222,31 +234,30 @@ def query_key_grad(q, k, gc, do, v, hs, dhs, da, rel, *, scale: float, tiling: T
     """(dq, dk) [B, T, H, K] float32."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    C, BK, BV, c = tiling.chunk_size, tiling.block_k_bwd, tiling.block_v, SUB_CHUNK
-    NC = C // c
+    C, BK, BV = tiling.chunk_size, tiling.block_k_bwd, tiling.block_v
     has_seg = rel is not None
-    kmap = lambda b, h, n, i, kt: (b, n, h, kt)
-    fmap = lambda b, h, n, i, kt: (b, n, h, 0)
-    smap = lambda b, h, n, i, kt: (b, n, h, kt, 0)
+    kmap = lambda b, h, n, kt: (b, n, h, kt)
+    fmap = lambda b, h, n, kt: (b, n, h, 0)
+    smap = lambda b, h, n, kt: (b, n, h, kt, 0)
     in_specs = [
-        pl.BlockSpec((None, C, None, BK), kmap),
-        pl.BlockSpec((None, C, None, BK), kmap),
-        pl.BlockSpec((None, C, None, BK), kmap),
-        pl.BlockSpec((None, C, None, V), fmap),
-        pl.BlockSpec((None, C, None, V), fmap),
-        pl.BlockSpec((None, None, None, BK, V), smap),
-        pl.BlockSpec((None, None, None, BK, V), smap),
-        pl.BlockSpec((None, C, None, C), fmap),
+        pl.BlockSpec((SQ, C, SQ, BK), kmap),
+        pl.BlockSpec((SQ, C, SQ, BK), kmap),
+        pl.BlockSpec((SQ, C, SQ, BK), kmap),
+        pl.BlockSpec((SQ, C, SQ, V), fmap),
+        pl.BlockSpec((SQ, C, SQ, V), fmap),
+        pl.BlockSpec((SQ, SQ, SQ, BK, V), smap),
+        pl.BlockSpec((SQ, SQ, SQ, BK, V), smap),
+        pl.BlockSpec((SQ, C, SQ, C), fmap),
     ]
     args = [q, k, gc, do, v, hs, dhs, da]
     if has_seg:
-        in_specs.append(pl.BlockSpec((None, C), lambda b, h, n, i, kt: (b, n)))
+        in_specs.append(pl.BlockSpec((SQ, C), lambda b, h, n, kt: (b, n)))
         args.append(rel)
-    out_spec = pl.BlockSpec((None, c, None, BK), lambda b, h, n, i, kt: (b, n * NC + i, h, kt))
+    out_spec = pl.BlockSpec((SQ, C, SQ, BK), kmap)
     kernel = functools.partial(_dqk_kernel, C=C, NV=V // BV, BV=BV, scale=scale, has_seg=has_seg, dt=q.dtype)
     return pl.pallas_call(
         kernel,
-        grid=(B, H, T // C, NC, K // BK),
+        grid=(B, H, T // C, K // BK),
         in_specs=in_specs,
         out_specs=[out_spec, out_spec],
         out_shape=[jax.ShapeDtypeStruct((B, T, H, K), F32)] * 2,

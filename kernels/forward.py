@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .tiling import SUB_CHUNK, Tiling, compiler_params, dot
+from .tiling import SQUEEZED as SQ, SUB_CHUNK, Tiling, compiler_params, dot
 
 F32 = jnp.float32
 
@@ -137,14 +137,14 @@ def state_pass(k, v, gc, h0, rel, *, tiling: Tiling, interpret: bool, state_dtyp
     has_seg = rel is not None
     kmap = lambda b, h, i, j: (b, 0, h, i)
     in_specs = [
-        pl.BlockSpec((None, T, None, BK), kmap),
-        pl.BlockSpec((None, T, None, BV), lambda b, h, i, j: (b, 0, h, j)),
-        pl.BlockSpec((None, T, None, BK), kmap),
-        pl.BlockSpec((None, None, BK, BV), lambda b, h, i, j: (b, h, i, j)),
+        pl.BlockSpec((SQ, T, SQ, BK), kmap),
+        pl.BlockSpec((SQ, T, SQ, BV), lambda b, h, i, j: (b, 0, h, j)),
+        pl.BlockSpec((SQ, T, SQ, BK), kmap),
+        pl.BlockSpec((SQ, SQ, BK, BV), lambda b, h, i, j: (b, h, i, j)),
     ]
     args = [k, v, gc, h0]
     if has_seg:
-        in_specs.append(pl.BlockSpec((None, T), lambda b, h, i, j: (b, 0)))
+        in_specs.append(pl.BlockSpec((SQ, T), lambda b, h, i, j: (b, 0)))
         args.append(rel)
     kernel = functools.partial(_state_kernel, C=C, NT=NT, has_seg=has_seg, dt=k.dtype)
     return pl.pallas_call(
@@ -152,8 +152,8 @@ def state_pass(k, v, gc, h0, rel, *, tiling: Tiling, interpret: bool, state_dtyp
         grid=(B, H, K // BK, V // BV),
         in_specs=in_specs,
         out_specs=[
-            pl.BlockSpec((None, NT, None, BK, BV), lambda b, h, i, j: (b, 0, h, i, j)),
-            pl.BlockSpec((None, None, BK, BV), lambda b, h, i, j: (b, h, i, j)),
+            pl.BlockSpec((SQ, NT, SQ, BK, BV), lambda b, h, i, j: (b, 0, h, i, j)),
+            pl.BlockSpec((SQ, SQ, BK, BV), lambda b, h, i, j: (b, h, i, j)),
         ],
         out_shape=[jax.ShapeDtypeStruct((B, NT, H, K, V), state_dtype), jax.ShapeDtypeStruct((B, H, K, V), F32)],
         compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
@@ -170,10 +170,10 @@ def intra_chunk(q, k, gc, rel, *, scale: float, tiling: Tiling, interpret: bool)
     NT, NC = T // C, C // c
     has_seg = rel is not None
     cmap = lambda b, h, n, i: (b, n, h, 0)
-    in_specs = [pl.BlockSpec((None, C, None, K), cmap)] * 3
+    in_specs = [pl.BlockSpec((SQ, C, SQ, K), cmap)] * 3
     args = [q, k, gc]
     if has_seg:
-        in_specs.append(pl.BlockSpec((None, C), lambda b, h, n, i: (b, n)))
+        in_specs.append(pl.BlockSpec((SQ, C), lambda b, h, n, i: (b, n)))
         args.append(rel)
     kernel = functools.partial(_intra_kernel, C=C, NK=K // BK, BK=BK, BKD=min(tiling.block_k_intra, BK),
                                scale=scale, has_seg=has_seg, dt=q.dtype)
@@ -181,7 +181,7 @@ def intra_chunk(q, k, gc, rel, *, scale: float, tiling: Tiling, interpret: bool)
         kernel,
         grid=(B, H, NT, NC),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, c, None, C), lambda b, h, n, i: (b, n * NC + i, h, 0)),
+        out_specs=pl.BlockSpec((SQ, c, SQ, C), lambda b, h, n, i: (b, n * NC + i, h, 0)),
         out_shape=jax.ShapeDtypeStruct((B, T, H, C), F32),
         compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
         interpret=interpret,
@@ -199,22 +199,22 @@ def output(q, gc, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret: boo
     cmap = lambda b, h, n, j: (b, n, h, 0)
     vmap = lambda b, h, n, j: (b, n, h, j)
     in_specs = [
-        pl.BlockSpec((None, C, None, K), cmap),
-        pl.BlockSpec((None, C, None, K), cmap),
-        pl.BlockSpec((None, C, None, BV), vmap),
-        pl.BlockSpec((None, C, None, C), cmap),
-        pl.BlockSpec((None, None, None, K, BV), lambda b, h, n, j: (b, n, h, 0, j)),
+        pl.BlockSpec((SQ, C, SQ, K), cmap),
+        pl.BlockSpec((SQ, C, SQ, K), cmap),
+        pl.BlockSpec((SQ, C, SQ, BV), vmap),
+        pl.BlockSpec((SQ, C, SQ, C), cmap),
+        pl.BlockSpec((SQ, SQ, SQ, K, BV), lambda b, h, n, j: (b, n, h, 0, j)),
     ]
     args = [q, gc, v, a, hs]
     if has_seg:
-        in_specs.append(pl.BlockSpec((None, C), lambda b, h, n, j: (b, n)))
+        in_specs.append(pl.BlockSpec((SQ, C), lambda b, h, n, j: (b, n)))
         args.append(rel)
     kernel = functools.partial(_output_kernel, NK=K // BK, BK=BK, scale=scale, has_seg=has_seg, dt=q.dtype)
     return pl.pallas_call(
         kernel,
         grid=(B, H, NT, V // BV),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, C, None, BV), vmap),
+        out_specs=pl.BlockSpec((SQ, C, SQ, BV), vmap),
         out_shape=jax.ShapeDtypeStruct((B, T, H, V), v.dtype),
         compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
         interpret=interpret,

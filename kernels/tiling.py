@@ -12,6 +12,9 @@ import dataclasses
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+#: Marks a block dimension of size one that the kernel does not see (``None`` in older jax).
+SQUEEZED = getattr(pl, "squeezed", None)
+
 #: The sub-chunk (secondary chunk) length: off-diagonal sub-blocks are matmuls, diagonal ones elementwise.
 SUB_CHUNK = 16
 
