@@ -150,10 +150,8 @@ def _check_sampling(max_new_tokens, temperature, top_k, top_p):
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(graphdef, max_new_tokens, temperature, top_k, top_p, stop_tokens, pad_token_id, impl):
-    stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
-
-    def run(state, ids, valid, rng):
+def _compiled(graphdef, max_new_tokens, temperature, top_k, top_p, impl):
+    def run(state, ids, valid, rng, stops, pad_token_id):
         model = nnx.merge(graphdef, state)
         B = ids.shape[0]
         logits, cache = prefill(model, ids, valid, max_new_tokens=max_new_tokens, impl=impl)
@@ -200,9 +198,9 @@ def generate(model, prompts, *, max_new_tokens: int, prompt_lengths=None, paddin
     ids, valid = left_align(prompts, prompt_lengths, padding_side=padding_side, pad_token_id=pad_token_id)
     rng = jax.random.key(seed) if isinstance(seed, int) else seed
     graphdef, state = nnx.split(model)
-    fn = _compiled(graphdef, int(max_new_tokens), float(temperature), int(top_k), float(top_p),
-                   tuple(int(t) for t in stop_tokens), int(pad_token_id), impl)
-    buf, lengths = fn(state, jnp.asarray(ids), jnp.asarray(valid), rng)
+    fn = _compiled(graphdef, int(max_new_tokens), float(temperature), int(top_k), float(top_p), impl)
+    stops = jnp.asarray([int(t) for t in stop_tokens] or [-1], jnp.int32)
+    buf, lengths = fn(state, jnp.asarray(ids), jnp.asarray(valid), rng, stops, jnp.asarray(pad_token_id, jnp.int32))
     return GenerateOutput(np.asarray(buf), np.asarray(lengths))
 
 
