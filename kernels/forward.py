@@ -7,9 +7,10 @@ Passes (DESIGN.md §1, chunkwise form):
   1. ``chunk_cumsum``: b, the inclusive cumulative gate from each chunk start (float32, plain jnp).
   2. ``state_pass``: per (batch, head, K tile, V tile) a sequential loop over chunks that writes the state entering
      every chunk (``hs`` [B, NT, H, K, V]) and the final state.
-  3. ``intra_chunk``: A [B, T, H, C], the causal intra-chunk attention matrix (scale included). One program per
-     (chunk, 16-row sub-chunk I): the off-diagonal part (columns before I) is one half-precision matmul relative to
-     the gate at I's first row; the diagonal 16x16 sub-block is elementwise float32 in log space.
+  3. ``intra_chunk``: A [B, T, H, C], the causal intra-chunk attention matrix (scale included), one program per
+     chunk, 16 rows (a sub-chunk I) at a time: the off-diagonal part (columns before I) is one half-precision
+     matmul relative to the gate at I's first row; the diagonal 16x16 sub-block is elementwise float32 in log
+     space.
   4. ``output``: o = (scale q ⊙ e^b) S + A v per (chunk, V tile).
 
 Packed documents are handled with ``rel`` [B, T] int32: the number of document starts from the chunk start up
@@ -79,37 +80,47 @@ def _state_kernel(k_ref, v_ref, g_ref, h0_ref, *rest, C, NT, has_seg, dt):
 
 
 def _intra_kernel(q_ref, k_ref, g_ref, *rest, C, NK, BK, BKD, scale, has_seg, dt):
-    """One (b, h, chunk, sub-chunk I): the 16 rows of A belonging to I (columns 0..C-1, zeros above the diagonal)."""
+    """One (b, h, chunk): A of the chunk, 16 rows (one sub-chunk I) at a time, zeros above the diagonal."""
     rel_ref, (a_ref,) = _split(rest, has_seg)
     c = SUB_CHUNK
-    s0 = pl.multiple_of(pl.program_id(3) * c, c)
+    NC = C // c
     cols = jnp.arange(C)
-    before = (cols < s0)[:, None]  # columns of the sub-chunks before I
-    a_off = jnp.zeros((c, C), F32)
-    a_diag = jnp.zeros((c, c), F32)
+    a_off = [jnp.zeros((c, C), F32) for _ in range(NC)]
+    a_diag = [jnp.zeros((c, c), F32) for _ in range(NC)]
     for kt in range(NK):
         ks = pl.ds(kt * BK, BK)
-        r = g_ref[pl.ds(s0, 1), ks]  # [1, BK] reference gate: I's first row
-        q_i = q_ref[pl.ds(s0, c), ks].astype(F32) * jnp.exp(g_ref[pl.ds(s0, c), ks] - r)  # exponents <= 0
-        k_all = k_ref[:, ks].astype(F32) * jnp.exp(jnp.minimum(r - g_ref[:, ks], 0.0))  # <= 0 before I
-        k_all = jnp.where(before, k_all, 0.0)
-        a_off += dot(q_i.astype(dt), k_all.astype(dt), trans_b=True)
-        for kd in range(BK // BKD):  # diagonal sub-block, elementwise in float32 log space
-            ds = pl.ds(kt * BK + kd * BKD, BKD)
-            gd = g_ref[pl.ds(s0, c), ds]
-            e = jnp.exp(jnp.minimum(gd[:, None, :] - gd[None, :, :], 0.0))  # [i, j, d]; j > i masked below
-            qd = q_ref[pl.ds(s0, c), ds].astype(F32)
-            kd_ = k_ref[pl.ds(s0, c), ds].astype(F32)
-            a_diag += jnp.sum(qd[:, None, :] * kd_[None, :, :] * e, axis=2)
+        k_all = k_ref[:, ks].astype(F32)
+        g_all = g_ref[:, ks]
+        for i in range(1, NC):  # off-diagonal: I against the sub-chunks before it, one matmul
+            s0 = i * c
+            r = g_ref[pl.ds(s0, 1), ks]  # [1, BK] reference gate: I's first row
+            q_i = q_ref[pl.ds(s0, c), ks].astype(F32) * jnp.exp(g_ref[pl.ds(s0, c), ks] - r)  # exponents <= 0
+            k_before = jnp.where((cols < s0)[:, None], k_all * jnp.exp(jnp.minimum(r - g_all, 0.0)), 0.0)
+            a_off[i] += dot(q_i.astype(dt), k_before.astype(dt), trans_b=True)
+        for i in range(NC):  # diagonal sub-blocks, elementwise in float32 log space
+            for kd in range(BK // BKD):
+                ds = pl.ds(kt * BK + kd * BKD, BKD)
+                gd = g_ref[pl.ds(i * c, c), ds]
+                e = jnp.exp(jnp.minimum(gd[:, None, :] - gd[None, :, :], 0.0))  # [i, j, d]; j > i masked below
+                qd = q_ref[pl.ds(i * c, c), ds].astype(F32)
+                kd_ = k_ref[pl.ds(i * c, c), ds].astype(F32)
+                a_diag[i] += jnp.sum(qd[:, None, :] * kd_[None, :, :] * e, axis=2)
     rows = jnp.arange(c)
-    a_diag = jnp.where(rows[:, None] >= rows[None, :], a_diag, 0.0)
+    causal = rows[:, None] >= rows[None, :]
     if has_seg:
-        r_i = rel_ref[pl.ds(s0, c)]
-        a_off = jnp.where(r_i[:, None] == rel_ref[...][None, :], a_off, 0.0)
-        a_diag = jnp.where(r_i[:, None] == r_i[None, :], a_diag, 0.0)
-    outside = jnp.broadcast_to(((cols < s0) | (cols >= s0 + c))[None, :], (c, C))
-    plgpu.store(a_ref, a_off * scale, mask=outside)
-    a_ref[:, pl.ds(s0, c)] = a_diag * scale
+        rel = rel_ref[...]
+    for i in range(NC):
+        s0 = i * c
+        a_d = jnp.where(causal, a_diag[i], 0.0)
+        a_o = a_off[i]
+        if has_seg:
+            r_i = rel_ref[pl.ds(s0, c)]
+            a_o = jnp.where(r_i[:, None] == rel[None, :], a_o, 0.0)
+            a_d = jnp.where(r_i[:, None] == r_i[None, :], a_d, 0.0)
+        # Two disjoint stores: everything but I's own columns, then the diagonal block.
+        outside = jnp.broadcast_to(((cols < s0) | (cols >= s0 + c))[None, :], (c, C))
+        plgpu.store(a_ref.at[pl.ds(s0, c), :], a_o * scale, mask=outside)
+        a_ref[pl.ds(s0, c), pl.ds(s0, c)] = a_d * scale
 
 
 def _output_kernel(q_ref, g_ref, v_ref, a_ref, hs_ref, *rest, NK, BK, scale, has_seg, dt):
@@ -166,22 +177,22 @@ def intra_chunk(q, k, gc, rel, *, scale: float, tiling: Tiling, interpret: bool)
     """A [B, T, H, C] float32: A[t, j] = scale Σ_d q_td k_sd e^{b_td - b_sd} for s = chunk_start + j <= t (same
     document), else 0."""
     B, T, H, K = q.shape
-    C, BK, c = tiling.chunk_size, tiling.block_k, SUB_CHUNK
-    NT, NC = T // C, C // c
+    C, BK = tiling.chunk_size, tiling.block_k
+    NT = T // C
     has_seg = rel is not None
-    cmap = lambda b, h, n, i: (b, n, h, 0)
+    cmap = lambda b, h, n: (b, n, h, 0)
     in_specs = [pl.BlockSpec((SQ, C, SQ, K), cmap)] * 3
     args = [q, k, gc]
     if has_seg:
-        in_specs.append(pl.BlockSpec((SQ, C), lambda b, h, n, i: (b, n)))
+        in_specs.append(pl.BlockSpec((SQ, C), lambda b, h, n: (b, n)))
         args.append(rel)
     kernel = functools.partial(_intra_kernel, C=C, NK=K // BK, BK=BK, BKD=min(tiling.block_k_intra, BK),
                                scale=scale, has_seg=has_seg, dt=q.dtype)
     return pl.pallas_call(
         kernel,
-        grid=(B, H, NT, NC),
+        grid=(B, H, NT),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((SQ, c, SQ, C), lambda b, h, n, i: (b, n * NC + i, h, 0)),
+        out_specs=pl.BlockSpec((SQ, C, SQ, C), cmap),
         out_shape=jax.ShapeDtypeStruct((B, T, H, C), F32),
         compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
         interpret=interpret,
