@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,8 +63,14 @@ def _mm(spec, a, b, dtype=None):
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=_F32)
 
 
-def _cumsum(x, axis, reverse=False):
-    return lax.cumsum(x, axis=axis, reverse=reverse)
+def _cumsum_rows(x, mode="inclusive"):
+    """Cumulative sum over the chunk axis (-2) of x [..., C, D] as one matmul with a triangular 0/1 matrix (XLA's
+    CPU cumsum is slow). mode: "inclusive" (sum_{s<=t}), "exclusive" (sum_{s<t}) or "reverse" (sum_{s>=t})."""
+    C = x.shape[-2]
+    tri = {"inclusive": np.tril(np.ones((C, C), np.float32)),
+           "exclusive": np.tril(np.ones((C, C), np.float32), -1),
+           "reverse": np.triu(np.ones((C, C), np.float32))}[mode]
+    return jnp.einsum("ts,...sd->...td", jnp.asarray(tri), x, precision=_HI, preferred_element_type=_F32)
 
 
 def _masks(doc):
@@ -84,63 +91,110 @@ def _masks(doc):
     return m_in, m_out, keep, same
 
 
-def _gate_terms(g, doc):
-    """Chunk-local cumulative gates and the decay factors shared by forward and backward (all float32)."""
-    b = _cumsum(g.astype(_F32), axis=3)  # [B, H, N, C, K]
-    bC = b[:, :, :, -1, :]  # [B, H, N, K]
-    eq = jnp.exp(b)  # query-side decay from the chunk start (<= 1)
-    ek = jnp.exp(bC[:, :, :, None, :] - b)  # key-side decay to the chunk end (<= 1)
-    a = jnp.exp(bC)  # whole-chunk decay of the carried state
+class _Factors(NamedTuple):
+    """Gate-derived float32 factors of one call, shared by forward and backward (saved as residuals)."""
+
+    b6: jax.Array  # [B, H, N, ns, c, K] chunk-local inclusive cumulative gate
+    eq: jax.Array  # [B, H, N, C, K] e^{b}: query-side decay from the chunk start (* m_in)
+    ek: jax.Array  # [B, H, N, C, K] e^{b_C - b}: key-side decay to the chunk end (* m_out)
+    a: jax.Array  # [B, H, N, K] e^{b_C}: whole-chunk decay of the carried state (* keep)
+    eqs: jax.Array  # [B, H, N, ns, c, K] e^{b - r_I}: decay from the sub-chunk's first row
+    eks: jax.Array  # [B, H, N, ns, c, K] e^{e_J - b}: decay to the sub-chunk's last row
+    rho: jax.Array  # [B, H, N, ns, ns, K] e^{r_I - e_J} (meaningful for J < I only; clamped to <= 1)
+
+
+def _factors(g, doc, c):
+    """Cumulative gates and every decay factor (all exponents <= 0), plus the document masks (or None)."""
+    B, H, N, C, K = g.shape
+    ns = C // c
+    b = _cumsum_rows(g.astype(_F32))  # [B, H, N, C, K]
+    bC = b[:, :, :, -1, :]
+    eq = jnp.exp(b)
+    ek = jnp.exp(bC[:, :, :, None, :] - b)
+    a = jnp.exp(bC)
     masks = None
     if doc is not None:
         m_in, m_out, keep, same = _masks(doc)
         eq, ek, a = eq * m_in, ek * m_out, a * keep
         masks = (m_in, m_out, keep, same)
-    return b, eq, ek, a, masks
-
-
-def _sub_terms(q, k, b, c):
-    """Sub-chunk factors: q6, k6, b6 [B, H, N, ns, c, K] (float32), qhat, khat and the pair factors.
-
-    qhat[I]    = q_I * e^{b_I - r_I}                         [.., ns, c, K]
-    kt[J]      = k_J * e^{e_J - b_J}                         [.., ns, c, K]
-    rho[I, J]  = e^{r_I - e_J} for J < I, else 0            [.., ns, ns, K]
-    """
-    B, H, N, C, K = q.shape
-    ns = C // c
-    q6 = q.astype(_F32).reshape(B, H, N, ns, c, K)
-    k6 = k.astype(_F32).reshape(B, H, N, ns, c, K)
     b6 = b.reshape(B, H, N, ns, c, K)
-    r = b6[..., 0, :]  # [B, H, N, ns, K]
-    e = b6[..., -1, :]
+    r = b6[..., 0, :]  # [B, H, N, ns, K]: b at the first row of each sub-chunk
+    e = b6[..., -1, :]  # b at the last row
     eqs = jnp.exp(b6 - r[..., None, :])
     eks = jnp.exp(e[..., None, :] - b6)
-    qhat = q6 * eqs
-    kt = k6 * eks
-    lower = jnp.asarray(np.tril(np.ones((ns, ns), np.float32), -1))[:, :, None]  # J < I
-    rho = jnp.exp(jnp.minimum(r[..., :, None, :] - e[..., None, :, :], 0.0)) * lower  # [B, H, N, I, J, K]
-    return q6, k6, b6, eqs, eks, qhat, kt, rho
+    rho = jnp.exp(jnp.minimum(r[..., :, None, :] - e[..., None, :, :], 0.0))
+    return _Factors(b6, eq, ek, a, eqs, eks, rho), masks
 
 
-def _diag_exp(b6):
-    """e^{b_i - b_j} within each sub-chunk, clamped to exponents <= 0 (rows j > i are masked by the caller)."""
-    return jnp.exp(jnp.minimum(b6[..., :, None, :] - b6[..., None, :, :], 0.0))  # [B, H, N, ns, c, c, K]
+def _khat(kt, rho, I):
+    """Keys of sub-chunks J < I seen from sub-chunk I: kt_J * e^{r_I - e_J}, flattened to [B, H, N, I*c, K]."""
+    B, H, N, _, c, K = kt.shape
+    return (kt[:, :, :, :I] * rho[:, :, :, I, :I, None, :]).reshape(B, H, N, I * c, K)
 
 
-def _intra_matrix(q, k, b, c, cdt, same):
-    """The masked intra-chunk matrix A [B, H, N, C, C] (float32, lower triangular incl. the diagonal)."""
-    B, H, N, C, K = q.shape
-    ns = C // c
-    q6, k6, b6, _, _, qhat, kt, rho = _sub_terms(q, k, b, c)
-    khat = kt[..., None, :, :, :] * rho[..., :, :, None, :]  # [B, H, N, I, J, c, K]
-    a_off = _mm("bhnIik,bhnIJjk->bhnIiJj", qhat, khat, cdt)  # zero for J >= I
-    tril = jnp.asarray(np.tril(np.ones((c, c), np.float32)))
-    d = jnp.sum(q6[..., :, None, :] * k6[..., None, :, :] * _diag_exp(b6), axis=-1) * tril  # [B, H, N, ns, c, c]
-    eye = jnp.asarray(np.eye(ns, dtype=np.float32))[:, None, :, None]
-    A = (a_off + d[..., :, :, None, :] * eye).reshape(B, H, N, C, C)
-    if same is not None:
-        A = A * same
-    return A
+def _diag_blocks(q6, k6, b6):
+    """The diagonal sub-blocks D[.., I, i, j] = sum_d q_id k_jd e^{b_id - b_jd} for j <= i (0 above), float32.
+
+    Elementwise in log space, walked by the offset i - j so that every exponent is <= 0 and only the 136 of 256
+    entries below the diagonal are formed; the sum over d is a matrix-vector product (fast on CPU).
+    """
+    c, K = q6.shape[-2], q6.shape[-1]
+    ones = jnp.ones((K,), _F32)
+    lead = [(0, 0)] * (q6.ndim - 2)
+    rows = [jnp.einsum("...d,d->...", q6 * k6, ones, precision=_HI)]
+    for off in range(1, c):
+        p = q6[..., off:, :] * k6[..., :-off, :] * jnp.exp(b6[..., off:, :] - b6[..., :-off, :])
+        rows.append(jnp.pad(jnp.einsum("...d,d->...", p, ones, precision=_HI), lead + [(off, 0)]))
+    by_offset = jnp.stack(rows, axis=-2).reshape(q6.shape[:-2] + (c * c,))  # [.., off, i] flattened
+    by_offset = jnp.concatenate([by_offset, jnp.zeros_like(by_offset[..., :1])], axis=-1)
+    return jnp.take(by_offset, jnp.asarray(_offset_index(c)), axis=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _offset_index(c):
+    """idx[i, j] into the flattened [offset, i] layout of _diag_blocks (c * c: the zero entry, for j > i)."""
+    idx = np.full((c, c), c * c, np.int32)
+    for i in range(c):
+        for j in range(i + 1):
+            idx[i, j] = (i - j) * c + i
+    return idx
+
+
+def _diag_grads(q6, k6, b6, d_blk):
+    """Gradients through the strictly-lower part of the diagonal sub-blocks, given dD = d_blk [.., ns, c, c]:
+    dq[i] = sum_{j<i} dD_ij k_j e^{b_i - b_j},  dk[j] = sum_{i>j} dD_ij q_i e^{b_i - b_j}  (elementwise, float32)."""
+    c = q6.shape[-2]
+    lead = [(0, 0)] * (q6.ndim - 2)
+    dq = jnp.zeros_like(q6)
+    dk = jnp.zeros_like(k6)
+    for off in range(1, c):
+        e = jnp.exp(b6[..., off:, :] - b6[..., :-off, :])
+        w = jnp.diagonal(d_blk, offset=-off, axis1=-2, axis2=-1)[..., None]  # dD[i, i - off], i = off..c-1
+        dq = dq + jnp.pad(w * k6[..., :-off, :] * e, lead + [(off, 0), (0, 0)])
+        dk = dk + jnp.pad(w * q6[..., off:, :] * e, lead + [(0, off), (0, 0)])
+    return dq, dk
+
+
+def _intra_matrix(q6, k6, F, cdt, same):
+    """The masked intra-chunk matrix A [B, H, N, C, C] (float32, lower triangular incl. the diagonal).
+
+    Row block I: [A_I0 .. A_I(I-1) | D_I | 0]; the off-diagonal part of the row block is one matmul of qhat_I
+    against the keys of all earlier sub-chunks, only the J < I pairs being formed.
+    """
+    B, H, N, ns, c, K = q6.shape
+    qhat, kt = q6 * F.eqs, k6 * F.eks
+    d = _diag_blocks(q6, k6, F.b6)  # [B, H, N, ns, c, c]
+    rows = []
+    for I in range(ns):
+        parts = []
+        if I:
+            parts.append(_mm("bhnik,bhnjk->bhnij", qhat[:, :, :, I], _khat(kt, F.rho, I), cdt))
+        parts.append(d[:, :, :, I])
+        if I < ns - 1:
+            parts.append(jnp.zeros((B, H, N, c, (ns - 1 - I) * c), _F32))
+        rows.append(jnp.concatenate(parts, axis=-1))
+    A = jnp.concatenate(rows, axis=-2)
+    return A if same is None else A * same
 
 
 def _state_scan(a, u, s0):
@@ -156,14 +210,16 @@ def _state_scan(a, u, s0):
 
 def _forward(cfg, q, k, v, g, s0, doc):
     scale, c, cdt = cfg
-    b, eq, ek, a, masks = _gate_terms(g, doc)
-    same = None if masks is None else masks[3]
-    u = _mm("bhnck,bhncv->bhnkv", k.astype(_F32) * ek, v)  # each chunk's contribution to its leaving state
-    s_final, starts = _state_scan(a, u, s0)
-    o = _mm("bhnck,bhnkv->bhncv", q.astype(_F32) * eq, starts)  # inter-chunk term
-    A = _intra_matrix(q, k, b, c, cdt, same)
+    B, H, N, C, K = q.shape
+    F, masks = _factors(g, doc, c)
+    qf, kf = q.astype(_F32), k.astype(_F32)
+    u = _mm("bhnck,bhncv->bhnkv", kf * F.ek, v)  # each chunk's contribution to the state leaving it
+    s_final, starts = _state_scan(F.a, u, s0)
+    o = _mm("bhnck,bhnkv->bhncv", qf * F.eq, starts)  # inter-chunk term
+    q6, k6 = qf.reshape(F.b6.shape), kf.reshape(F.b6.shape)
+    A = _intra_matrix(q6, k6, F, cdt, None if masks is None else masks[3])
     o = (o + _mm("bhnij,bhnjv->bhniv", A, v, cdt)) * scale
-    return (o, s_final), (q, k, v, g, doc, starts, A)
+    return (o, s_final), (q, k, v, doc, starts, A, F)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -177,51 +233,52 @@ def _chunk_op_fwd(cfg, q, k, v, g, s0, doc):
 
 def _chunk_op_bwd(cfg, res, cts):
     scale, c, cdt = cfg
-    q, k, v, g, doc, starts, A = res
+    q, k, v, doc, starts, A, F = res
     do, ds_final = cts
     B, H, N, C, K = q.shape
     ns = C // c
     do = do.astype(_F32) * scale
     ds_final = ds_final.astype(_F32)
-    b, eq, ek, a, masks = _gate_terms(g, doc)
     qf, kf = q.astype(_F32), k.astype(_F32)
-    qdec, kdec = qf * eq, kf * ek
+    q6, k6 = qf.reshape(F.b6.shape), kf.reshape(F.b6.shape)
+    qdec, kdec = qf * F.eq, kf * F.ek
 
     # Reverse pass over chunks: dS_n = a_n dS_{n+1} + (q e^b)^T do; dH_n = dS_{n+1} is the gradient of the
-    # state leaving chunk n.
+    # state leaving chunk n, dS_0 that of the initial state.
     w = _mm("bhnck,bhncv->bhnkv", qdec, do)
 
     def rstep(ds, x):
         a_n, w_n = x
         return a_n[..., None] * ds + w_n, ds
 
-    ds0, dh = lax.scan(rstep, ds_final, (jnp.moveaxis(a, 2, 0), jnp.moveaxis(w, 2, 0)), reverse=True)
+    ds0, dh = lax.scan(rstep, ds_final, (jnp.moveaxis(F.a, 2, 0), jnp.moveaxis(w, 2, 0)), reverse=True)
     dh = jnp.moveaxis(dh, 0, 2)  # [B, H, N, K, V]
 
     # Inter-chunk and state-update parts.
-    dq_inter = _mm("bhncv,bhnkv->bhnck", do, starts) * eq
-    dk_state = _mm("bhncv,bhnkv->bhnck", v, dh) * ek
+    dq_inter = _mm("bhncv,bhnkv->bhnck", do, starts) * F.eq
+    dk_state = _mm("bhncv,bhnkv->bhnck", v, dh) * F.ek
     dv = _mm("bhnck,bhnkv->bhncv", kdec, dh)
 
-    # Intra-chunk part.
+    # Intra-chunk part: dA = do v^T on the causal (same-document) pattern, dv += A^T do.
     dA = _mm("bhniv,bhnjv->bhnij", do, v, cdt)
     causal = jnp.asarray(np.tril(np.ones((C, C), np.float32)))
-    dA = dA * (causal if masks is None else causal * masks[3])
+    dA = dA * (causal if doc is None else causal * _masks(doc)[3])
     dv = dv + _mm("bhnij,bhniv->bhnjv", A, do, cdt)
-    q6, k6, b6, eqs, eks, qhat, kt, rho = _sub_terms(q, k, b, c)
-    dA6 = dA.reshape(B, H, N, ns, c, ns, c)
-    khat = kt[..., None, :, :, :] * rho[..., :, :, None, :]  # [B, H, N, I, J, c, K]
-    qrho = qhat[..., :, None, :, :] * rho[..., :, :, None, :]  # [B, H, N, I, J, c, K]
-    dq_off = _mm("bhnIiJj,bhnIJjk->bhnIik", dA6, khat, cdt) * eqs
-    dk_off = _mm("bhnIiJj,bhnIJik->bhnJjk", dA6, qrho, cdt) * eks
+    # Off-diagonal sub-chunk pairs (J < I), one row block at a time, as matmuls.
+    qhat, kt = q6 * F.eqs, k6 * F.eks
+    dq_rows = [jnp.zeros((B, H, N, c, K), _F32)]
+    dk_off = jnp.zeros((B, H, N, ns, c, K), _F32)
+    for I in range(1, ns):
+        dA_I = dA[:, :, :, I * c:(I + 1) * c, :I * c]  # [B, H, N, c, I*c]
+        dq_rows.append(_mm("bhnij,bhnjk->bhnik", dA_I, _khat(kt, F.rho, I), cdt))
+        t = _mm("bhnij,bhnik->bhnjk", dA_I, qhat[:, :, :, I], cdt).reshape(B, H, N, I, c, K)
+        t = t * F.rho[:, :, :, I, :I, None, :]
+        dk_off = dk_off + jnp.pad(t, ((0, 0),) * 3 + ((0, ns - I),) + ((0, 0),) * 2)
+    dq_off = jnp.stack(dq_rows, axis=3) * F.eqs
+    dk_off = dk_off * F.eks
     # Diagonal sub-blocks, strictly below the diagonal (the i == j terms are added afterwards).
-    eye = jnp.asarray(np.eye(ns, dtype=np.float32))
-    d_blk = jnp.einsum("bhnIiJj,IJ->bhnIij", dA6, eye)  # [B, H, N, ns, c, c]
-    strict = jnp.asarray(np.tril(np.ones((c, c), np.float32), -1))
-    d_strict = (d_blk * strict)[..., None]
-    E = _diag_exp(b6)
-    dq_diag = jnp.sum(d_strict * k6[..., None, :, :] * E, axis=-2)
-    dk_diag = jnp.sum(d_strict * q6[..., :, None, :] * E, axis=-3)
+    d_blk = jnp.stack([dA[:, :, :, I * c:(I + 1) * c, I * c:(I + 1) * c] for I in range(ns)], axis=3)
+    dq_diag, dk_diag = _diag_grads(q6, k6, F.b6, d_blk)
     d_self = jnp.diagonal(d_blk, axis1=-2, axis2=-1)[..., None]  # [B, H, N, ns, c, 1]
 
     dq_intra = (dq_off + dq_diag).reshape(B, H, N, C, K)
@@ -230,14 +287,12 @@ def _chunk_op_bwd(cfg, res, cts):
     # Gate gradient (chunk-local identity, see the module docstring).
     x = qf * dq - kf * dk_intra
     y = kf * dk_state
-    y_excl = jnp.concatenate([jnp.zeros_like(y[:, :, :, :1]), _cumsum(y, axis=3)[:, :, :, :-1]], axis=3)
-    carried = jnp.sum(dh * a[..., None] * starts, axis=-1)  # [B, H, N, K]
-    dg = _cumsum(x, axis=3, reverse=True) + y_excl + carried[:, :, :, None, :]
+    carried = jnp.sum(dh * F.a[..., None] * starts, axis=-1)  # [B, H, N, K]
+    dg = _cumsum_rows(x, "reverse") + _cumsum_rows(y, "exclusive") + carried[:, :, :, None, :]
 
     dq = dq + (d_self * k6).reshape(B, H, N, C, K)
     dk = dk_intra + dk_state + (d_self * q6).reshape(B, H, N, C, K)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), ds0,
-            None)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0, None
 
 
 _chunk_op.defvjp(_chunk_op_fwd, _chunk_op_bwd)
