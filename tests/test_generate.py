@@ -153,3 +153,25 @@ def test_generate_bad_inputs():
         generate(model, np.zeros((2, 3), np.int32), padding_side="middle", max_new_tokens=2)
     with pytest.raises(ValueError, match="model"):
         generate(object(), [[1]], max_new_tokens=2)
+
+
+def test_generate_cli_loads_saved_params(tmp_path, capsys):
+    from gla_jax.generate_cli import load_model, main
+    from gla_jax.train.checkpoint import save_params
+
+    model = model_for("gla")
+    values = jax.tree.map(lambda v: v.get_value(), nnx.state(model, nnx.Param),
+                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+    save_params(tmp_path, values, config=CONFIGS["gla"].to_dict())
+    config, loaded = load_model(str(tmp_path))
+    assert config == CONFIGS["gla"]
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(loaded, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+    expected = generate(model, [[1, 2, 3]], max_new_tokens=4).sequences()[0]
+    assert main(["--checkpoint", str(tmp_path), "--ids", "1,2,3", "--max-new-tokens", "4", "--no-stop",
+                 "--json", "--tokenizer", "byte"]) == 0
+    import json
+
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][0]
+    assert json.loads(line)["ids"] == expected
+    assert main(["--checkpoint", str(tmp_path / "missing"), "--ids", "1"]) == 2
