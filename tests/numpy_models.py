@@ -3,7 +3,9 @@ with RoPE, and whole models), read straight from the parameters. Written apart f
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 
 
@@ -151,3 +153,21 @@ def causal_lm(model, ids, seg=None):
         x = x + mlp(blk.mlp, h)
     x = rmsnorm(x, P(m.norm.weight), m.norm.eps)
     return x @ E.T if model.lm_head is None else x @ P(model.lm_head.kernel)
+
+
+def random_params(module, seed=1, scale=0.2):
+    """Fills every parameter with random values (norm weights around 1, biases around 0) so nothing is trivially
+    exact; works on abstract modules from nnx.eval_shape (no initializer compilation)."""
+    rs = np.random.RandomState(seed)
+    for path, var in nnx.iter_graph(module):
+        if isinstance(var, nnx.Param):
+            r = rs.standard_normal(var.shape).astype(np.float32)
+            name = str(path[-1])
+            is_norm = name == "weight" and len(var.shape) == 1
+            var.set_value(jnp.asarray(1.0 + 0.3 * r if is_norm else (0.3 if name in ("bias", "weight") else scale) * r))
+    return module
+
+
+def build(ctor, seed=1, scale=0.2):
+    """An abstract module (nnx.eval_shape) with random concrete parameters."""
+    return random_params(nnx.eval_shape(ctor), seed, scale)

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import numpy_models as ref
+from numpy_models import build
 from gla_jax.layers.attention import Attention
 from gla_jax.layers.conv import ShortConvolution
 from gla_jax.layers.gla import GatedLinearAttention, fixed_decay_log
@@ -25,26 +26,6 @@ TOL = 1e-5  # float32 vs float64
 
 def _rand(shape, seed=0, scale=1.0):
     return np.random.RandomState(seed).standard_normal(shape).astype(np.float32) * scale
-
-
-def random_params(module, seed=1, scale=0.2):
-    """Fills every parameter with random values (norm weights around 1, biases around 0) so nothing is trivially
-    exact; works on abstract modules from nnx.eval_shape (no initializer compilation)."""
-    rs = np.random.RandomState(seed)
-    for path, var in nnx.iter_graph(module):
-        if isinstance(var, nnx.Param):
-            r = rs.standard_normal(var.shape).astype(np.float32)
-            name = str(path[-1])
-            is_norm = name == "weight" and len(var.shape) == 1
-            var.set_value(jnp.asarray(1.0 + 0.3 * r if is_norm else (0.3 if name in ("bias", "weight") else scale) * r))
-    return module
-
-
-def build(ctor, seed=1, scale=0.2):
-    """An abstract module (nnx.eval_shape) with random concrete parameters."""
-    return random_params(nnx.eval_shape(ctor), seed, scale)
-
-
 
 
 def test_rmsnorm_matches_formula():

@@ -36,19 +36,10 @@ Biases carry the output-side name. Activations between blocks are constrained to
 
 from gla_jax.models.config import PRESETS, GLAConfig, TransformerConfig, get_config
 from gla_jax.models.gla import GLABlock, GLAForCausalLM, GLAModel
+from gla_jax.models.transformer import TransformerBlock, TransformerForCausalLM, TransformerModel
 
-__all__ = ["PRESETS", "GLABlock", "GLAConfig", "GLAForCausalLM", "GLAModel", "TransformerConfig",
-           "TransformerForCausalLM", "get_config", "build_model"]
-
-
-def __getattr__(name):
-    if name in ("TransformerForCausalLM", "TransformerModel", "TransformerBlock"):
-        from gla_jax.models import transformer
-
-        return getattr(transformer, name)
-    if name == "build_model":
-        return build_model
-    raise AttributeError(name)
+__all__ = ["PRESETS", "GLABlock", "GLAConfig", "GLAForCausalLM", "GLAModel", "TransformerBlock", "TransformerConfig",
+           "TransformerForCausalLM", "TransformerModel", "build_model", "get_config"]
 
 
 def build_model(config, *, rngs):
@@ -56,7 +47,5 @@ def build_model(config, *, rngs):
     if isinstance(config, GLAConfig):
         return GLAForCausalLM(config, rngs=rngs)
     if isinstance(config, TransformerConfig):
-        from gla_jax.models.transformer import TransformerForCausalLM
-
         return TransformerForCausalLM(config, rngs=rngs)
     raise ValueError(f"config must be a GLAConfig or TransformerConfig, got {type(config).__name__}")
