@@ -217,6 +217,8 @@ def config_to_fla(config) -> dict:
     for key, ok, why in _UNSUPPORTED:
         if not ok(out[key]):
             raise ValueError(f"config.{key}={out[key]!r}: {why}")
+    if out["hidden_act"] == "silu":  # the same function; fla's GatedMLP accepts only the name "swish"
+        out["hidden_act"] = "swish"
     rank = ours.get("gate_low_rank_dim", GATE_LOW_RANK_DIM)
     if rank not in (None, GATE_LOW_RANK_DIM):
         raise ValueError(f"config.gate_low_rank_dim={rank}: fla's GLAForCausalLM always uses {GATE_LOW_RANK_DIM}")
@@ -432,7 +434,11 @@ def load_fla(path: str | os.PathLike, *, rngs=None, **config_overrides):
             raise ValueError(f"{name}: dtype {arr.dtype} is not a floating-point type")
 
     rngs = nnx.Rngs(0) if rngs is None else rngs
+    # Abstract construction (no initializers run: every parameter is overwritten below); a model holding other
+    # state than parameters is built for real so that state gets its initial values.
     model = nnx.eval_shape(lambda r: GLAForCausalLM(config, rngs=r), rngs)
+    if any(not isinstance(v, nnx.Param) for _, v in nnx.to_flat_state(nnx.state(model))):
+        model = GLAForCausalLM(config, rngs=rngs)
     expected = _param_paths(model)
     mapped = {e.ours for e in layout.values()}
     extra = sorted(expected - mapped, key=str)

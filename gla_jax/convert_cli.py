@@ -59,7 +59,8 @@ def from_fla(src: str | Path, out: str | Path) -> Path:
     if out.exists() and (out / "params").exists():
         raise ValueError(f"--out: {out} already holds a checkpoint (params/); choose a new directory")
     state = nnx.state(model, nnx.Param)
-    save_params(out, state, config.to_dict())
+    params = nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+    save_params(out, params, config.to_dict())
     (out / "model_config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     return out
 
