@@ -163,13 +163,18 @@ def load_params(checkpoint_dir: str | Path, target=None, *, as_numpy: bool = Fal
     Args:
       checkpoint_dir: a workdir, its ``checkpoints`` folder, a step folder or a ``save_params`` folder.
       target: optional abstract/concrete tree (e.g. ``nnx.state(model, nnx.Param)``) giving structure, dtypes and
-        shardings; without it a nested dict of arrays on the default device (numpy if ``as_numpy``) is returned.
+        shardings; without it a nested dict of arrays on the default device (numpy if ``as_numpy``) is returned,
+        layer indices as ints, ready for ``nnx.replace_by_pure_dict(nnx.state(model, nnx.Param), tree)``.
     """
     pdir = _find_params_dir(Path(checkpoint_dir)).absolute()
-    ckptr = ocp.StandardCheckpointer()
-    try:
-        if target is not None:
+    if target is not None:
+        ckptr = ocp.StandardCheckpointer()
+        try:
             return ckptr.restore(pdir, _abstract(target))
+        finally:
+            ckptr.close()
+    ckptr = ocp.PyTreeCheckpointer()
+    try:
         meta = ckptr.metadata(pdir)
         tree = getattr(meta, "item_metadata", meta)
         tree = getattr(tree, "tree", tree)
@@ -180,9 +185,16 @@ def load_params(checkpoint_dir: str | Path, target=None, *, as_numpy: bool = Fal
             return ocp.ArrayRestoreArgs(sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
         restore_args = jax.tree.map(arg, tree)
-        return ckptr.restore(pdir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        return _int_keys(ckptr.restore(pdir, args=ocp.args.PyTreeRestore(restore_args=restore_args)))
     finally:
         ckptr.close()
+
+
+def _int_keys(tree):
+    """orbax stores list indices (layer numbers) as strings; give them back as ints (as ``nnx.State`` has them)."""
+    if isinstance(tree, dict):
+        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _int_keys(v) for k, v in tree.items()}
+    return tree
 
 
 def save_params(directory: str | Path, params, config: dict | None = None) -> Path:

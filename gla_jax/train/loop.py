@@ -234,8 +234,12 @@ class Trainer:
             model = build_model(self.mcfg, self.cfg.train.seed)
             return _values(nnx.state(model, nnx.Param))
 
+        def init_all():
+            params = init_params()
+            return params, tx.init(params)
+
         self._init_params = jax.jit(init_params, out_shardings=param_sh)
-        self._init_opt = jax.jit(tx.init, in_shardings=(param_sh,), out_shardings=self.opt_shardings)
+        self._init_all = jax.jit(init_all, out_shardings=(param_sh, self.opt_shardings))
 
     def train_step(self, params, opt_state, batch):
         """One optimizer step on a global batch (dict of sharded ``tokens``/``segment_ids``)."""
@@ -244,9 +248,7 @@ class Trainer:
 
     def init_state(self):
         with mesh_context(self.mesh):
-            params = self._init_params()
-            opt_state = self._init_opt(params)
-        return params, opt_state
+            return self._init_all()
 
     # -- data ------------------------------------------------------------------------------------------------
 
@@ -321,7 +323,7 @@ class Trainer:
         B, T = cfg.data.batch_size, cfg.data.seq_len
         n_dev = self.mesh.devices.size
         progress = metrics_lib.Progress(self.total_steps, start_step, enabled=cfg.train.progress and self.is_main
-                                        and start_step < self.total_steps)
+                                        and start_step < self.total_steps, log=self.log)
         final_eval = None
 
         def save(step):
@@ -461,6 +463,18 @@ def sample(trainer: Trainer, params, prompt: str, num_tokens: int, *, temperatur
     compilation; causal, so the unused tail does not matter). Stops at EOS. Returns the generated text."""
     tok = trainer.tokenizer
     ids = [int(i) for i in tok.encode(prompt)] or [tok.eos_id]
+    if jax.process_count() == 1:
+        try:  # O(1)-state decoding with gla_jax.generate, on one device
+            from gla_jax.generate import generate
+
+            local = jax.device_put(jax.device_get(params), jax.devices()[0])
+            model = nnx.merge(trainer.graphdef, local) if trainer.rest_state is None else \
+                nnx.merge(trainer.graphdef, local, trainer.rest_state)
+            out = generate(model, [ids], max_new_tokens=num_tokens, temperature=temperature, stop_tokens=(tok.eos_id,),
+                           seed=seed + 1234)
+            return tok.decode([t for t in out.sequences()[0] if t != tok.eos_id])
+        except ImportError:
+            pass
     L = -(-(len(ids) + num_tokens) // 64) * 64
     vocab = tok.vocab_size
     repl = shard_lib.replicated(trainer.mesh)

@@ -77,8 +77,9 @@ def by_step(records: list[dict], key: str = "loss") -> dict[int, float]:
 class Progress:
     """tqdm bar over optimizer steps with ETA and tokens/s (disabled off the main process or when asked)."""
 
-    def __init__(self, total: int, initial: int, enabled: bool = True):
+    def __init__(self, total: int, initial: int, enabled: bool = True, log=print):
         self.bar = None
+        self.log = log
         if enabled:
             try:
                 from tqdm.auto import tqdm
@@ -98,7 +99,7 @@ class Progress:
         if self.bar is not None:
             self.bar.write(text, file=sys.stdout)
         else:
-            print(text, flush=True)
+            self.log(text)
 
     def close(self) -> None:
         if self.bar is not None:
