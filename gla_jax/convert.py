@@ -387,6 +387,8 @@ def read_fla_config(path: str | os.PathLike) -> dict:
     path = Path(path)
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
         _refuse_pickle(path)
+    if not path.is_dir():
+        raise ValueError(f"path: no such directory: {path}")
     file = path / CONFIG_NAME
     if not file.is_file():
         raise ValueError(f"path: no {CONFIG_NAME} in {path}")
