@@ -154,6 +154,14 @@ class GatedLinearAttention(nnx.Module):
         g = self._heads(g, 1)  # scalar: [B, T, H, 1]
         return jnp.broadcast_to(g, (B, T, H, K))
 
+    def _step(self, q, k, v, g, state):
+        """Single-token recurrent update in float32: S = diag(exp g) S + kᵀv, o = (q/sqrt(K)) S."""
+        f32 = jnp.float32
+        q, k, v, g = (a[:, 0].astype(f32) for a in (q, k, v, g))  # [B, H, *]
+        s = state.astype(f32) * jnp.exp(g)[..., None] + k[..., :, None] * v[..., None, :]
+        o = jnp.einsum("bhk,bhkv->bhv", q * self.head_k_dim ** -0.5, s)
+        return o[:, None].astype(self.dtype), s
+
     def init_cache(self, batch_size: int):
         """Zero decoding state: {'recurrent': [B, H, K, V] float32, 'conv': (q, k, v) tails [B, W-1, C] or None}."""
         s = jnp.zeros((batch_size, self.num_heads, self.head_k_dim, self.head_v_dim), jnp.float32)
@@ -188,8 +196,11 @@ class GatedLinearAttention(nnx.Module):
             fm = _FEATURE_MAPS[self.feature_map]
             q, k = fm(q), fm(k)
         state = None if cache is None else cache["recurrent"]
-        o, new_state = gla_op(q, k, v, g, initial_state=state, output_final_state=return_cache,
-                              segment_ids=segment_ids, impl=impl, chunk_size=self.chunk_size)
+        if state is not None and x.shape[1] == 1 and impl == "recurrent":
+            o, new_state = self._step(q, k, v, g, state)  # one decoding step: the recurrent update, no scan
+        else:
+            o, new_state = gla_op(q, k, v, g, initial_state=state, output_final_state=return_cache,
+                                  segment_ids=segment_ids, impl=impl, chunk_size=self.chunk_size)
         w = self.g_norm.weight[...] if self.g_norm.weight is not None else None
         o = rms_norm(o, w, self.g_norm.eps)  # float32 [B, T, H, Dv/H]
         B, T = x.shape[:2]
