@@ -132,20 +132,29 @@ def _khat(kt, rho, I):
     return (kt[:, :, :, :I] * rho[:, :, :, I, :I, None, :]).reshape(B, H, N, I * c, K)
 
 
+def _shift_rows(x, off):
+    """x shifted down by ``off`` (traced) rows along axis -2: out[i] = x[i - off] (rows i < off hold garbage that
+    callers mask)."""
+    return jnp.roll(x, off, axis=-2)
+
+
 def _diag_blocks(q6, k6, b6):
     """The diagonal sub-blocks D[.., I, i, j] = sum_d q_id k_jd e^{b_id - b_jd} for j <= i (0 above), float32.
 
-    Elementwise in log space, walked by the offset i - j so that every exponent is <= 0 and only the 136 of 256
-    entries below the diagonal are formed; the sum over d is a matrix-vector product (fast on CPU).
+    Elementwise in log space, walked by the offset i - j (a ``lax.scan`` over offsets, so the program stays
+    small) so that every exponent is <= 0; the sum over d is a matrix-vector product (fast on CPU).
     """
     c, K = q6.shape[-2], q6.shape[-1]
     ones = jnp.ones((K,), _F32)
-    lead = [(0, 0)] * (q6.ndim - 2)
-    rows = [jnp.einsum("...d,d->...", q6 * k6, ones, precision=_HI)]
-    for off in range(1, c):
-        p = q6[..., off:, :] * k6[..., :-off, :] * jnp.exp(b6[..., off:, :] - b6[..., :-off, :])
-        rows.append(jnp.pad(jnp.einsum("...d,d->...", p, ones, precision=_HI), lead + [(off, 0)]))
-    by_offset = jnp.stack(rows, axis=-2).reshape(q6.shape[:-2] + (c * c,))  # [.., off, i] flattened
+    rows_i = jnp.arange(c)[:, None]
+
+    def body(_, off):
+        p = q6 * _shift_rows(k6, off) * jnp.exp(jnp.minimum(b6 - _shift_rows(b6, off), 0.0))
+        p = jnp.where(rows_i >= off, p, 0.0)
+        return None, jnp.einsum("...d,d->...", p, ones, precision=_HI)  # [.., ns, c]: D[i, i - off]
+
+    _, by_offset = lax.scan(body, None, jnp.arange(c))  # [c(off), B, H, N, ns, c(i)]
+    by_offset = jnp.moveaxis(by_offset, 0, -2).reshape(q6.shape[:-2] + (c * c,))
     by_offset = jnp.concatenate([by_offset, jnp.zeros_like(by_offset[..., :1])], axis=-1)
     return jnp.take(by_offset, jnp.asarray(_offset_index(c)), axis=-1)
 
@@ -164,14 +173,25 @@ def _diag_grads(q6, k6, b6, d_blk):
     """Gradients through the strictly-lower part of the diagonal sub-blocks, given dD = d_blk [.., ns, c, c]:
     dq[i] = sum_{j<i} dD_ij k_j e^{b_i - b_j},  dk[j] = sum_{i>j} dD_ij q_i e^{b_i - b_j}  (elementwise, float32)."""
     c = q6.shape[-2]
-    lead = [(0, 0)] * (q6.ndim - 2)
-    dq = jnp.zeros_like(q6)
-    dk = jnp.zeros_like(k6)
-    for off in range(1, c):
-        e = jnp.exp(b6[..., off:, :] - b6[..., :-off, :])
-        w = jnp.diagonal(d_blk, offset=-off, axis1=-2, axis2=-1)[..., None]  # dD[i, i - off], i = off..c-1
-        dq = dq + jnp.pad(w * k6[..., :-off, :] * e, lead + [(off, 0), (0, 0)])
-        dk = dk + jnp.pad(w * q6[..., off:, :] * e, lead + [(0, off), (0, 0)])
+    # by_offset[off, .., i] = dD[i, i - off] (0 where i < off)
+    idx = _offset_index(c)
+    flat = jnp.concatenate([d_blk.reshape(d_blk.shape[:-2] + (c * c,)), jnp.zeros_like(d_blk[..., 0, :1])], -1)
+    gather = np.full((c, c), c * c, np.int32)  # gather[off, i] -> flat index of (i, i - off)
+    for off in range(c):
+        for i in range(off, c):
+            gather[off, i] = i * c + (i - off)
+    by_offset = jnp.moveaxis(jnp.take(flat, jnp.asarray(gather), axis=-1), -2, 0)[..., None]  # [c, .., ns, c, 1]
+    del idx
+
+    def body(carry, x):
+        dq, dk = carry
+        off, w = x  # w[i] = dD[i, i - off]
+        e = jnp.exp(jnp.minimum(b6 - _shift_rows(b6, off), 0.0))
+        dq = dq + w * _shift_rows(k6, off) * e
+        dk = dk + _shift_rows(w * q6 * e, -off)  # row j receives from row i = j + off
+        return (dq, dk), None
+
+    (dq, dk), _ = lax.scan(body, (jnp.zeros_like(q6), jnp.zeros_like(k6)), (jnp.arange(1, c), by_offset[1:]))
     return dq, dk
 
 
