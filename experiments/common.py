@@ -266,6 +266,44 @@ def train_model(model, batches: Callable[[int], tuple], *, steps: int, lr: float
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Language-model training and evaluation with the library's own loop (gla_jax.train): the same code path as
+# ``gla-jax train`` / ``gla-jax eval``.
+
+
+def library_train(workdir, overrides: dict, *, log: Callable[[str], None] | None = None):
+    """Trains with ``gla_jax.train.loop.Trainer`` from the default config plus dotted ``overrides``
+    (e.g. ``{"model.gate": "scalar", "train.steps": 300}``) in ``workdir``. Returns (summary dict of
+    ``Trainer.run()``, the Trainer, the resolved config). The run's ``metrics.jsonl`` and checkpoints stay in
+    ``workdir``."""
+    from gla_jax.train import config as config_lib
+    from gla_jax.train import loop
+
+    cfg = config_lib.load_config(None, [(k, v) for k, v in overrides.items()])
+    loop.save_resolved_config(cfg, workdir)
+    trainer = loop.Trainer(cfg, workdir, log=log or (lambda _: None))
+    summary = trainer.run()
+    return summary, trainer, cfg
+
+
+def library_eval(workdir, *, seq_len: int, batches: int, batch_size: int, overrides: Sequence[str] = ()):
+    """``gla-jax eval`` as a function: held-out loss and per-position-bucket perplexity of the run in ``workdir``
+    (see ``gla_jax.train.evaluate.evaluate_run``)."""
+    from gla_jax.train.evaluate import evaluate_run
+
+    return evaluate_run(workdir, seq_len=seq_len, batches=batches, batch_size=batch_size,
+                        overrides=list(overrides), log=lambda _: None)
+
+
+def final_train_loss(losses: dict, fraction: float = 0.1) -> float:
+    """Mean training loss over the last ``fraction`` of steps (``losses``: step -> loss)."""
+    steps = sorted(losses)
+    if not steps:
+        raise ValueError("losses: empty")
+    tail = steps[-max(1, int(round(len(steps) * fraction))):]
+    return float(sum(losses[s] for s in tail) / len(tail))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Language-model data: the library's grain pipeline over the embedded corpus (the Python standard library's sources,
 # byte tokens).
 

@@ -9,7 +9,8 @@ Variants, all with the same width, depth, data, steps, batch and learning rate:
   * ``gla`` with 1 and 8 heads
 
 Reported: final training perplexity (mean loss over the last 10% of steps) and held-out perplexity (held-out
-documents of the corpus, packed rows of the training length). The paper (340M parameters, 7B tokens, training ppl):
+documents of the corpus, packed rows of the training length). Training is the library's own loop
+(``gla_jax.train.loop.Trainer``, as ``gla-jax train``), one run per variant. The paper (340M parameters, 7B tokens, training ppl):
 GLA 14.77 < scalar 15.56 < fixed 16.55 < none 23.21; 1 head 14.61, 8 heads 15.29.
 
     python experiments/gate_ablation.py            # CPU default (a few minutes)
@@ -41,43 +42,47 @@ PAPER_TRAIN_PPL = {"gla": 14.77, "scalar": 15.56, "fixed": 16.55, "none": 23.21,
                    "gla-8heads": 15.29}
 
 
-def build(name: str, args):
-    from flax import nnx
-
-    from gla_jax.models import GLAConfig, GLAForCausalLM
-
+def overrides(name: str, args) -> dict:
+    """Dotted config overrides of the library's training config (``gla-jax train key=value``) for a variant."""
     gate, heads = VARIANTS[name]
-    cfg = GLAConfig(hidden_size=args.width, num_hidden_layers=args.layers, num_heads=heads, vocab_size=args.vocab,
-                    tie_word_embeddings=True, gate=gate, dtype=args.dtype)
-    return GLAForCausalLM(cfg, rngs=nnx.Rngs(args.seed))
+    return {
+        "model.arch": "gla", "model.hidden_size": args.width, "model.num_hidden_layers": args.layers,
+        "model.num_heads": heads, "model.gate": gate, "model.vocab_size": args.vocab,
+        "model.tie_word_embeddings": True,
+        "data.source": args.source, "data.tokenizer": args.tokenizer, "data.seq_len": args.seq_len,
+        "data.batch_size": args.batch, "data.val_fraction": args.val_fraction, "data.shuffle_seed": args.seed,
+        "optim.lr": args.lr, "optim.weight_decay": args.weight_decay,
+        "optim.warmup_steps": max(1, min(args.steps // 10, 100)),
+        "train.steps": args.steps, "train.seed": args.seed, "train.log_every": max(1, args.steps // 50),
+        "train.eval_every": args.steps, "train.eval_batches": args.eval_batches, "train.progress": False,
+        "train.compute_dtype": args.dtype, "checkpoint.enabled": False, "mesh.data": args.mesh_data,
+    }
 
 
 def run(args) -> dict:
+    import tempfile
+
     started = C.utc_now()
-    train_src, val_src, tok = C.lm_sources(args.source, val_fraction=args.val_fraction, tokenizer=args.tokenizer)
-    if args.vocab < tok.vocab_size:
-        raise ValueError(f"--vocab: {args.vocab} is smaller than the tokenizer's {tok.vocab_size}")
-    # Held-out rows: the same packed pipeline over held-out documents, unshuffled, fixed for every variant.
-    held = C.lm_batches(val_src, seq_len=args.seq_len, batch_size=args.batch, seed=10_000 + args.seed)
-    held = [held(i) for i in range(args.eval_batches)]
     rows, curves = [], {}
     for name in args.variants:
-        model = build(name, args)
-        batches = C.lm_batches(train_src, seq_len=args.seq_len, batch_size=args.batch, seed=args.seed)
-        hist, secs = C.train_model(model, batches, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
-                                   log_every=args.log_every)
-        tail = [h["loss"] for h in hist if h["step"] > args.steps * 0.9] or [hist[-1]["loss"]]
-        train_loss = float(np.mean(tail))
-        val_loss = _held_out_loss(model, held)
+        workdir = (args.workdir / name) if args.workdir else pathlib.Path(tempfile.mkdtemp(prefix=f"gate_{name}_"))
+        t = C.timer()
+        summary, trainer, _ = C.library_train(workdir, overrides(name, args))
+        secs = t()
+        losses = summary["losses"]
+        train_loss = C.final_train_loss(losses)
+        val_loss = float(summary["eval_loss"])
         rows.append({"variant": name, "gate": VARIANTS[name][0], "heads": VARIANTS[name][1],
-                     "params": C.count_params(model), "train_loss": train_loss, "train_ppl": math.exp(train_loss),
+                     "params": int(summary["n_params"]), "train_loss": train_loss, "train_ppl": math.exp(train_loss),
                      "val_loss": val_loss, "val_ppl": math.exp(val_loss), "train_seconds": secs,
                      "tokens": args.steps * args.batch * args.seq_len, "paper_train_ppl": PAPER_TRAIN_PPL[name]})
-        curves[name] = hist
+        every = max(1, len(losses) // 100)
+        curves[name] = [{"step": s, "loss": losses[s]} for s in sorted(losses) if s % every == 0 or s == args.steps]
         print(f"  {name:11s} train ppl {math.exp(train_loss):7.3f}  held-out ppl {math.exp(val_loss):7.3f}  "
               f"({secs:.0f}s)", flush=True)
     order = [r["variant"] for r in sorted((r for r in rows if r["heads"] == 4), key=lambda r: r["val_loss"])]
     config = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
+    config["trainer"] = "gla_jax.train.loop.Trainer (the gla-jax train loop)"
     path = C.write_results(args.name, config=config, seed=args.seed, results=rows, out_dir=args.out,
                            started=started, extra={"curves": curves, "held_out_order_4_heads": order,
                                                    "paper_order": ["gla", "scalar", "fixed", "none"]})
@@ -87,24 +92,6 @@ def run(args) -> dict:
     if not args.no_plot:
         plot(rows, curves, args.out, args.name)
     return {"json": path, "rows": rows}
-
-
-def _held_out_loss(model, held) -> float:
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    @nnx.jit
-    def f(model, x, y, m, seg):
-        losses = optax.softmax_cross_entropy_with_integer_labels(model(x, segment_ids=seg).astype(jnp.float32), y)
-        return (losses * m).sum(), m.sum()
-
-    total = count = 0.0
-    for x, y, m, seg in held:
-        s, n = f(model, x, y, m.astype(jnp.float32), seg)
-        total += float(s)
-        count += float(n)
-    return total / max(count, 1.0)
 
 
 def plot(rows, curves, out_dir, name):
@@ -132,7 +119,7 @@ def plot(rows, curves, out_dir, name):
 
 def parse_args(argv=None):
     p = C.base_parser(__doc__.split("\n")[0])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: all")
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
@@ -146,13 +133,16 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=C.BYTE_VOCAB)
     p.add_argument("--val-fraction", type=float, default=0.02)
     p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--log-every", type=int, default=0)
+    p.add_argument("--mesh-data", type=int, default=1, help="mesh.data of the training config (-1: all devices)")
+    p.add_argument("--workdir", type=pathlib.Path, default=None,
+                   help="keep each variant's run (metrics.jsonl, config) in WORKDIR/<variant> (default: temporary)")
     p.add_argument("--name", default="gate_ablation", help="results file stem")
     args = p.parse_args(argv)
     if args.smoke:
         args.width, args.layers, args.seq_len, args.batch, args.steps, args.eval_batches = 32, 1, 64, 2, 3, 1
-        args.variants = [v for v in args.variants if v in ("gla", "none", "gla-8heads")] or args.variants[:1]
+        args.variants = args.variants or ["gla", "none", "gla-8heads"]
         args.name = args.name if args.name != "gate_ablation" else "gate_ablation_smoke"
+    args.variants = args.variants or list(VARIANTS)
     return args
 
 

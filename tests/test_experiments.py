@@ -140,6 +140,71 @@ def test_numerics_smoke(numerics, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The training experiments' --smoke paths (a few steps of tiny models; they check the pipeline and the JSON fields)
+
+needs_models = pytest.mark.skipif(not (HAS_MODELS and HAS_CHUNK), reason="models / chunk op not available")
+
+
+@needs_models
+def test_mqar_smoke(tmp_path):
+    mqar = _load("mqar")
+    mqar.main(["--smoke", "--out", str(tmp_path), "--models", "gla", "transformer"])
+    doc = json.loads((tmp_path / "mqar_smoke.json").read_text())
+    _check_doc(doc, "mqar_smoke")
+    rows = doc["results"]
+    assert [r["model"] for r in rows] == ["gla", "transformer"]
+    for r in rows:
+        assert 0.0 <= r["test_acc"] <= 1.0 and r["params"] > 0 and np.isfinite(r["final_train_loss"])
+        assert r["seq_len"] == 32 and r["num_kv_pairs"] == 4
+    assert (tmp_path / "mqar_smoke.png").stat().st_size > 1000
+
+
+@needs_models
+def test_gate_ablation_smoke(tmp_path):
+    gate = _load("gate_ablation")
+    gate.main(["--smoke", "--out", str(tmp_path), "--variants", "gla", "fixed"])
+    doc = json.loads((tmp_path / "gate_ablation_smoke.json").read_text())
+    _check_doc(doc, "gate_ablation_smoke")
+    rows = {r["variant"]: r for r in doc["results"]}
+    assert set(rows) == {"gla", "fixed"}
+    for r in rows.values():
+        # 3 steps from a random init: perplexity near the vocabulary size, finite and > 1
+        assert 1.0 < r["train_ppl"] < 1000 and 1.0 < r["val_ppl"] < 1000
+        assert r["train_ppl"] == pytest.approx(np.exp(r["train_loss"]))
+    assert rows["fixed"]["params"] < rows["gla"]["params"], "the fixed decay has no gate parameters"
+    assert set(doc["curves"]) == {"gla", "fixed"} and doc["held_out_order_4_heads"]
+
+
+@needs_models
+def test_length_extrapolation_smoke(tmp_path):
+    lenx = _load("length_extrapolation")
+    lenx.main(["--smoke", "--out", str(tmp_path), "--models", "gla"])
+    doc = json.loads((tmp_path / "length_extrapolation_smoke.json").read_text())
+    _check_doc(doc, "length_extrapolation_smoke")
+    buckets = [r for r in doc["results"] if not r.get("summary")]
+    assert buckets[0]["bucket_start"] == 0 and buckets[-1]["bucket_end"] == 32 * 4
+    assert any(r["beyond_train_len"] for r in buckets)
+    assert all(r["bucket_end"] == s["bucket_start"] for r, s in zip(buckets, buckets[1:])), "contiguous buckets"
+    assert all(r["ppl"] is None or r["ppl"] > 1 for r in buckets)
+    (summary,) = [r for r in doc["results"] if r.get("summary")]
+    assert summary["params"] > 0 and summary["eval_tokens"] > 0
+
+
+@needs_models
+def test_throughput_smoke(tmp_path):
+    tp = _load("throughput")
+    tp.main(["--smoke", "--out", str(tmp_path), "--lengths", "64"])
+    doc = json.loads((tmp_path / "throughput_smoke.json").read_text())
+    _check_doc(doc, "throughput_smoke")
+    rows = {r["model"]: r for r in doc["results"]}
+    assert set(rows) == {"gla", "transformer"}
+    for r in rows.values():
+        assert r["tokens_per_sec"] > 0 and r["step_seconds"] > 0 and r["tokens_per_step"] == 256
+    p = [r["params"] for r in rows.values()]
+    assert abs(p[0] - p[1]) / max(p) < 0.1, "equal parameter counts (within the gate's low-rank projection)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Shared helpers
 
 
