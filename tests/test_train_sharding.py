@@ -125,3 +125,17 @@ def test_losses_agree_across_meshes_and_with_numpy(shape, accum):
 
 
 _MESH_LOSSES = {}
+
+
+def test_model_calls_gla_through_shard_map():
+    """Inside the trainer's mesh context the GLA layers run the operator under jax.shard_map (batch and heads split),
+    and outside it they call the plain operator again."""
+    from gla_jax.train import loop
+
+    cfg = C.load_config(None, TINY + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    tr = loop.Trainer(cfg, "/nonexistent-unused", log=lambda *_: None)
+    tok = jax.ShapeDtypeStruct((8, 64), jnp.int32)
+    with loop.mesh_context(tr.mesh):
+        inside = str(jax.make_jaxpr(tr._apply)(tr.abs_params, tok, tok))
+    outside = str(jax.make_jaxpr(tr._apply)(tr.abs_params, tok, tok))
+    assert "shard_map" in inside and "shard_map" not in outside
