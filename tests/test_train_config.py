@@ -93,6 +93,15 @@ def test_presets_resolve(name):
             assert mcfg.mlp_intermediate_size == (5632 if big else 2816)
 
 
+def test_compute_dtype_and_remat_reach_the_model():
+    from gla_jax.train.loop import model_config
+
+    m = model_config(C.load_config(None, ["train.compute_dtype=bfloat16", "train.remat=true"]))
+    assert m.dtype == "bfloat16" and m.remat is True and m.param_dtype == "float32"
+    m = model_config(C.load_config(None, ["train.compute_dtype=bfloat16", "model.dtype=float32"]))
+    assert m.dtype == "float32"  # an explicit model field wins
+
+
 def test_model_key_errors():
     from gla_jax.train.loop import model_config
 

@@ -178,3 +178,14 @@ def test_large_text_file_is_cut_at_line_ends(tmp_path, monkeypatch):
     assert len(tr) > 5
     pieces = [ByteTokenizer().decode(tr[i][:-1]) for i in range(len(tr))]
     assert "".join(pieces) == text and all(p.endswith("\n") for p in pieces)
+
+
+def test_arrayrecord_source(tmp_path):
+    ar = pytest.importorskip("array_record.python.array_record_module")
+    w = ar.ArrayRecordWriter(str(tmp_path / "d.array_record"), "group_size:1")
+    docs = [np.array([1, 2, 3], np.int32), np.array([4, 5], np.int32)]
+    for d in docs:
+        w.write(d.tobytes())
+    w.close()
+    tr, _ = D.list_documents(_cfg(source=str(tmp_path / "d.array_record"), val_fraction=0), ByteTokenizer())
+    assert [list(tr[i]) for i in range(len(tr))] == [[1, 2, 3, 256], [4, 5, 256]]
