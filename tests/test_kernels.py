@@ -105,6 +105,13 @@ def test_bfloat16_matches_reference():
     _check((1, 100, 2, 64, 64), jnp.bfloat16, with_state=True, final_state=True, segments=True)
 
 
+def test_bfloat16_inputs_float32_matmuls():
+    """matmul_dtype=float32: every output and gradient, dg included, within the bfloat16 bound."""
+    errs = _check((1, 100, 2, 32, 32), jnp.bfloat16, with_state=True, final_state=True, segments=True, seed=4,
+                  matmul_dtype=jnp.float32)
+    assert errs["dg"] <= BF16_TOL, errs
+
+
 def test_strong_gates_stay_exact():
     """Per-step gates down to -20: nothing overflows, still float32-exact."""
     _check((1, 80, 1, 32, 32), jnp.float32, with_state=True, final_state=True, segments=False, gate="strong")
@@ -213,5 +220,7 @@ def test_bad_inputs_raise_value_error():
         chunk_gla(q, q, v, q, segment_ids=jnp.zeros((1, 8), jnp.float32))
     with pytest.raises(ValueError, match="^chunk_size:"):
         chunk_gla(q, q, v, q, chunk_size=48)
+    with pytest.raises(ValueError, match="^matmul_dtype:"):
+        chunk_gla(q, q, v, q, matmul_dtype=jnp.int8)
     with pytest.raises(ValueError, match="^g:"):
         chunk_gla(q, q, v, jnp.zeros((1, 8, 2, 16), jnp.int32))
