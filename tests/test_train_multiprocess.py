@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from gla_jax.train import config as C
 from gla_jax.train import loop

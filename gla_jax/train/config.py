@@ -329,7 +329,8 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise ConfigError(f"{key}: {msg}")
 
-    need(cfg.model.arch in ("gla", "transformer"), "model.arch", f"expected 'gla' or 'transformer', got {cfg.model.arch!r}")
+    need(cfg.model.arch in ("gla", "transformer"), "model.arch",
+         f"expected 'gla' or 'transformer', got {cfg.model.arch!r}")
     d = cfg.data
     need(d.format in ("auto", "text", "jsonl", "npy", "arrayrecord"), "data.format",
          f"expected auto/text/jsonl/npy/arrayrecord, got {d.format!r}")

@@ -52,7 +52,6 @@ def segment_offsets(segment_ids: np.ndarray) -> np.ndarray:
 
 def evaluate_run(workdir, *, checkpoint=None, seq_len=0, batches=8, batch_size=0, overrides=(), log=print) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from gla_jax.train import checkpoint as ckpt_lib
     from gla_jax.train import config as config_lib

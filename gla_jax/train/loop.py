@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from gla_jax.train import checkpoint as ckpt_lib
 from gla_jax.train import config as config_lib
@@ -340,7 +340,8 @@ class Trainer:
         try:
             with stop.installed():
                 batch = self.global_batch(next(it)) if step < self.total_steps else None
-                t_log, tok_log = time.time(), 0
+                busy, tok_log = 0.0, 0  # seconds in train steps (incl. loading the next batch) since the last log
+                loss_acc, loss_n = 0.0, 0  # for the mean loss over the logging interval
                 while step < self.total_steps:
                     t0 = time.time()
                     params, opt_state, m = self.train_step(params, opt_state, batch)
@@ -361,17 +362,19 @@ class Trainer:
                     batch = next_batch
                     tok_log += B * T
                     dt_step = time.time() - t0
+                    busy += dt_step
+                    loss_acc, loss_n = loss_acc + loss, loss_n + 1
                     progress.update(1, loss=f"{loss:.3f}", tok_s=f"{B * T / max(dt_step, 1e-9):.0f}")
                     do_eval = cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == self.total_steps)
                     record = None
                     if step % cfg.train.log_every == 0 or step == start_step + 1 or step == self.total_steps or do_eval:
-                        elapsed = time.time() - t_log
-                        tps = tok_log / max(elapsed, 1e-9)
+                        tps = tok_log / max(busy, 1e-9)
                         mfu = (tps * self.flops_per_token / (self.peak * n_dev)) if self.peak else None
-                        record = {"loss": loss, "lr": float(self.schedule(step - 1)), "grad_norm": gnorm,
+                        record = {"loss": loss, "loss_avg": loss_acc / max(loss_n, 1),
+                                  "lr": float(self.schedule(step - 1)), "grad_norm": gnorm,
                                   "tokens_per_sec": tps, "mfu": mfu, "tokens": tokens_seen,
                                   "elapsed": time.time() - t_start}
-                        t_log, tok_log = time.time(), 0
+                        busy, tok_log, loss_acc, loss_n = 0.0, 0, 0.0, 0
                     if do_eval:
                         if eval_set is None:
                             eval_set = self.eval_batches(cfg.train.eval_batches)
@@ -383,7 +386,8 @@ class Trainer:
                     if record is not None:
                         writer.write(step, record)
                         if self.is_main:
-                            line = (f"step {step:>6}/{self.total_steps}  loss {loss:.4f}  lr {record['lr']:.2e}  "
+                            line = (f"step {step:>6}/{self.total_steps}  loss {loss:.4f} "
+                                    f"(mean {record['loss_avg']:.4f})  lr {record['lr']:.2e}  "
                                     f"grad_norm {gnorm:.3f}  tokens/s {record['tokens_per_sec']:.0f}")
                             if record.get("mfu") is not None:
                                 line += f"  mfu {100 * record['mfu']:.1f}%"
@@ -392,8 +396,6 @@ class Trainer:
                             progress.write(line)
                     if ckptr is not None and (step % cfg.checkpoint.every == 0 or step == self.total_steps):
                         save(step)
-                    if do_eval or record is not None and ckptr is not None and step % cfg.checkpoint.every == 0:
-                        t_log = time.time()  # evaluation and checkpoint time do not count as training throughput
                     if _TEST_SIGNAL is not None and step == _TEST_SIGNAL[1]:
                         os.kill(os.getpid(), _TEST_SIGNAL[0])  # test hook: preemption / hard kill at this step
                     if stop.requested:

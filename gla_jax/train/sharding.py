@@ -149,7 +149,7 @@ def shard_mapped_gla(mesh: Mesh, op=None):
         B, _, H, K = q.shape
         bspec = logical_to_spec(("batch",), (B,), mesh, ACTIVATION_RULES)
         hspec = logical_to_spec(("heads",), (H,), mesh, ACTIVATION_RULES)
-        if k.shape[2] != H or v.shape[2] != H or g.shape[2] != H:  # grouped heads: let the op handle it unsplit over heads
+        if k.shape[2] != H or v.shape[2] != H or g.shape[2] != H:  # grouped heads: do not split heads
             hspec = P()
         b_ax = bspec[0] if len(bspec) else None
         h_ax = hspec[0] if len(hspec) else None

@@ -36,7 +36,8 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover - optional dependency
-            raise ValueError("data.tokenizer: a tokenizer.json needs the 'tokenizers' package (pip install tokenizers)") from e
+            raise ValueError("data.tokenizer: a tokenizer.json needs the 'tokenizers' package "
+                             "(pip install tokenizers)") from e
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
