@@ -102,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     losses = out["losses"]
     if is_main:
         if losses:
-            first, last = losses[min(losses)], losses[max(losses)]
-            msg = f"trained steps {min(losses)}..{max(losses)}: loss {first:.4f} -> {last:.4f}"
+            steps = sorted(losses)
+            tail = steps[-min(len(steps), max(cfg.train.log_every, 1)):]
+            last = sum(losses[s] for s in tail) / len(tail)
+            msg = (f"trained steps {steps[0]}..{steps[-1]}: loss {losses[steps[0]]:.4f} (step {steps[0]}) -> "
+                   f"{last:.4f} (mean of steps {tail[0]}..{tail[-1]})")
             if out["eval_loss"] is not None:
                 msg += f"; held-out loss {out['eval_loss']:.4f} (ppl {math.exp(min(out['eval_loss'], 50)):.2f})"
             print(msg + f"; {time.time() - t0:.0f} s", flush=True)

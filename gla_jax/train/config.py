@@ -58,6 +58,7 @@ class DataSection:
     val_fraction: float = 0.02
     max_docs: int = 0  # 0: all documents
     num_shards: int = 0  # 0: one data shard per process; fix it to make batches independent of the process count
+    shuffle_window: int = 1024  # packed rows shuffled within windows of this many rows (0/1: off)
     read_threads: int = 2
     prefetch: int = 64
 
@@ -342,6 +343,7 @@ def validate(cfg: Config) -> None:
     need(d.num_shards >= 0, "data.num_shards", "must be >= 0")
     need(d.read_threads >= 0, "data.read_threads", "must be >= 0")
     need(d.prefetch >= 0, "data.prefetch", "must be >= 0")
+    need(d.shuffle_window >= 0, "data.shuffle_window", "must be >= 0")
     o = cfg.optim
     need(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number, got {o.lr}")
     need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")

@@ -9,7 +9,8 @@ needs ``array_record``).
 The document list is split deterministically into train and held-out parts by a hash of each document's name, then
 into ``S`` data shards (``data.num_shards``; default one per process). Each shard is its own grain pipeline: seeded
 shuffle (reshuffled every epoch), repeat, tokenize (thread pool read-ahead), concat-then-split packing into rows of
-``seq_len`` tokens with ``segment_ids`` (1, 2, ... per row; equal ids = same document), batch. A process reads the
+``seq_len`` tokens with ``segment_ids`` (1, 2, ... per row; equal ids = same document), a seeded window shuffle of
+the packed rows (``data.shuffle_window`` rows, so a batch mixes documents), batch. A process reads the
 shards it owns and concatenates them, so the global batch is the same for any process count that divides ``S``.
 The iterator state (per shard, JSON) is saved in checkpoints: a resumed run sees exactly the batches it would have.
 """
@@ -225,7 +226,7 @@ def resolve_shards(num_shards: int, process_count: int, batch_size: int) -> int:
 
 
 def _shard_dataset(source: DocumentSource, shard: int, num_shards: int, rows: int, seq_len: int, *, seed: int,
-                   shuffle: bool, repeat: bool, read_threads: int, prefetch: int):
+                   shuffle: bool, repeat: bool, read_threads: int, prefetch: int, shuffle_window: int = 0):
     import grain
     import grain.experimental as ge
 
@@ -243,6 +244,9 @@ def _shard_dataset(source: DocumentSource, shard: int, num_shards: int, rows: in
     ds = ds.map(lambda t: {"tokens": t})
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch))
     it = ge.ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len})
+    if shuffle and shuffle_window > 1:
+        # rows of one long document are consecutive after packing; mix them with rows of other documents
+        it = ge.WindowShuffleIterDataset(it, window_size=shuffle_window, seed=seed + 104729 * (shard + 1))
     return it.batch(rows, drop_remainder=True)
 
 
@@ -255,7 +259,7 @@ class PackedBatches:
 
     def __init__(self, source: DocumentSource, *, seq_len: int, batch_size: int, num_shards: int,
                  process_index: int, process_count: int, seed: int, shuffle: bool = True, repeat: bool = True,
-                 read_threads: int = 2, prefetch: int = 64):
+                 read_threads: int = 2, prefetch: int = 64, shuffle_window: int = 0):
         self.num_shards = resolve_shards(num_shards, process_count, batch_size)
         per = self.num_shards // process_count
         self.shards = list(range(process_index * per, (process_index + 1) * per))
@@ -263,7 +267,8 @@ class PackedBatches:
         self.seq_len = seq_len
         self._datasets = {s: _shard_dataset(source, s, self.num_shards, self.rows, seq_len, seed=seed,
                                             shuffle=shuffle, repeat=repeat, read_threads=read_threads,
-                                            prefetch=prefetch) for s in self.shards}
+                                            prefetch=prefetch, shuffle_window=shuffle_window)
+                          for s in self.shards}
         self._iters = {s: iter(ds) for s, ds in self._datasets.items()}
 
     @property
@@ -307,7 +312,8 @@ def make_batches(data_cfg, source: DocumentSource, *, process_index: int = 0, pr
     return PackedBatches(source, seq_len=seq_len or data_cfg.seq_len, batch_size=batch_size or data_cfg.batch_size,
                          num_shards=data_cfg.num_shards, process_index=process_index, process_count=process_count,
                          seed=data_cfg.shuffle_seed + seed_offset, shuffle=shuffle, repeat=repeat,
-                         read_threads=data_cfg.read_threads, prefetch=data_cfg.prefetch)
+                         read_threads=data_cfg.read_threads, prefetch=data_cfg.prefetch,
+                         shuffle_window=data_cfg.shuffle_window)
 
 
 def loss_mask(segment_ids: np.ndarray) -> np.ndarray:
