@@ -9,7 +9,7 @@ outputs + temporaries − donated) and, on GPU, the device's peak bytes in use.
 
 Operator-level figures (the kernel alone, fwd+bwd, vs attention) come from ``experiments/bench_ops.py``.
 
-    python experiments/throughput.py                     # CPU: a 4-layer width-256 model, lengths 256..4096
+    python experiments/throughput.py                     # CPU: a 2-layer width-256 model, lengths 256..4096
     python experiments/throughput.py --smoke             # seconds
     python experiments/throughput.py --device gpu --preset 340m --lengths 2048 4096 8192 16384 --tokens 32768
     python experiments/throughput.py --device gpu --preset 1.3b --dtype bfloat16 --remat
@@ -148,7 +148,7 @@ def parse_args(argv=None):
     p.add_argument("--lengths", nargs="+", type=int, default=None)
     p.add_argument("--tokens", type=int, default=None, help="tokens per training step")
     p.add_argument("--width", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4, help="GLA heads")
     p.add_argument("--attn-head-dim", type=int, default=64, help="Transformer++ head width")
     p.add_argument("--vocab", type=int, default=256)
