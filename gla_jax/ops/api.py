@@ -66,5 +66,6 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
         from gla_jax.kernels import chunk_gla
 
         o, s = chunk_gla(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=True,
-                         segment_ids=segment_ids, interpret=jax.default_backend() != "gpu")
+                         segment_ids=segment_ids, chunk_size=chunk_size,
+                         interpret=jax.default_backend() != "gpu")
     return o.astype(out_dtype), (s.astype(jnp.float32) if output_final_state else None)
