@@ -29,7 +29,7 @@ def _parser():
     p.add_argument("--transformer", default="transformer-small", help="Transformer++ preset")
     p.add_argument("--contexts", default="1024,8192,32768", help="comma-separated context lengths")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded in parallel")
-    p.add_argument("--steps", type=int, default=64, help="decode steps timed per repeat")
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed per repeat")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--vocab", type=int, default=0, help="override the presets' vocabulary size")
@@ -51,9 +51,11 @@ def synthetic_cache(model, kind, batch, context, steps, key):
     layers = []
     for i, lc in enumerate(cache["layers"]):
         k1, k2 = jax.random.split(jax.random.fold_in(key, i))
-        filled = {n: x.at[:, :, :context].set(
-            jax.random.normal(kk, x[:, :, :context].shape, jnp.float32).astype(x.dtype))
-                  for (n, x), kk in zip(sorted(lc.items()), (k1, k2))}
+        filled = {}
+        for (n, x), kk in zip(sorted(lc.items()), (k1, k2)):
+            idx = (slice(None), slice(None), slice(None), slice(0, context)) if n == "k" else \
+                (slice(None), slice(None), slice(0, context))
+            filled[n] = x.at[idx].set(jax.random.normal(kk, x[idx].shape, jnp.float32).astype(x.dtype))
         layers.append(filled)
     segments = cache["segments"].at[:, :context].set(1)
     return {"layers": layers, "segments": segments, "index": jnp.asarray(context, jnp.int32)}

@@ -53,16 +53,16 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def init_cache(self, batch_size: int, max_len: int):
-        """Empty KV cache for ``max_len`` positions: {'k', 'v'}: [B, Hkv, S, Dh] in the compute dtype (heads
-        before slots, so a decode step reads each head's keys contiguously)."""
-        shape = (batch_size, self.num_kv_heads, max_len, self.head_dim)
-        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+        """Empty KV cache for ``max_len`` positions in the compute dtype: 'k' [B, Hkv, Dh, S] and 'v' [B, Hkv, S, Dh]
+        (the layouts of plain matmuls q·K and p·V, so a decode step never transposes the cache)."""
+        B, Hkv, Dh = batch_size, self.num_kv_heads, self.head_dim
+        return {"k": jnp.zeros((B, Hkv, Dh, max_len), self.dtype), "v": jnp.zeros((B, Hkv, max_len, Dh), self.dtype)}
 
     def __call__(self, x, *, positions=None, segment_ids=None, cache=None, cache_index=None, cache_segments=None):
         """x: [B, T, D]; positions: [B, T] int (RoPE; default arange, or ``cache_index + arange`` with a cache);
         segment_ids: [B, T] int (attention stays inside a document).
 
-        With ``cache`` ({'k','v'} [B, Hkv, S, Dh]), the new keys/values are written at slots ``cache_index ..
+        With ``cache`` (from :meth:`init_cache`), the new keys/values are written at slots ``cache_index ..
         cache_index+T-1`` and queries attend to every filled slot j <= their own slot whose entry of
         ``cache_segments`` ([B, S] int, -1 for empty; already updated for the new tokens) equals theirs.
         Returns y [B, T, D], or (y, new_cache) when a cache is given.
@@ -92,24 +92,30 @@ class Attention(nnx.Module):
         else:
             if cache_index is None or cache_segments is None:
                 raise ValueError("cache_index and cache_segments are required with cache")
-            ck = jax.lax.dynamic_update_slice(cache["k"], k.transpose(0, 2, 1, 3).astype(cache["k"].dtype),
-                                              (0, 0, cache_index, 0))
-            cv = jax.lax.dynamic_update_slice(cache["v"], v.transpose(0, 2, 1, 3).astype(cache["v"].dtype),
-                                              (0, 0, cache_index, 0))
-            S = ck.shape[2]
-            q_slot = cache_index + jnp.arange(T)
-            k_slot = jnp.arange(S)
-            seg_q = jax.lax.dynamic_slice_in_dim(cache_segments, cache_index, T, axis=1)  # [B, T]
-            mask = ((cache_segments[:, None, :] == seg_q[:, :, None]) & (cache_segments[:, None, :] >= 0)
-                    & (k_slot[None, None, :] <= q_slot[None, :, None]))  # [B, T, S]
+            old_k, old_v = cache["k"], cache["v"]  # [B, Hkv, Dh, S], [B, Hkv, S, Dh]
+            S = old_k.shape[3]
             G = self.num_heads // self.num_kv_heads
+            scale = self.head_dim ** -0.5
+            f32 = jnp.float32
             qg = q.reshape(B, T, self.num_kv_heads, G, self.head_dim).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, Dh]
-            scores = jnp.einsum("bkgtd,bksd->bkgts", qg, ck, preferred_element_type=jnp.float32)
-            scores = scores * self.head_dim ** -0.5
-            scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+            kn = k.transpose(0, 2, 1, 3).astype(old_k.dtype)  # [B, Hkv, T, Dh]
+            vn = v.transpose(0, 2, 1, 3).astype(old_v.dtype)
+            seg_q = jax.lax.dynamic_slice_in_dim(cache_segments, cache_index, T, axis=1)  # [B, T]
+            # scores against the slots filled before this call, and among the new tokens (causal); the cache
+            # update below then only feeds the returned cache
+            s_old = jnp.einsum("bkgtd,bkds->bkgts", qg, old_k, preferred_element_type=f32) * scale
+            m_old = ((cache_segments[:, None, :] == seg_q[:, :, None])
+                     & (jnp.arange(S)[None, None, :] < cache_index))  # [B, T, S]
+            s_new = jnp.einsum("bkgtd,bkud->bkgtu", qg, kn, preferred_element_type=f32) * scale
+            m_new = (seg_q[:, :, None] == seg_q[:, None, :]) & jnp.tril(jnp.ones((T, T), bool))[None]
+            scores = jnp.concatenate([jnp.where(m_old[:, None, None], s_old, -jnp.inf),
+                                      jnp.where(m_new[:, None, None], s_new, -jnp.inf)], axis=-1)
             p = jax.nn.softmax(scores, axis=-1)
-            o = jnp.einsum("bkgts,bksd->bkgtd", p.astype(cv.dtype), cv, preferred_element_type=jnp.float32)
+            o = (jnp.einsum("bkgts,bksd->bkgtd", p[..., :S].astype(old_v.dtype), old_v, preferred_element_type=f32)
+                 + jnp.einsum("bkgtu,bkud->bkgtd", p[..., S:].astype(vn.dtype), vn, preferred_element_type=f32))
             o = o.transpose(0, 3, 1, 2, 4).reshape(B, T, self.num_heads, self.head_dim).astype(self.dtype)
+            ck = jax.lax.dynamic_update_slice(old_k, kn.transpose(0, 1, 3, 2), (0, 0, 0, cache_index))
+            cv = jax.lax.dynamic_update_slice(old_v, vn, (0, 0, cache_index, 0))
             new_cache = {"k": ck, "v": cv}
         y = self.o_proj(o.reshape(B, T, self.hidden_size))
         return y if cache is None else (y, new_cache)
