@@ -198,7 +198,7 @@ def test_bfloat16_compute_float32_params_and_logits():
 
 
 def test_remat_gives_same_loss_and_grads():
-    c = GLAConfig(**{**GLA_SMALL, "num_hidden_layers": 1})
+    c = GLAConfig(**{**GLA_SMALL, "num_hidden_layers": 1, "impl": "parallel"})
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 50, (1, 8)), jnp.int32)
 
     def loss(m):
