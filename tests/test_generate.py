@@ -175,3 +175,21 @@ def test_generate_cli_loads_saved_params(tmp_path, capsys):
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][0]
     assert json.loads(line)["ids"] == expected
     assert main(["--checkpoint", str(tmp_path / "missing"), "--ids", "1"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_generate_smoke(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--gla", "gla-tiny", "--transformer", "transformer-tiny", "--contexts", "64",
+                       "--steps", "4", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "bench_generate.json").read_text())
+    rows = {r["model"]: r for r in doc["results"]}
+    assert set(rows) == {"gla", "transformer"} and all(r["tokens_per_sec"] > 0 for r in rows.values())
+    assert rows["gla"]["cache_MiB"] < rows["transformer"]["cache_MiB"]
