@@ -1,0 +1,100 @@
+"""Markdown tables of the committed results (``results/*.json``), for the README.
+
+    python experiments/summarize.py                 # all experiments found in experiments/results
+    python experiments/summarize.py --results DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common as C  # noqa: E402
+
+
+def _env_line(doc) -> str:
+    env = doc["env"]
+    pk = env["packages"]
+    dev = env["device"]
+    return (f"_{doc['finished'][:10]}, {dev['backend']} ({dev['device_kind']}, {dev['cpu_count']} CPUs), "
+            f"jax {pk.get('jax')}, flax {pk.get('flax')}, seed {doc['seed']}, commit "
+            f"{(env.get('git_commit') or '?')[:10]}; command `python experiments/{env['argv'][0]}"
+            f"{' ' + ' '.join(env['argv'][1:]) if env['argv'][1:] else ''}`_")
+
+
+def mqar(doc) -> str:
+    rows = doc["results"]
+    widths = sorted({r["width"] for r in rows})
+    settings = sorted({(r["seq_len"], r["num_kv_pairs"]) for r in rows})
+    out = []
+    for t, n in settings:
+        table = []
+        for m in dict.fromkeys(r["model"] for r in rows):
+            d = {"model": m}
+            for w in widths:
+                hit = [r for r in rows if r["model"] == m and r["width"] == w and (r["seq_len"], r["num_kv_pairs"]) == (t, n)]
+                d[f"width {w}"] = f"{hit[0]['test_acc']:.3f}" if hit else ""
+            table.append(d)
+        out.append(f"seq {t}, {n} pairs, accuracy on query positions:\n\n" + C.format_table(table))
+    return "\n\n".join(out)
+
+
+def gate_ablation(doc) -> str:
+    rows = [{"variant": r["variant"], "heads": r["heads"], "params": r["params"], "train ppl": f"{r['train_ppl']:.3f}",
+             "held-out ppl": f"{r['val_ppl']:.3f}", "paper train ppl (340M)": r["paper_train_ppl"]}
+            for r in doc["results"]]
+    return C.format_table(rows) + ("\n\nheld-out order (4 heads, best first): "
+                                   + " < ".join(doc["held_out_order_4_heads"]))
+
+
+def length_extrapolation(doc) -> str:
+    table = {}
+    for r in doc["results"]:
+        if r.get("summary"):
+            continue
+        table.setdefault(f"{r['bucket_start']}-{r['bucket_end']}", {})[r["model"]] = (
+            f"{r['ppl']:.3f}" if r["ppl"] is not None else "")
+    return C.format_table([{"positions": k, **v} for k, v in table.items()])
+
+
+def throughput(doc) -> str:
+    rows = [{"model": r["model"], "seq len": r["seq_len"], "batch": r["batch"], "params": r["params"],
+             "tokens/s": f"{r['tokens_per_sec']:.0f}", "step ms": f"{1e3 * r['step_seconds']:.0f}",
+             "memory est. MiB": f"{r['peak_estimate_bytes'] / 2 ** 20:.0f}" if r["peak_estimate_bytes"] else ""}
+            for r in doc["results"]]
+    return C.format_table(rows)
+
+
+def numerics(doc) -> str:
+    rows = []
+    for r in doc["results"]:
+        d = {"impl": r["impl"], "dtype": r["dtype"], "gate": r["gate"], "T": r["T"], "floor": f"{r.get('o_floor', float('nan')):.1e}",
+             "o": f"{r['o_err']:.1e}"}
+        for g in ("dq", "dk", "dv", "dg"):
+            d[g] = f"{r[g + '_err']:.1e}" if f"{g}_err" in r else ""
+        rows.append(d)
+    return C.format_table(rows)
+
+
+FORMATTERS = {"mqar": mqar, "gate_ablation": gate_ablation, "length_extrapolation": length_extrapolation,
+              "throughput": throughput, "numerics": numerics}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--results", type=pathlib.Path, default=C.RESULTS_DIR)
+    args = p.parse_args(argv)
+    for name, fmt in FORMATTERS.items():
+        path = args.results / f"{name}.json"
+        if not path.is_file():
+            continue
+        doc = json.loads(path.read_text())
+        print(f"### {name}\n\n{_env_line(doc)}\n\n{fmt(doc)}\n\n![{name}](results/{name}.png)\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
