@@ -454,8 +454,7 @@ class _StopFlag:
 def save_resolved_config(cfg, workdir, mcfg=None) -> None:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    extra = {"model_config": mcfg.to_dict()} if mcfg is not None else None
-    config_lib.save_config(cfg, workdir / "config.yaml", extra=extra)
+    config_lib.save_config(cfg, workdir / "config.yaml")
     if mcfg is not None:
         (workdir / "model_config.json").write_text(json.dumps(mcfg.to_dict(), indent=2, default=str))
 
