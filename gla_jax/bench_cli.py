@@ -45,16 +45,23 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="JSON path (default experiments/results/bench_ops_<device>.json)")
     p.add_argument("--device", choices=["cpu", "gpu"], default=None, help="JAX platform (default: JAX's default)")
     p.add_argument("--quick", action="store_true", help=f"T in {QUICK_T}, 2 reps: about 1-2 minutes on 2 CPU cores")
-    p.add_argument("--parallel-max-T", type=int, default=2048, help="largest T for the quadratic parallel form")
-    p.add_argument("--recurrent-max-T", type=int, default=8192, help="largest T for the recurrent form")
+    p.add_argument("--parallel-max-T", type=int, default=None,
+                   help="largest T for the parallel form, whose [B, T, T, H, K] decay tensor is huge (default 512; "
+                        "256 with --quick)")
+    p.add_argument("--recurrent-max-T", type=int, default=None,
+                   help="largest T for the recurrent form (slow backward; default 4096, 1024 with --quick)")
     p.add_argument("--attention-max-T", type=int, default=8192,
                    help="largest T for softmax attention (its T x T scores need B*H*T^2*4 bytes, several times)")
-    p.add_argument("--interpret-max-T", type=int, default=256, help="largest T for pallas in interpret mode")
+    p.add_argument("--interpret-max-T", type=int, default=512, help="largest T for pallas in interpret mode")
     p.add_argument("--no-matmul-peak", action="store_true", help="skip the reference matmul")
     args = p.parse_args(argv)
     if args.quick:
         args.T = args.T or list(QUICK_T)
         args.reps = min(args.reps, 2)
+    if args.parallel_max_T is None:
+        args.parallel_max_T = 256 if args.quick else 512
+    if args.recurrent_max_T is None:
+        args.recurrent_max_T = 1024 if args.quick else 4096
     args.T = sorted(set(args.T or DEFAULT_T))
     args.impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     unknown = [s for s in args.impls if s not in IMPLS]
@@ -149,7 +156,7 @@ def _pallas_available():
 
 def _skip_reason(impl, T, args, backend):
     if impl == "parallel" and T > args.parallel_max_T:
-        return f"T > --parallel-max-T {args.parallel_max_T} (O(T^2 K) memory)"
+        return f"T > --parallel-max-T {args.parallel_max_T} (O(T^2 K) memory and time)"
     if impl == "recurrent" and T > args.recurrent_max_T:
         return f"T > --recurrent-max-T {args.recurrent_max_T}"
     if impl == "attention" and T > args.attention_max_T:

@@ -15,16 +15,17 @@ the chunk is cut into sub-chunks of c = 16; a pair of sub-chunks (I, J < I) is a
     A_IJ = (q_I * e^{b_I - r_I}) (k_J * e^{e_J - b_J} * e^{r_I - e_J})^T
 
 (r_I: b at the first row of I, e_J: b at the last row of J; every exponent <= 0, so nothing overflows), done in the
-input dtype with float32 accumulation; the diagonal 16x16 blocks are formed elementwise in float32 log space,
-masked to j <= i.
+matmul dtype (the input dtype on accelerators, see ``default_matmul_dtype``) with float32 accumulation, one row
+block I at a time against all J < I; the diagonal 16x16 blocks are formed elementwise in float32 log space, only
+j <= i, walked by the offset i - j in a ``lax.scan`` (exponents b_i - b_{i-off} <= 0).
 
 Packed documents (``segment_ids``) are handled with constant masks, never with -inf gates (which would poison the
 cumulative sums): ``A_ij`` only within one document, the inter-chunk term only for rows of the document that the
 incoming state belongs to (``m_in``), the state update only from the chunk's last document (``m_out``), and the
 carried state dropped (``keep = 0``) when a document starts inside the chunk.
 
-Backward (no per-step state is stored; the residuals are the inputs, the chunk-start states ``[B, H, N, K, V]``
-and the masked intra-chunk matrix ``A`` ``[B, H, N, C, C]``): a reverse scan over chunks gives the gradient dH of
+Backward (no per-step state is stored; the residuals are the inputs, the gate factors (``_Factors``, each the
+size of k), the chunk-start states ``[B, H, N, K, V]`` and the masked intra-chunk matrix ``A`` ``[B, H, N, C, C]``): a reverse scan over chunks gives the gradient dH of
 the state leaving each chunk (and of ``initial_state``); dq, dk, dv follow chunk by chunk with the same two-level
 structure. The gate gradient uses the reverse-cumulative-sum identity of DESIGN §1, applied per chunk: because
 g_t only enters exponent differences across t,
