@@ -29,7 +29,7 @@ def make_inputs(B, T, H, K, V, *, seed=0, gate_scale=1.0, docs=0, init=True, dty
     """
     rng = np.random.default_rng(seed)
     rnd = lambda *s: rng.standard_normal(s).astype(np.float32)
-    as_dtype = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
+    as_dtype = lambda x: np.array(jnp.asarray(x, dtype).astype(jnp.float32))
     out = dict(
         q=as_dtype(rnd(B, T, H, K)), k=as_dtype(rnd(B, T, H, K)), v=as_dtype(rnd(B, T, H, V)),
         g=as_dtype(gate_scale * np.log(rng.uniform(0.05, 1.0, (B, T, H, K))).astype(np.float32)),
