@@ -120,11 +120,11 @@ def plot(rows, curves, out_dir, name):
 def parse_args(argv=None):
     p = C.base_parser(__doc__.split("\n")[0])
     p.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: all")
-    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--width", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
