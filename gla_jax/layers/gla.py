@@ -10,7 +10,7 @@ from flax import nnx
 
 from gla_jax.layers.conv import ShortConvolution
 from gla_jax.layers.norm import RMSNorm, rms_norm
-from gla_jax.layers.sharding import with_axes
+from gla_jax.layers.sharding import GLA_OP_OVERRIDE, with_axes
 from gla_jax.ops import gla as gla_op
 
 GATES = ("gla", "scalar", "fixed", "none")
@@ -199,7 +199,8 @@ class GatedLinearAttention(nnx.Module):
         if state is not None and x.shape[1] == 1 and impl == "recurrent":
             o, new_state = self._step(q, k, v, g, state)  # one decoding step: the recurrent update, no scan
         else:
-            o, new_state = gla_op(q, k, v, g, initial_state=state, output_final_state=return_cache,
+            op = GLA_OP_OVERRIDE.get() or gla_op
+            o, new_state = op(q, k, v, g, initial_state=state, output_final_state=return_cache,
                                   segment_ids=segment_ids, impl=impl, chunk_size=self.chunk_size)
         w = self.g_norm.weight[...] if self.g_norm.weight is not None else None
         o = rms_norm(o, w, self.g_norm.eps)  # float32 [B, T, H, Dv/H]

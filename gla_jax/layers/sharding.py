@@ -15,6 +15,7 @@ Activations: ``batch``, ``seq``, ``embed`` (see :func:`constrain`).
 
 from __future__ import annotations
 
+import contextvars
 from typing import Sequence
 
 import jax
@@ -24,6 +25,11 @@ from jax.sharding import PartitionSpec
 
 PARAM_AXES = ("embed", "heads", "kv", "mlp", "vocab")
 ACTIVATION_AXES = ("batch", "seq", "embed")
+
+# The GLA operator the layers call instead of ``gla_jax.ops.gla`` when set (same signature). The trainer sets a
+# shard-mapped operator here while tracing (gla_jax.train.sharding.use_sharded_gla): a Pallas call is not split
+# across a mesh by the compiler on its own.
+GLA_OP_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("gla_op_override", default=None)
 
 
 def with_axes(init, names: Sequence[str | None]):

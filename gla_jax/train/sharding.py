@@ -12,7 +12,6 @@ mesh axes do not divide evenly is left replicated (so odd sizes never fail, they
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import math
 
@@ -199,43 +198,15 @@ def _accepts_check_vma() -> bool:
         return False
 
 
-# A context the GLA layer may consult for the operator to call (set by the trainer around tracing).
-GLA_OP: contextvars.ContextVar = contextvars.ContextVar("gla_jax_train_gla_op", default=None)
-
-
 @contextlib.contextmanager
 def use_sharded_gla(mesh: Mesh):
     """Within this context the GLA layers call the shard-mapped operator for ``mesh`` (enter it around the first
-    call of a jitted function: it acts at trace time). Uses the layer's ``GLA_OP_OVERRIDE`` context variable when
-    ``gla_jax.layers.sharding`` has one, else swaps ``gla_jax.layers.gla.gla_op`` for the duration."""
+    call of a jitted function: it acts at trace time), through the layers' ``GLA_OP_OVERRIDE`` context variable."""
+    from gla_jax.layers.sharding import GLA_OP_OVERRIDE
+
     op = shard_mapped_gla(mesh)
-    token = GLA_OP.set(op)
-    restore = []
+    token = GLA_OP_OVERRIDE.set(op)
     try:
-        try:
-            from gla_jax.layers import sharding as layer_sharding
-        except ImportError:  # pragma: no cover - models not installed
-            layer_sharding = None
-        hook = getattr(layer_sharding, "GLA_OP_OVERRIDE", None)
-        if hook is not None:
-            t2 = hook.set(op)
-            restore.append(lambda: hook.reset(t2))
-        else:
-            try:
-                from gla_jax.layers import gla as layer_gla
-            except ImportError:  # pragma: no cover
-                layer_gla = None
-            if layer_gla is not None and hasattr(layer_gla, "gla_op"):
-                original = layer_gla.gla_op
-                layer_gla.gla_op = op
-                restore.append(lambda: setattr(layer_gla, "gla_op", original))
         yield op
     finally:
-        for r in reversed(restore):
-            r()
-        GLA_OP.reset(token)
-
-
-def current_gla_op():
-    """The operator installed by ``use_sharded_gla`` or None."""
-    return GLA_OP.get()
+        GLA_OP_OVERRIDE.reset(token)
