@@ -5,7 +5,36 @@ Memory is O(T^2 K) per batch and head; use it for checks and short sequences.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+
+
+@jax.custom_vjp
+def _pairwise_gate_sums(g):
+    """D[b, t, s] = sum_{s < r <= t} g_r = G_t - G_s (G the inclusive cumsum of g over time), for every pair.
+
+    g: [B, T, H, K] float32 -> D [B, T, T, H, K] float32 (entries with s > t are meaningless; callers mask them).
+    Autodiff through ``G_t - G_s`` would give dg as a reverse cumulative sum of terms that cancel (the s = t pairs
+    contribute +x and -x); with very negative gates the true dg (~e^{-20} |q dq|) drowns in that cancellation. The
+    custom backward sums only the pairs that contain r: dg_r = sum_{t >= r} sum_{s < r} dD[t, s].
+    """
+    G = jnp.cumsum(g, axis=1)
+    return G[:, :, None] - G[:, None, :]
+
+
+def _pairwise_fwd(g):
+    return _pairwise_gate_sums(g), None
+
+
+def _pairwise_bwd(_, dD):
+    T = dD.shape[1]
+    # [b, t, r]: sum_{s < r} dD[t, s], as a shifted cumsum (subtracting dD from an inclusive one would cancel).
+    below = jnp.cumsum(jnp.pad(dD, ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0)))[:, :, :-1], axis=2)
+    upper = jnp.triu(jnp.ones((T, T), dD.dtype))  # [r, t]: t >= r
+    return (jnp.einsum("rt,btrhk->brhk", upper, below, precision=jax.lax.Precision.HIGHEST),)
+
+
+_pairwise_gate_sums.defvjp(_pairwise_fwd, _pairwise_bwd)
 
 
 def gla_parallel(q, k, v, g, *, scale, initial_state=None, segment_ids=None):
@@ -17,28 +46,28 @@ def gla_parallel(q, k, v, g, *, scale, initial_state=None, segment_ids=None):
     f32 = jnp.float32
     B, T, H, K = q.shape
     q = q.astype(f32) * scale
-    k, v = k.astype(f32), v.astype(f32)
-    G = jnp.cumsum(g.astype(f32), axis=1)  # [B, T, H, K]
+    k, v, g = k.astype(f32), v.astype(f32), g.astype(f32)
     causal = jnp.tril(jnp.ones((T, T), bool))
     if segment_ids is None:
         same = jnp.broadcast_to(causal, (B, T, T))
         first_doc = jnp.ones((B, T), bool)
+        last_doc = first_doc
     else:
         same = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
         first_doc = segment_ids == segment_ids[:, :1]
-    diff = G[:, :, None] - G[:, None, :]  # [B, Tq, Ts, H, K]
-    diff = jnp.where(same[..., None, None], diff, -jnp.inf)
-    a = jnp.einsum("bthk,bshk,btshk->bhts", q, k, jnp.exp(diff))
+        last_doc = segment_ids == segment_ids[:, -1:]
+    D = _pairwise_gate_sums(g)  # [B, Tq, Ts, H, K]
+    decay = jnp.exp(jnp.where(same[..., None, None], D, -jnp.inf))
+    a = jnp.einsum("bthk,bshk,btshk->bhts", q, k, decay)
     o = jnp.einsum("bhts,bshv->bthv", a, v)
-    # Final state: contributions of the last document only; exponents G_T - G_s <= 0.
-    GT = G[:, -1:]  # [B, 1, H, K]
-    last_doc = jnp.ones((B, T), bool) if segment_ids is None else segment_ids == segment_ids[:, -1:]
-    kd = jnp.where(last_doc[..., None, None], k * jnp.exp(GT - G), 0.0)
+    # Final state: the last document's keys decayed to the end (G_T - G_s is the last row of D; exponents <= 0).
+    kd = jnp.where(last_doc[..., None, None], k * jnp.exp(D[:, -1]), 0.0)
     s_final = jnp.einsum("bshk,bshv->bhkv", kd, v)
     if initial_state is not None:
         s0 = initial_state.astype(f32)
+        G = jnp.cumsum(g, axis=1)
         qd = jnp.where(first_doc[..., None, None], q * jnp.exp(G), 0.0)
         o = o + jnp.einsum("bthk,bhkv->bthv", qd, s0)
         carry = jnp.all(first_doc, axis=1)[:, None, None, None]  # the first document runs to the end
-        s_final = s_final + jnp.where(carry, jnp.exp(GT[:, 0])[..., None] * s0, 0.0)
+        s_final = s_final + jnp.where(carry, jnp.exp(G[:, -1])[..., None] * s0, 0.0)
     return o, s_final
