@@ -7,12 +7,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from gla_jax.ops.checks import check_gla_inputs  # the operator's input contract (a jax-only leaf module)
+
 from .backward import backward
 from .forward import chunk_rel, forward
 from .tiling import Tiling, padded_width
-
-_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
-
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _gla_core(q, k, v, g, h0, rel, scale, tiling, interpret):
@@ -67,33 +66,6 @@ def _chunk_gla(q, k, v, g, initial_state, segment_ids, *, scale, output_final_st
     return o, (ht[:, :, :K, :V] if output_final_state else None)
 
 
-def _check(q, k, v, g, initial_state, segment_ids):
-    for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
-        if not hasattr(x, "shape") or not hasattr(x, "dtype") or x.ndim != 4:
-            raise ValueError(f"{name}: expected a rank-4 array [B, T, H, {'V' if name == 'v' else 'K'}], "
-                             f"got {getattr(x, 'shape', type(x).__name__)}")
-        if x.dtype not in _FLOATS:
-            raise ValueError(f"{name}: expected float32/bfloat16/float16/float64, got {x.dtype}")
-    B, T, H, K = q.shape
-    if k.shape != q.shape:
-        raise ValueError(f"k: expected shape {q.shape} (same as q), got {k.shape}")
-    if g.shape != q.shape:
-        raise ValueError(f"g: expected shape {q.shape} (same as q), got {g.shape}")
-    if v.ndim != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"v: expected shape ({B}, {T}, {H}, V), got {v.shape}")
-    if min(q.shape) < 1 or v.shape[3] < 1:
-        raise ValueError(f"q/v: every dimension must be >= 1, got q {q.shape}, v {v.shape}")
-    if initial_state is not None and getattr(initial_state, "shape", None) != (B, H, K, v.shape[3]):
-        raise ValueError(f"initial_state: expected shape {(B, H, K, v.shape[3])}, "
-                         f"got {getattr(initial_state, 'shape', type(initial_state).__name__)}")
-    if segment_ids is not None:
-        if getattr(segment_ids, "shape", None) != (B, T):
-            raise ValueError(f"segment_ids: expected shape {(B, T)}, "
-                             f"got {getattr(segment_ids, 'shape', type(segment_ids).__name__)}")
-        if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"segment_ids: expected an integer dtype, got {segment_ids.dtype}")
-
-
 def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
               interpret=False, chunk_size=64, block_k=64, block_v=64, block_k_bwd=32, num_warps=4, num_stages=2,
               matmul_dtype=None):
@@ -118,11 +90,10 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
       (o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] float32 or None). Differentiable in q, k, v,
       g and initial_state.
     """
-    _check(q, k, v, g, initial_state, segment_ids)
+    check_gla_inputs(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids, impl="pallas",
+                     chunk_size=chunk_size)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise ValueError(f"scale: expected a Python float or None, got {type(scale).__name__}")
     tiling = Tiling(chunk_size=chunk_size, block_k=block_k, block_v=block_v, block_k_bwd=block_k_bwd,
                     num_warps=num_warps, num_stages=num_stages)
     tiling.validate()

@@ -58,6 +58,6 @@ def check_gla_inputs(q, k, v, g, *, scale, initial_state, segment_ids, impl, chu
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size: expected a power of two >= 16, got {chunk_size!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
         raise ValueError(f"scale: expected a Python float or None, got {type(scale).__name__}")
     return B, T, H, K, V
