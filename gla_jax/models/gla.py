@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -11,6 +10,7 @@ from gla_jax.layers.mlp import GatedMLP
 from gla_jax.layers.norm import RMSNorm
 from gla_jax.layers.sharding import constrain, with_axes
 from gla_jax.models.config import GLAConfig
+from gla_jax.models.head import lm_head, lm_logits
 
 ACT = ("batch", "seq", "embed")
 
@@ -98,21 +98,11 @@ class GLAForCausalLM(nnx.Module):
             raise ValueError(f"config must be a GLAConfig, got {type(config).__name__}")
         self.config = config
         self.model = GLAModel(config, rngs=rngs)
-        if config.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False,
-                                      dtype=config.compute_dtype, param_dtype=config.params_dtype,
-                                      kernel_init=with_axes(nnx.initializers.normal(config.initializer_range),
-                                                            ("embed", "vocab")), rngs=rngs)
+        self.lm_head = lm_head(config, rngs=rngs)
 
     def logits(self, hidden):
         """hidden [..., D] -> logits [..., vocab] float32."""
-        if self.lm_head is None:
-            out = self.model.embeddings.attend(hidden)
-        else:
-            out = self.lm_head(hidden)
-        return out.astype(jnp.float32)
+        return lm_logits(hidden, self.model.embeddings, self.lm_head)
 
     def __call__(self, input_ids, *, segment_ids=None, cache=None, return_cache: bool = False,
                  impl: str | None = None):

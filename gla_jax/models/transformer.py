@@ -11,6 +11,7 @@ from gla_jax.layers.mlp import GatedMLP
 from gla_jax.layers.norm import RMSNorm
 from gla_jax.layers.sharding import constrain, with_axes
 from gla_jax.models.config import TransformerConfig
+from gla_jax.models.head import lm_head, lm_logits
 from gla_jax.models.gla import ACT, check_tokens
 
 
@@ -67,18 +68,11 @@ class TransformerForCausalLM(nnx.Module):
             raise ValueError(f"config must be a TransformerConfig, got {type(config).__name__}")
         self.config = config
         self.model = TransformerModel(config, rngs=rngs)
-        if config.tie_word_embeddings:
-            self.lm_head = None
-        else:
-            self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False,
-                                      dtype=config.compute_dtype, param_dtype=config.params_dtype,
-                                      kernel_init=with_axes(nnx.initializers.normal(config.initializer_range),
-                                                            ("embed", "vocab")), rngs=rngs)
+        self.lm_head = lm_head(config, rngs=rngs)
 
     def logits(self, hidden):
         """hidden [..., D] -> logits [..., vocab] float32."""
-        out = self.model.embeddings.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
-        return out.astype(jnp.float32)
+        return lm_logits(hidden, self.model.embeddings, self.lm_head)
 
     def init_cache(self, batch_size: int, max_len: int):
         """Empty KV cache for ``max_len`` positions: {'layers': [{'k','v'}] per layer, 'segments': [B, S] int32
