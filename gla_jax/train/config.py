@@ -114,6 +114,9 @@ class TrainSection:
     sample_tokens: int = 200
     sample_prompt: str = "def "
     sample_temperature: float = 0.7
+    # Parameters to start a new run from (a `gla-jax convert --from-fla` output, a `save_params` folder or another
+    # run's workdir); the model config must match them. Ignored when the workdir already holds a checkpoint.
+    init_from: str | None = None
 
 
 @dataclass

@@ -250,6 +250,16 @@ class Trainer:
         with mesh_context(self.mesh):
             return self._init_all()
 
+    def load_initial_params(self, directory, params):
+        """``params`` replaced by those saved in ``directory`` (same tree, shapes, dtypes and shardings)."""
+        try:
+            with mesh_context(self.mesh):
+                return ckpt_lib.load_params(directory, params)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"train.init_from: cannot start from {directory}: {first} (does the model config match "
+                             f"the one the parameters were saved with?)") from None
+
     # -- data ------------------------------------------------------------------------------------------------
 
     def global_batch(self, local: dict) -> dict:
@@ -310,6 +320,8 @@ class Trainer:
             self.log(f"resumed from {ckptr.directory} at step {start_step}")
         else:
             params, opt_state = self.init_state()
+            if cfg.train.init_from:
+                params = self.load_initial_params(cfg.train.init_from, params)
         if self.is_main:
             self.log(f"model: {self.mcfg.model_type} {self.n_params / 1e6:.2f}M parameters "
                      f"(D={self.mcfg.hidden_size}, layers={self.mcfg.num_hidden_layers}, heads={self.mcfg.num_heads}); "
