@@ -8,9 +8,9 @@ from flax import nnx
 from gla_jax.layers.gla import GatedLinearAttention
 from gla_jax.layers.mlp import GatedMLP
 from gla_jax.layers.norm import RMSNorm
-from gla_jax.layers.sharding import constrain, with_axes
+from gla_jax.layers.sharding import constrain
 from gla_jax.models.config import GLAConfig
-from gla_jax.models.head import lm_head, lm_logits
+from gla_jax.models.head import lm_head, lm_logits, token_embeddings
 
 ACT = ("batch", "seq", "embed")
 
@@ -63,9 +63,7 @@ class GLAModel(nnx.Module):
     def __init__(self, config: GLAConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = c
-        self.embeddings = nnx.Embed(c.vocab_size, c.hidden_size, dtype=c.compute_dtype, param_dtype=c.params_dtype,
-                                    embedding_init=with_axes(nnx.initializers.normal(c.initializer_range),
-                                                             ("vocab", "embed")), rngs=rngs)
+        self.embeddings = token_embeddings(c, rngs=rngs)
         self.layers = nnx.List([GLABlock(c, i, rngs=rngs) for i in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c.hidden_size, eps=c.norm_eps, dtype=c.compute_dtype, param_dtype=c.params_dtype)
 

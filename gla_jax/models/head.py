@@ -1,4 +1,4 @@
-"""The language-model head shared by GLA and Transformer++: an untied projection or the tied embedding matrix."""
+"""The token embeddings and language-model head shared by GLA and Transformer++ (untied projection or tied)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gla_jax.layers.sharding import with_axes
+
+
+def token_embeddings(config, *, rngs: nnx.Rngs) -> nnx.Embed:
+    """``nnx.Embed`` vocab -> D (table [vocab, embed]), normal(initializer_range) init."""
+    return nnx.Embed(config.vocab_size, config.hidden_size, dtype=config.compute_dtype,
+                     param_dtype=config.params_dtype,
+                     embedding_init=with_axes(nnx.initializers.normal(config.initializer_range), ("vocab", "embed")),
+                     rngs=rngs)
 
 
 def lm_head(config, *, rngs: nnx.Rngs):

@@ -9,9 +9,9 @@ from flax import nnx
 from gla_jax.layers.attention import Attention
 from gla_jax.layers.mlp import GatedMLP
 from gla_jax.layers.norm import RMSNorm
-from gla_jax.layers.sharding import constrain, with_axes
+from gla_jax.layers.sharding import constrain
 from gla_jax.models.config import TransformerConfig
-from gla_jax.models.head import lm_head, lm_logits
+from gla_jax.models.head import lm_head, lm_logits, token_embeddings
 from gla_jax.models.gla import ACT, check_tokens
 
 
@@ -49,9 +49,7 @@ class TransformerModel(nnx.Module):
     def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
         c = config
         self.config = c
-        self.embeddings = nnx.Embed(c.vocab_size, c.hidden_size, dtype=c.compute_dtype, param_dtype=c.params_dtype,
-                                    embedding_init=with_axes(nnx.initializers.normal(c.initializer_range),
-                                                             ("vocab", "embed")), rngs=rngs)
+        self.embeddings = token_embeddings(c, rngs=rngs)
         self.layers = nnx.List([TransformerBlock(c, i, rngs=rngs) for i in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c.hidden_size, eps=c.norm_eps, dtype=c.compute_dtype, param_dtype=c.params_dtype)
 
