@@ -8,11 +8,17 @@ dS_n the gradient of the state leaving chunk n (both [K, V] per batch and head):
      for every chunk and the initial state's gradient.
   3. ``attn_grad``: dA = do vᵀ (causal, same document) per chunk.
   4. ``dv``: dv = Aᵀ do + (k ⊙ e^{b_C - b}) dS_n per (chunk, V tile).
-  5. ``dqk``: per (chunk, K tile), 16 rows (a sub-chunk) at a time, the inter-chunk parts (do Sᵀ, v dSᵀ), the off-diagonal intra
-     parts as half-precision matmuls relative to a sub-chunk reference gate, and the diagonal sub-block
-     elementwise in float32.
-  6. dg (plain jnp, O(T K)): dB = q ⊙ dq − k ⊙ dk, reverse cumulative sum inside each document, plus
-     Σ_v S_T ⊙ dS_T on the last document; zero at document starts (their gate multiplies a dropped state).
+  5. ``dqk``: per (chunk, K tile), 16 rows (a sub-chunk) at a time, the inter-chunk parts (do Sᵀ, v dSᵀ), the
+     off-diagonal intra parts as half-precision matmuls relative to a sub-chunk reference gate, and the diagonal
+     sub-block elementwise in float32.
+  6. dg, in the same kernel, by the reverse-cumulative-sum identity applied per chunk: with x = q ⊙ dq − k ⊙ dk_intra
+     and y = k ⊙ dk_state (dk_state = (v dSᵀ) ⊙ e^{b_C - b}, the part through the state leaving the chunk),
+
+       dg_t = Σ_{s >= t in the chunk, same document} x_s + Σ_{s < t in the chunk} y_s + e^{b_C} ⊙ Σ_v S ⊙ dS,
+
+     the last term only when no document starts in the chunk, and dg = 0 at document starts (their gate multiplies
+     a dropped state). This equals the global identity (reverse cumsum over the whole sequence plus Σ_v S_T ⊙ dS_T)
+     but sums nothing across chunks, so the rounding of bfloat16 operands does not accumulate with T.
 """
 
 from __future__ import annotations
@@ -84,19 +90,24 @@ def _dv_kernel(a_ref, do_ref, k_ref, g_ref, dhs_ref, *rest, C, NK, BK, has_seg, 
 
 def _dqk_kernel(q_ref, k_ref, g_ref, do_ref, v_ref, hs_ref, dhs_ref, da_ref, *rest, C, NV, BV, scale, has_seg,
                 dt):
-    """One (b, h, chunk, K tile): dq and dk of the chunk, built 16 rows (one sub-chunk I) at a time."""
-    rel_ref, (dq_ref, dk_ref) = _split(rest, has_seg)
+    """One (b, h, chunk, K tile): dq, dk and dg of the chunk, built 16 rows (one sub-chunk I) at a time.
+
+    dg uses the chunk-local identity (module docstring, step 6), so nothing is summed across chunks."""
+    rel_ref, (dq_ref, dk_ref, dg_ref) = _split(rest, has_seg)
     c = SUB_CHUNK
     NC = C // c
     BK = q_ref.shape[-1]
     # Inter-chunk parts: do Sᵀ for dq (S entering the chunk), v dSᵀ for dk (dS of the state leaving it); each state
-    # tile is loaded once and used by every sub-chunk.
+    # tile is loaded once and used by every sub-chunk. ``carried`` = Σ_v S ⊙ dS, for the gate gradient.
     dq = [jnp.zeros((c, BK), F32) for _ in range(NC)]
     dk = [jnp.zeros((c, BK), F32) for _ in range(NC)]
+    carried = jnp.zeros((BK,), F32)
     for vt in range(NV):
         vs = pl.ds(vt * BV, BV)
-        hs_t = hs_ref[:, vs].astype(dt)
-        dhs_t = dhs_ref[:, vs].astype(dt)
+        hs_t = hs_ref[:, vs]
+        dhs_t = dhs_ref[:, vs]
+        carried += jnp.sum(hs_t.astype(F32) * dhs_t.astype(F32), axis=1)
+        hs_t, dhs_t = hs_t.astype(dt), dhs_t.astype(dt)
         for i in range(NC):
             rows_i = pl.ds(i * c, c)
             dq[i] += dot(do_ref[rows_i, vs].astype(dt), hs_t, trans_b=True)
@@ -106,34 +117,70 @@ def _dqk_kernel(q_ref, k_ref, g_ref, do_ref, v_ref, hs_ref, dhs_ref, da_ref, *re
     k_all = k_ref[...].astype(F32)
     g_all = g_ref[...]
     g_last = g_ref[pl.ds(C - 1, 1), :]
+    carried = carried[None, :] * jnp.exp(g_last)  # the incoming state's share of the state leaving the chunk
     if has_seg:
         rel_last = rel_ref[pl.ds(C - 1, 1)]
+        carried = jnp.where(rel_last[:, None] == 0, carried, 0.0)  # it survives only a chunk with no start
+    xs, ys = [], []  # per sub-chunk: q ⊙ dq - k ⊙ dk_intra and k ⊙ dk_state, the terms of dg
     for i in range(NC):
         s0 = i * c
         rows_i = pl.ds(s0, c)
         g_i = g_ref[rows_i, :]
+        q_i = q_ref[rows_i, :].astype(F32)
+        k_i = k_ref[rows_i, :].astype(F32)
         dq_i = dq[i] * (jnp.exp(g_i) * scale)
-        dk_i = dk[i] * jnp.exp(g_last - g_i)
+        dk_state = dk[i] * jnp.exp(g_last - g_i)
         if has_seg:
             rel_i = rel_ref[rows_i]
             dq_i = jnp.where((rel_i == 0)[:, None], dq_i, 0.0)  # only the first document saw the incoming state
-            dk_i = jnp.where((rel_i == rel_last)[:, None], dk_i, 0.0)  # only the last one reaches the next chunk
-        # Off-diagonal intra-chunk parts (dA already holds the causal / same-document mask).
+            dk_state = jnp.where((rel_i == rel_last)[:, None], dk_state, 0.0)  # only the last one leaves the chunk
+        dk_i = jnp.zeros((c, BK), F32)
+        # Off-diagonal intra-chunk parts (dA already holds the causal / same-document mask). float32 operands (TF32
+        # on the GPU), not ``dt``: these terms cancel pairwise in dg (+X in a row of dq, -X in a row of dk), and
+        # bfloat16 rounding of either side would leave ~3e-3 of dg's error; they are ~1/8 of the kernel's flops.
         if i > 0:
             r = g_ref[pl.ds(s0, 1), :]  # I's first row: columns before I have gates >= r
             k_before = jnp.where(rows < s0, k_all * jnp.exp(jnp.minimum(r - g_all, 0.0)), 0.0)
-            dq_i += (jnp.exp(g_i - r) * scale) * dot(da_ref[rows_i, :].astype(dt), k_before.astype(dt))
+            dq_i += (jnp.exp(g_i - r) * scale) * dot(da_ref[rows_i, :], k_before)
         if i < NC - 1:
             r2 = g_ref[pl.ds(s0 + c - 1, 1), :]  # I's last row: rows after I have gates <= r2
             q_after = jnp.where(rows >= s0 + c, q_all * jnp.exp(jnp.minimum(g_all - r2, 0.0)), 0.0)
-            dk_i += (jnp.exp(r2 - g_i) * scale) * dot(da_ref[:, rows_i].astype(dt), q_after.astype(dt),
-                                                      trans_a=True)
+            dk_i += (jnp.exp(r2 - g_i) * scale) * dot(da_ref[:, rows_i], q_after, trans_a=True)
         # Diagonal sub-block, elementwise in float32: w[i, j, d] = dA_ij e^{b_id - b_jd}.
         w = da_ref[rows_i, rows_i][:, :, None] * jnp.exp(jnp.minimum(g_i[:, None, :] - g_i[None, :, :], 0.0))
-        dq_i += scale * jnp.sum(w * k_ref[rows_i, :].astype(F32)[None, :, :], axis=1)
-        dk_i += scale * jnp.sum(w * q_ref[rows_i, :].astype(F32)[:, None, :], axis=0)
+        dq_i += scale * jnp.sum(w * k_i[None, :, :], axis=1)
+        dk_i += scale * jnp.sum(w * q_i[:, None, :], axis=0)
         dq_ref[rows_i, :] = dq_i
-        dk_ref[rows_i, :] = dk_i
+        dk_ref[rows_i, :] = dk_i + dk_state
+        xs.append(q_i * dq_i - k_i * dk_i)
+        ys.append(k_i * dk_state)
+    # dg_t = Σ_{s >= t, same document} x_s + Σ_{s < t} y_s + carried (y is zero outside the chunk's last document,
+    # so its sum needs no document mask), zero at document starts. All sums stay inside the chunk.
+    sub = jnp.arange(c)
+    later = sub[None, :] >= sub[:, None]  # [t, s]: s >= t
+    for i in range(NC):
+        rows_i = pl.ds(i * c, c)
+        if has_seg:
+            rel_i = rel_ref[rows_i]
+            same = lambda rel_j: rel_j[None, :] == rel_i[:, None]
+            masked_sum = lambda m, x: jnp.sum(jnp.where(m[:, :, None], x[None, :, :], 0.0), axis=1)
+            acc = masked_sum(later & same(rel_i), xs[i])
+            for j in range(i + 1, NC):
+                acc += masked_sum(same(rel_ref[pl.ds(j * c, c)]), xs[j])
+        else:
+            acc = jnp.sum(jnp.where(later[:, :, None], xs[i][None, :, :], 0.0), axis=1)
+            for j in range(i + 1, NC):
+                acc += jnp.sum(xs[j], axis=0, keepdims=True)
+        acc += jnp.sum(jnp.where((sub[None, :] < sub[:, None])[:, :, None], ys[i][None, :, :], 0.0), axis=1)
+        for j in range(i):
+            acc += jnp.sum(ys[j], axis=0, keepdims=True)
+        acc += carried
+        if has_seg:  # a document start: its gate multiplies a state that is dropped
+            prev = rel_ref[pl.ds(i * c - 1, 1)] if i > 0 else jnp.zeros((1,), rel_i.dtype)
+            before = jnp.max(jnp.where(sub[None, :] < sub[:, None], rel_i[None, :], 0), axis=1)
+            start = rel_i != jnp.maximum(before, prev)
+            acc = jnp.where(start[:, None], 0.0, acc)
+        dg_ref[rows_i, :] = acc
 
 
 # ----------------------------------------------------------------------------------------------------- launchers
@@ -231,7 +278,7 @@ def value_grad(a, do, k, gc, dhs, rel, *, tiling: Tiling, interpret: bool):
 
 
 def query_key_grad(q, k, gc, do, v, hs, dhs, da, rel, *, scale: float, tiling: Tiling, interpret: bool):
-    """(dq, dk) [B, T, H, K] float32."""
+    """(dq, dk, dg) [B, T, H, K] float32."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C, BK, BV = tiling.chunk_size, tiling.block_k_bwd, tiling.block_v
@@ -259,39 +306,15 @@ def query_key_grad(q, k, gc, do, v, hs, dhs, da, rel, *, scale: float, tiling: T
         kernel,
         grid=(B, H, T // C, K // BK),
         in_specs=in_specs,
-        out_specs=[out_spec, out_spec],
-        out_shape=[jax.ShapeDtypeStruct((B, T, H, K), F32)] * 2,
+        out_specs=[out_spec] * 3,
+        out_shape=[jax.ShapeDtypeStruct((B, T, H, K), F32)] * 3,
         compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
         interpret=interpret,
         name="gla_dqk_bwd",
     )(*args)
 
 
-def gate_grad(q, k, dq, dk, ht, dht, rel, chunk_size: int):
-    """dg [B, T, H, K] float32 from the full dq, dk and the final-state term (see the module docstring)."""
-    db = q.astype(F32) * dq - k.astype(F32) * dk
-    final = jnp.sum(ht * dht.astype(F32), axis=-1)[:, None]  # [B, 1, H, K]
-    if rel is None:
-        return jnp.flip(jnp.cumsum(jnp.flip(db, 1), axis=1), 1) + final
-    B, T = rel.shape
-    r = rel.reshape(B, T // chunk_size, chunk_size)
-    starts = jnp.concatenate([r[..., :1], r[..., 1:] - r[..., :-1]], axis=-1).reshape(B, T).astype(F32)
-    keep = 1.0 - starts
-    # y_t = db_t + keep_{t+1} y_{t+1}: a reverse cumulative sum that stops at the next document start.
-    carry = jnp.concatenate([keep[:, 1:], jnp.zeros((B, 1), F32)], axis=1)[:, :, None, None]
-    carry = jnp.broadcast_to(carry, db.shape)
-
-    def combine(x, y):  # x comes first in (flipped) scan order
-        return x[0] * y[0], y[0] * x[1] + y[1]
-
-    _, dg = lax.associative_scan(combine, (jnp.flip(carry, 1), jnp.flip(db, 1)), axis=1)
-    dg = jnp.flip(dg, 1)
-    later_starts = jnp.flip(jnp.cumsum(jnp.flip(starts, 1), axis=1), 1) - starts  # starts after t
-    last_doc = (later_starts == 0).astype(F32)[:, :, None, None]
-    return (dg + final * last_doc) * keep[:, :, None, None]
-
-
-def backward(q, k, v, g, h0, rel, a, ht, do, dht, *, scale: float, tiling: Tiling, interpret: bool):
+def backward(q, k, v, g, h0, rel, a, do, dht, *, scale: float, tiling: Tiling, interpret: bool):
     """Padded inputs and cotangents (do, dht) -> (dq, dk, dv, dg, dh0), all float32."""
     gc = chunk_cumsum(g, tiling.chunk_size)
     do = do.astype(q.dtype)
@@ -301,6 +324,6 @@ def backward(q, k, v, g, h0, rel, a, ht, do, dht, *, scale: float, tiling: Tilin
                            state_dtype=q.dtype)
     da = attn_grad(do, v, rel, tiling=tiling, interpret=interpret)
     dv = value_grad(a, do, k, gc, dhs, rel, tiling=tiling, interpret=interpret)
-    dq, dk = query_key_grad(q, k, gc, do, v, hs, dhs, da, rel, scale=scale, tiling=tiling, interpret=interpret)
-    dg = gate_grad(q, k, dq, dk, ht, dht, rel, tiling.chunk_size)
+    dq, dk, dg = query_key_grad(q, k, gc, do, v, hs, dhs, da, rel, scale=scale, tiling=tiling,
+                                interpret=interpret)
     return dq, dk, dv, dg, dh0

@@ -16,9 +16,6 @@ from reference import reference_gla, rel_err
 
 F32_TOL = 1e-4
 BF16_TOL = 3e-3
-# dg = reverse cumsum of (q ⊙ dq - k ⊙ dk): the terms cancel across a document, so the bfloat16 rounding of the
-# matmul operands (as in fla's kernels) is amplified; measured 5e-3..1e-2 in bfloat16, ~5e-7 in float32.
-BF16_DG_TOL = 1.5e-2
 NAMES = ("dq", "dk", "dv", "dg", "dh0")
 
 
@@ -82,8 +79,7 @@ def _check(case, dtype, *, with_state, final_state, segments, gate="layer", seed
         assert np.all(np.isfinite(np.asarray(x, np.float32))), name
         errs[name] = rel_err(x, ref)
     for name, err in errs.items():
-        limit = BF16_DG_TOL if (name == "dg" and dtype != jnp.float32) else tol
-        assert err <= limit, f"{name}: rel err {err:.3g} > {limit:g} (all: {errs})"
+        assert err <= tol, f"{name}: rel err {err:.3g} > {tol:g} (all: {errs})"
     return errs
 
 
@@ -101,15 +97,17 @@ def test_float32_matches_reference(case, with_state, final_state, segments):
     _check(case, jnp.float32, with_state=with_state, final_state=final_state, segments=segments)
 
 
-def test_bfloat16_matches_reference():
-    _check((1, 100, 2, 64, 64), jnp.bfloat16, with_state=True, final_state=True, segments=True)
+@pytest.mark.parametrize("T", [100, 300])
+def test_bfloat16_matches_reference(T):
+    """Every output and gradient within 3e-3; at T = 300 (5 chunks) dg's error must not have grown with T (its
+    chunk-local identity sums nothing across chunks; a global reverse cumsum measured 5e-3..1e-2 here)."""
+    _check((1, T, 2, 64, 64), jnp.bfloat16, with_state=True, final_state=True, segments=True)
 
 
 def test_bfloat16_inputs_float32_matmuls():
-    """matmul_dtype=float32: every output and gradient, dg included, within the bfloat16 bound."""
-    errs = _check((1, 100, 2, 32, 32), jnp.bfloat16, with_state=True, final_state=True, segments=True, seed=4,
-                  matmul_dtype=jnp.float32)
-    assert errs["dg"] <= BF16_TOL, errs
+    """matmul_dtype=float32 with bfloat16 inputs: every output and gradient within the bfloat16 bound."""
+    _check((1, 100, 2, 32, 32), jnp.bfloat16, with_state=True, final_state=True, segments=True, seed=4,
+           matmul_dtype=jnp.float32)
 
 
 def test_strong_gates_stay_exact():
