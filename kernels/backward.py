@@ -23,7 +23,6 @@ dS_n the gradient of the state leaving chunk n (both [K, V] per batch and head):
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .forward import F32, _split, chunk_cumsum, state_pass
-from .tiling import SQUEEZED as SQ, SUB_CHUNK, Tiling, compiler_params, dot
+from .tiling import SQUEEZED as SQ, SUB_CHUNK, Tiling, dot, launch
 
 # ----------------------------------------------------------------------------------------------------- kernels
 
@@ -193,56 +192,40 @@ def dstate_pass(q, gc, do, dht, rel, *, scale: float, tiling: Tiling, interpret:
     V = do.shape[-1]
     C, BK, BV = tiling.chunk_size, tiling.block_k, tiling.block_v
     NT = T // C
-    has_seg = rel is not None
     kmap = lambda b, h, i, j: (b, 0, h, i)
+    smap = lambda b, h, i, j: (b, h, i, j)
     in_specs = [
         pl.BlockSpec((SQ, T, SQ, BK), kmap),
         pl.BlockSpec((SQ, T, SQ, BK), kmap),
         pl.BlockSpec((SQ, T, SQ, BV), lambda b, h, i, j: (b, 0, h, j)),
-        pl.BlockSpec((SQ, SQ, BK, BV), lambda b, h, i, j: (b, h, i, j)),
+        pl.BlockSpec((SQ, SQ, BK, BV), smap),
     ]
-    args = [q, gc, do, dht]
-    if has_seg:
-        in_specs.append(pl.BlockSpec((SQ, T), lambda b, h, i, j: (b, 0)))
-        args.append(rel)
-    kernel = functools.partial(_dstate_kernel, C=C, NT=NT, scale=scale, has_seg=has_seg, dt=q.dtype)
-    return pl.pallas_call(
-        kernel,
+    return launch(
+        _dstate_kernel, [q, gc, do, dht], in_specs, rel=rel,
+        rel_spec=pl.BlockSpec((SQ, T), lambda b, h, i, j: (b, 0)),
         grid=(B, H, K // BK, V // BV),
-        in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((SQ, NT, SQ, BK, BV), lambda b, h, i, j: (b, 0, h, i, j)),
-            pl.BlockSpec((SQ, SQ, BK, BV), lambda b, h, i, j: (b, h, i, j)),
-        ],
+        out_specs=[pl.BlockSpec((SQ, NT, SQ, BK, BV), lambda b, h, i, j: (b, 0, h, i, j)),
+                   pl.BlockSpec((SQ, SQ, BK, BV), smap)],
         out_shape=[jax.ShapeDtypeStruct((B, NT, H, K, V), state_dtype), jax.ShapeDtypeStruct((B, H, K, V), F32)],
-        compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
-        interpret=interpret,
-        name="gla_state_bwd",
-    )(*args)
+        tiling=tiling, interpret=interpret, name="gla_state_bwd",
+        C=C, NT=NT, scale=scale, dt=q.dtype,
+    )
 
 
 def attn_grad(do, v, rel, *, tiling: Tiling, interpret: bool):
     """dA [B, T, H, C] float32 (causal, same document)."""
     B, T, H, V = v.shape
     C, BV = tiling.chunk_size, tiling.block_v
-    has_seg = rel is not None
     cmap = lambda b, h, n: (b, n, h, 0)
-    in_specs = [pl.BlockSpec((SQ, C, SQ, V), cmap)] * 2
-    args = [do, v]
-    if has_seg:
-        in_specs.append(pl.BlockSpec((SQ, C), lambda b, h, n: (b, n)))
-        args.append(rel)
-    kernel = functools.partial(_attn_grad_kernel, C=C, NV=V // BV, BV=BV, has_seg=has_seg, dt=v.dtype)
-    return pl.pallas_call(
-        kernel,
+    return launch(
+        _attn_grad_kernel, [do, v], [pl.BlockSpec((SQ, C, SQ, V), cmap)] * 2, rel=rel,
+        rel_spec=pl.BlockSpec((SQ, C), lambda b, h, n: (b, n)),
         grid=(B, H, T // C),
-        in_specs=in_specs,
         out_specs=pl.BlockSpec((SQ, C, SQ, C), cmap),
         out_shape=jax.ShapeDtypeStruct((B, T, H, C), F32),
-        compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
-        interpret=interpret,
-        name="gla_attn_bwd",
-    )(*args)
+        tiling=tiling, interpret=interpret, name="gla_attn_bwd",
+        C=C, NV=V // BV, BV=BV, dt=v.dtype,
+    )
 
 
 def value_grad(a, do, k, gc, dhs, rel, *, tiling: Tiling, interpret: bool):
@@ -250,7 +233,6 @@ def value_grad(a, do, k, gc, dhs, rel, *, tiling: Tiling, interpret: bool):
     B, T, H, K = k.shape
     V = do.shape[-1]
     C, BK, BV = tiling.chunk_size, tiling.block_k, tiling.block_v
-    has_seg = rel is not None
     cmap = lambda b, h, n, j: (b, n, h, 0)
     vmap = lambda b, h, n, j: (b, n, h, j)
     in_specs = [
@@ -260,21 +242,15 @@ def value_grad(a, do, k, gc, dhs, rel, *, tiling: Tiling, interpret: bool):
         pl.BlockSpec((SQ, C, SQ, K), cmap),
         pl.BlockSpec((SQ, SQ, SQ, K, BV), lambda b, h, n, j: (b, n, h, 0, j)),
     ]
-    args = [a, do, k, gc, dhs]
-    if has_seg:
-        in_specs.append(pl.BlockSpec((SQ, C), lambda b, h, n, j: (b, n)))
-        args.append(rel)
-    kernel = functools.partial(_dv_kernel, C=C, NK=K // BK, BK=BK, has_seg=has_seg, dt=k.dtype)
-    return pl.pallas_call(
-        kernel,
+    return launch(
+        _dv_kernel, [a, do, k, gc, dhs], in_specs, rel=rel,
+        rel_spec=pl.BlockSpec((SQ, C), lambda b, h, n, j: (b, n)),
         grid=(B, H, T // C, V // BV),
-        in_specs=in_specs,
         out_specs=pl.BlockSpec((SQ, C, SQ, BV), vmap),
         out_shape=jax.ShapeDtypeStruct((B, T, H, V), F32),
-        compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
-        interpret=interpret,
-        name="gla_dv_bwd",
-    )(*args)
+        tiling=tiling, interpret=interpret, name="gla_dv_bwd",
+        C=C, NK=K // BK, BK=BK, dt=k.dtype,
+    )
 
 
 def query_key_grad(q, k, gc, do, v, hs, dhs, da, rel, *, scale: float, tiling: Tiling, interpret: bool):
@@ -282,36 +258,24 @@ def query_key_grad(q, k, gc, do, v, hs, dhs, da, rel, *, scale: float, tiling: T
     B, T, H, K = q.shape
     V = v.shape[-1]
     C, BK, BV = tiling.chunk_size, tiling.block_k_bwd, tiling.block_v
-    has_seg = rel is not None
     kmap = lambda b, h, n, kt: (b, n, h, kt)
     fmap = lambda b, h, n, kt: (b, n, h, 0)
     smap = lambda b, h, n, kt: (b, n, h, kt, 0)
     in_specs = [
-        pl.BlockSpec((SQ, C, SQ, BK), kmap),
-        pl.BlockSpec((SQ, C, SQ, BK), kmap),
-        pl.BlockSpec((SQ, C, SQ, BK), kmap),
-        pl.BlockSpec((SQ, C, SQ, V), fmap),
-        pl.BlockSpec((SQ, C, SQ, V), fmap),
-        pl.BlockSpec((SQ, SQ, SQ, BK, V), smap),
-        pl.BlockSpec((SQ, SQ, SQ, BK, V), smap),
-        pl.BlockSpec((SQ, C, SQ, C), fmap),
+        *[pl.BlockSpec((SQ, C, SQ, BK), kmap)] * 3,  # q, k, gc
+        *[pl.BlockSpec((SQ, C, SQ, V), fmap)] * 2,  # do, v
+        *[pl.BlockSpec((SQ, SQ, SQ, BK, V), smap)] * 2,  # hs, dhs
+        pl.BlockSpec((SQ, C, SQ, C), fmap),  # da
     ]
-    args = [q, k, gc, do, v, hs, dhs, da]
-    if has_seg:
-        in_specs.append(pl.BlockSpec((SQ, C), lambda b, h, n, kt: (b, n)))
-        args.append(rel)
-    out_spec = pl.BlockSpec((SQ, C, SQ, BK), kmap)
-    kernel = functools.partial(_dqk_kernel, C=C, NV=V // BV, BV=BV, scale=scale, has_seg=has_seg, dt=q.dtype)
-    return pl.pallas_call(
-        kernel,
+    return launch(
+        _dqk_kernel, [q, k, gc, do, v, hs, dhs, da], in_specs, rel=rel,
+        rel_spec=pl.BlockSpec((SQ, C), lambda b, h, n, kt: (b, n)),
         grid=(B, H, T // C, K // BK),
-        in_specs=in_specs,
-        out_specs=[out_spec] * 3,
+        out_specs=[pl.BlockSpec((SQ, C, SQ, BK), kmap)] * 3,
         out_shape=[jax.ShapeDtypeStruct((B, T, H, K), F32)] * 3,
-        compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
-        interpret=interpret,
-        name="gla_dqk_bwd",
-    )(*args)
+        tiling=tiling, interpret=interpret, name="gla_dqk_bwd",
+        C=C, NV=V // BV, BV=BV, scale=scale, dt=q.dtype,
+    )
 
 
 def backward(q, k, v, g, h0, rel, a, do, dht, *, scale: float, tiling: Tiling, interpret: bool):

@@ -21,7 +21,6 @@ position has ``rel == 0``.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from .tiling import SQUEEZED as SQ, SUB_CHUNK, Tiling, compiler_params, dot
+from .tiling import SQUEEZED as SQ, SUB_CHUNK, Tiling, dot, launch
 
 F32 = jnp.float32
 
@@ -145,32 +144,24 @@ def state_pass(k, v, gc, h0, rel, *, tiling: Tiling, interpret: bool, state_dtyp
     V = v.shape[-1]
     C, BK, BV = tiling.chunk_size, tiling.block_k, tiling.block_v
     NT = T // C
-    has_seg = rel is not None
     kmap = lambda b, h, i, j: (b, 0, h, i)
+    smap = lambda b, h, i, j: (b, h, i, j)
     in_specs = [
         pl.BlockSpec((SQ, T, SQ, BK), kmap),
         pl.BlockSpec((SQ, T, SQ, BV), lambda b, h, i, j: (b, 0, h, j)),
         pl.BlockSpec((SQ, T, SQ, BK), kmap),
-        pl.BlockSpec((SQ, SQ, BK, BV), lambda b, h, i, j: (b, h, i, j)),
+        pl.BlockSpec((SQ, SQ, BK, BV), smap),
     ]
-    args = [k, v, gc, h0]
-    if has_seg:
-        in_specs.append(pl.BlockSpec((SQ, T), lambda b, h, i, j: (b, 0)))
-        args.append(rel)
-    kernel = functools.partial(_state_kernel, C=C, NT=NT, has_seg=has_seg, dt=k.dtype)
-    return pl.pallas_call(
-        kernel,
+    return launch(
+        _state_kernel, [k, v, gc, h0], in_specs, rel=rel,
+        rel_spec=pl.BlockSpec((SQ, T), lambda b, h, i, j: (b, 0)),
         grid=(B, H, K // BK, V // BV),
-        in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((SQ, NT, SQ, BK, BV), lambda b, h, i, j: (b, 0, h, i, j)),
-            pl.BlockSpec((SQ, SQ, BK, BV), lambda b, h, i, j: (b, h, i, j)),
-        ],
+        out_specs=[pl.BlockSpec((SQ, NT, SQ, BK, BV), lambda b, h, i, j: (b, 0, h, i, j)),
+                   pl.BlockSpec((SQ, SQ, BK, BV), smap)],
         out_shape=[jax.ShapeDtypeStruct((B, NT, H, K, V), state_dtype), jax.ShapeDtypeStruct((B, H, K, V), F32)],
-        compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
-        interpret=interpret,
-        name="gla_state_fwd",
-    )(*args)
+        tiling=tiling, interpret=interpret, name="gla_state_fwd",
+        C=C, NT=NT, dt=k.dtype,
+    )
 
 
 def intra_chunk(q, k, gc, rel, *, scale: float, tiling: Tiling, interpret: bool):
@@ -178,26 +169,16 @@ def intra_chunk(q, k, gc, rel, *, scale: float, tiling: Tiling, interpret: bool)
     document), else 0."""
     B, T, H, K = q.shape
     C, BK = tiling.chunk_size, tiling.block_k
-    NT = T // C
-    has_seg = rel is not None
     cmap = lambda b, h, n: (b, n, h, 0)
-    in_specs = [pl.BlockSpec((SQ, C, SQ, K), cmap)] * 3
-    args = [q, k, gc]
-    if has_seg:
-        in_specs.append(pl.BlockSpec((SQ, C), lambda b, h, n: (b, n)))
-        args.append(rel)
-    kernel = functools.partial(_intra_kernel, C=C, NK=K // BK, BK=BK, BKD=min(tiling.block_k_intra, BK),
-                               scale=scale, has_seg=has_seg, dt=q.dtype)
-    return pl.pallas_call(
-        kernel,
-        grid=(B, H, NT),
-        in_specs=in_specs,
+    return launch(
+        _intra_kernel, [q, k, gc], [pl.BlockSpec((SQ, C, SQ, K), cmap)] * 3, rel=rel,
+        rel_spec=pl.BlockSpec((SQ, C), lambda b, h, n: (b, n)),
+        grid=(B, H, T // C),
         out_specs=pl.BlockSpec((SQ, C, SQ, C), cmap),
         out_shape=jax.ShapeDtypeStruct((B, T, H, C), F32),
-        compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
-        interpret=interpret,
-        name="gla_intra_fwd",
-    )(*args)
+        tiling=tiling, interpret=interpret, name="gla_intra_fwd",
+        C=C, NK=K // BK, BK=BK, BKD=min(tiling.block_k_intra, BK), scale=scale, dt=q.dtype,
+    )
 
 
 def output(q, gc, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret: bool):
@@ -205,8 +186,6 @@ def output(q, gc, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret: boo
     B, T, H, K = q.shape
     V = v.shape[-1]
     C, BK, BV = tiling.chunk_size, tiling.block_k, tiling.block_v
-    NT = T // C
-    has_seg = rel is not None
     cmap = lambda b, h, n, j: (b, n, h, 0)
     vmap = lambda b, h, n, j: (b, n, h, j)
     in_specs = [
@@ -216,21 +195,15 @@ def output(q, gc, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret: boo
         pl.BlockSpec((SQ, C, SQ, C), cmap),
         pl.BlockSpec((SQ, SQ, SQ, K, BV), lambda b, h, n, j: (b, n, h, 0, j)),
     ]
-    args = [q, gc, v, a, hs]
-    if has_seg:
-        in_specs.append(pl.BlockSpec((SQ, C), lambda b, h, n, j: (b, n)))
-        args.append(rel)
-    kernel = functools.partial(_output_kernel, NK=K // BK, BK=BK, scale=scale, has_seg=has_seg, dt=q.dtype)
-    return pl.pallas_call(
-        kernel,
-        grid=(B, H, NT, V // BV),
-        in_specs=in_specs,
+    return launch(
+        _output_kernel, [q, gc, v, a, hs], in_specs, rel=rel,
+        rel_spec=pl.BlockSpec((SQ, C), lambda b, h, n, j: (b, n)),
+        grid=(B, H, T // C, V // BV),
         out_specs=pl.BlockSpec((SQ, C, SQ, BV), vmap),
         out_shape=jax.ShapeDtypeStruct((B, T, H, V), v.dtype),
-        compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
-        interpret=interpret,
-        name="gla_output_fwd",
-    )(*args)
+        tiling=tiling, interpret=interpret, name="gla_output_fwd",
+        NK=K // BK, BK=BK, scale=scale, dt=q.dtype,
+    )
 
 
 def forward(q, k, v, g, h0, rel, *, scale: float, tiling: Tiling, interpret: bool):

@@ -8,6 +8,7 @@ the tile sizes here only need to divide the padded widths.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -32,6 +33,25 @@ def compiler_params(num_warps: int, num_stages: int):
     if cls is None:  # very old jax: the class lived in pallas itself
         cls = getattr(pl, "TritonCompilerParams")
     return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def launch(kernel, args, in_specs, *, rel, rel_spec, grid, out_specs, out_shape, tiling: "Tiling", interpret: bool,
+           name: str, **static):
+    """``pl.pallas_call`` of ``kernel`` over ``args``, with the optional packed-document array ``rel`` (blocked by
+    ``rel_spec``) appended as the last input; ``has_seg`` and ``static`` are bound as keyword arguments."""
+    has_seg = rel is not None
+    if has_seg:
+        args, in_specs = [*args, rel], [*in_specs, rel_spec]
+    return pl.pallas_call(
+        functools.partial(kernel, has_seg=has_seg, **static),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
+        interpret=interpret,
+        name=name,
+    )(*args)
 
 
 def next_pow2(n: int) -> int:
