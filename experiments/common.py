@@ -109,6 +109,19 @@ def _jsonable(x):
     return x
 
 
+def repo_relative(value):
+    """``value`` with an absolute path inside this repository rewritten relative to the repository root (results
+    must not name the machine they ran on); anything else unchanged."""
+    if isinstance(value, (str, pathlib.PurePath)):
+        path = pathlib.Path(value)
+        if path.is_absolute():
+            try:
+                return str(path.resolve().relative_to(REPO_ROOT.resolve()))
+            except ValueError:
+                return str(value)
+    return value
+
+
 def write_results(name: str, *, config: dict, seed: int, results: list[dict], out_dir: pathlib.Path | str,
                   started: str | None = None, extra: dict | None = None) -> pathlib.Path:
     """Writes ``<out_dir>/<name>.json`` (experiment, config, seed, env, started, finished, results[, extra])."""
@@ -120,7 +133,7 @@ def write_results(name: str, *, config: dict, seed: int, results: list[dict], ou
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {
         "experiment": name,
-        "config": config,
+        "config": {k: repo_relative(v) for k, v in config.items()},
         "seed": seed,
         "env": env_info(),
         "started": started or utc_now(),

@@ -5,13 +5,16 @@ Each example is a sequence of ``seq_len`` tokens that starts with ``num_kv_pairs
 rest of the sequence every key appears once more, as a query, at an even offset chosen without replacement with
 probability proportional to ``gap ** (power_a - 1)`` (short gaps favoured; ``power_a`` = 0.01 as in the
 literature). The model must output the key's value at the query position; only query positions are scored.
-Positions that are neither context nor query hold random tokens.
+Positions that are neither context nor query hold token 0 by default, or random tokens with ``--random-fill`` (the
+literature's choice, made with a vocabulary of 8192; in a small vocabulary a random token often repeats a key).
 
 Models (2 layers, 2 heads, as in the GLA paper's MQAR figure): GLA, data-dependent scalar gate, fixed per-head
-decay (RetNet-style), no gate (plain linear attention) and Transformer++ (softmax attention), over model widths.
+decay (RetNet-style), no gate (plain linear attention), all four with fla's short convolution (``--no-conv`` drops
+it), and Transformer++ (softmax attention), over model widths.
 Expected at full size: attention ~100%; GLA above fixed decay and no gate.
 
-    python experiments/mqar.py                  # CPU default (minutes)
+    python experiments/mqar.py                  # CPU default: seq 32, 4 pairs, vocab 64, widths 32/64, 1000
+                                                # steps of 64 (about half an hour on 2 cores)
     python experiments/mqar.py --smoke          # seconds; the pipeline only
     python experiments/mqar.py --paper          # the literature's setting (vocab 8192, seq 256/512, 16/64 pairs,
                                                 # widths 64-512): a GPU job
@@ -94,8 +97,11 @@ def mqar_batch(rng: np.random.Generator, batch: int, seq_len: int, num_kv_pairs:
 
 
 def build_model(kind: str, *, width: int, vocab_size: int, seq_len: int, layers: int = 2, heads: int = 2,
-                seed: int = 0, impl: str = "auto"):
-    """A ``layers``-deep language model of ``width`` for ``kind`` in MODELS (a GLA gate variant or Transformer++)."""
+                seed: int = 0, impl: str = "auto", short_conv: bool = True):
+    """A ``layers``-deep language model of ``width`` for ``kind`` in MODELS (a GLA gate variant or Transformer++).
+
+    ``short_conv``: the GLA variants get fla's short convolution on q/k/v (``use_short_conv``, kernel 4), as the
+    linear-attention models of the recall literature do; Transformer++ never has one."""
     from flax import nnx
 
     from gla_jax.models import GLAConfig, GLAForCausalLM
@@ -109,7 +115,7 @@ def build_model(kind: str, *, width: int, vocab_size: int, seq_len: int, layers:
         from gla_jax.models import TransformerConfig, TransformerForCausalLM
 
         return TransformerForCausalLM(TransformerConfig(**shared, max_position_embeddings=seq_len), rngs=rngs)
-    return GLAForCausalLM(GLAConfig(**shared, gate=kind, impl=impl), rngs=rngs)
+    return GLAForCausalLM(GLAConfig(**shared, gate=kind, impl=impl, use_short_conv=short_conv), rngs=rngs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,15 +147,17 @@ def run(args) -> dict:
     settings = [tuple(int(x) for x in s.split(":")) for s in args.settings]
     rows = []
     for seq_len, n_kv in settings:
-        test = mqar_batch(np.random.default_rng(10_000 + args.seed), args.test_examples, seq_len, n_kv, args.vocab)
+        test = mqar_batch(np.random.default_rng(10_000 + args.seed), args.test_examples, seq_len, n_kv, args.vocab,
+                          random_non_queries=args.random_fill)
         for width in args.widths:
             for kind in args.models:
                 rng = np.random.default_rng(args.seed)
                 model = build_model(kind, width=width, vocab_size=args.vocab, seq_len=seq_len, layers=args.layers,
-                                    heads=args.heads, seed=args.seed)
+                                    heads=args.heads, seed=args.seed, short_conv=not args.no_conv)
 
                 def batches(step, rng=rng, seq_len=seq_len, n_kv=n_kv):
-                    x, y, m = mqar_batch(rng, args.batch, seq_len, n_kv, args.vocab)
+                    x, y, m = mqar_batch(rng, args.batch, seq_len, n_kv, args.vocab,
+                                         random_non_queries=args.random_fill)
                     return jnp.asarray(x), jnp.asarray(y), jnp.asarray(m)
 
                 hist, secs = C.train_model(model, batches, steps=args.steps, lr=args.lr,
@@ -194,15 +202,19 @@ def parse_args(argv=None):
     p = C.base_parser(__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--widths", nargs="+", type=int, default=[32, 64])
-    p.add_argument("--settings", nargs="+", default=["64:8"], help="seq_len:num_kv_pairs pairs")
-    p.add_argument("--vocab", type=int, default=128)
+    p.add_argument("--settings", nargs="+", default=["32:4"], help="seq_len:num_kv_pairs pairs")
+    p.add_argument("--vocab", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--test-examples", type=int, default=512)
+    p.add_argument("--no-conv", action="store_true", help="GLA variants without the short convolution")
+    p.add_argument("--random-fill", action="store_true",
+                   help="fill non-query positions with random tokens (the literature's default; with a small "
+                        "vocabulary they often repeat a key, which makes recall ambiguous)")
     p.add_argument("--paper", action="store_true",
                    help="the literature's setting: vocab 8192, seq 256 (16 pairs) and 512 (64 pairs), widths "
                         "64-512, 20k steps of batch 256 (a GPU job)")
@@ -215,6 +227,7 @@ def parse_args(argv=None):
     elif args.paper:
         args.widths, args.settings, args.vocab = [64, 128, 256, 512], ["256:16", "512:64"], 8192
         args.steps, args.batch, args.lr, args.test_examples = 20_000, 256, 1e-3, 3000
+        args.random_fill = True
     return args
 
 

@@ -254,12 +254,16 @@ def _check_doc(doc, name):
 
 
 def test_write_results_and_table(common, tmp_path):
-    path = common.write_results("demo", config={"a": 1, "p": pathlib.Path("x")}, seed=7,
+    inside = common.REPO_ROOT.resolve() / "experiments" / "results"
+    path = common.write_results("demo", config={"a": 1, "p": pathlib.Path("x"), "out": str(inside),
+                                                "elsewhere": str(tmp_path)}, seed=7,
                                 results=[{"x": np.float32(1.5), "y": float("nan"), "z": np.arange(2)}],
                                 out_dir=tmp_path)
     doc = json.loads(path.read_text())
     _check_doc(doc, "demo")
     assert doc["results"] == [{"x": 1.5, "y": None, "z": [0, 1]}] and doc["config"]["p"] == "x"
+    # Paths inside the repository are stored relative to it (results name no machine); others stay as given.
+    assert doc["config"]["out"] == "experiments/results" and doc["config"]["elsewhere"] == str(tmp_path)
     with pytest.raises(ValueError, match="name"):
         common.write_results("a/b", config={}, seed=0, results=[], out_dir=tmp_path)
     table = common.format_table([{"a": 1, "b": 0.5}, {"a": 22, "b": None}])
