@@ -170,12 +170,41 @@ def run(args) -> dict:
                 print(f"  {LABELS[kind]:28s} width {width:4d}  T {seq_len:4d}  kv {n_kv:3d}  "
                       f"test acc {acc:.3f}  ({secs:.0f}s)", flush=True)
     config = {k: (v if not isinstance(v, pathlib.Path) else str(v)) for k, v in vars(args).items()}
-    path = C.write_results(args.name, config=config, seed=args.seed, results=rows, out_dir=args.out, started=started)
+    extra = None
+    if args.extend:
+        rows, extra = extend_rows(pathlib.Path(args.out) / f"{args.name}.json", config, rows)
+    path = C.write_results(args.name, config=config, seed=args.seed, results=rows, out_dir=args.out, started=started,
+                           extra=extra)
     print(C.format_table(rows, ["model", "width", "seq_len", "num_kv_pairs", "params", "final_train_loss",
                                 "test_acc", "train_seconds"]))
     if not args.no_plot:
         plot(rows, args.out, args.name)
     return {"json": path, "rows": rows}
+
+
+# Settings that must match for rows of two runs to share one results file (``--extend``).
+SHARED_CONFIG = ("vocab", "layers", "heads", "steps", "batch", "lr", "weight_decay", "test_examples", "seed",
+                 "random_fill", "no_conv")
+
+
+def extend_rows(path: pathlib.Path, config: dict, rows: list[dict]):
+    """Rows of the earlier results file at ``path`` that this run did not redo, followed by ``rows``; and a record
+    of the earlier run. Raises ValueError naming the first training setting that differs between the two runs."""
+    import json
+
+    if not path.exists():
+        return rows, None
+    old = json.loads(path.read_text())
+    for key in SHARED_CONFIG:
+        if old["config"].get(key) != config.get(key):
+            raise ValueError(f"--{key.replace('_', '-')}: {config.get(key)!r} differs from {old['config'].get(key)!r} "
+                             f"in {path.name}; --extend joins runs of the same settings only")
+    ident = lambda r: (r["model"], r["width"], r["seq_len"], r["num_kv_pairs"])
+    redone = {ident(r) for r in rows}
+    kept = [r for r in old["results"] if ident(r) not in redone]
+    earlier = {"started": old["started"], "finished": old["finished"], "git_commit": old["env"].get("git_commit"),
+               "argv": old["env"].get("argv"), "rows": len(kept)}
+    return kept + rows, {"extends": [*old.get("extends", []), earlier]}
 
 
 def plot(rows, out_dir, name):
@@ -219,6 +248,9 @@ def parse_args(argv=None):
                    help="the literature's setting: vocab 8192, seq 256 (16 pairs) and 512 (64 pairs), widths "
                         "64-512, 20k steps of batch 256 (a GPU job)")
     p.add_argument("--name", default="mqar", help="results file stem")
+    p.add_argument("--extend", action="store_true",
+                   help="add this run's rows to an existing results file of the same name and settings (e.g. one "
+                        "more width), replacing rows it redoes")
     args = p.parse_args(argv)
     if args.smoke:
         args.widths, args.settings, args.vocab, args.steps = [16], ["32:4"], 64, 3

@@ -159,6 +159,20 @@ def test_mqar_smoke(tmp_path):
     assert (tmp_path / "mqar_smoke.png").stat().st_size > 1000
 
 
+def test_mqar_extend_joins_runs_of_the_same_settings(mqar, common, tmp_path):
+    """--extend keeps the earlier file's rows that the new run does not redo, and refuses other settings."""
+    row = lambda model, width, acc: {"model": model, "width": width, "seq_len": 32, "num_kv_pairs": 4, "test_acc": acc}
+    config = {k: 1 for k in mqar.SHARED_CONFIG}
+    path = common.write_results("m", config=config, seed=1, results=[row("gla", 32, 0.1), row("gla", 64, 0.2)],
+                                out_dir=tmp_path)
+    rows, extra = mqar.extend_rows(path, config, [row("gla", 64, 0.9), row("gla", 128, 0.95)])
+    assert [(r["width"], r["test_acc"]) for r in rows] == [(32, 0.1), (64, 0.9), (128, 0.95)]
+    assert extra["extends"][0]["rows"] == 1
+    assert mqar.extend_rows(tmp_path / "absent.json", config, rows[:1]) == (rows[:1], None)
+    with pytest.raises(ValueError, match="^--lr: "):
+        mqar.extend_rows(path, {**config, "lr": 2}, rows)
+
+
 @needs_models
 def test_gate_ablation_smoke(tmp_path):
     gate = _load("gate_ablation")
