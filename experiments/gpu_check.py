@@ -39,8 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET_T = 8192
 TARGET_VS_FLA = 1.0
 TARGET_VS_CUDNN = 0.6
-TOL = {"float32": 1e-4, "bfloat16": 3e-3}
-TOL_DG_BF16 = 1.5e-2  # dg's reverse cumsum cancels; see tests/test_kernels.py
+TOL = {"float32": 1e-4, "bfloat16": 3e-3}  # every output and gradient (the bounds, as in tests/test_kernels.py)
 
 
 def _ensure_importable():
@@ -133,7 +132,7 @@ def check_correctness(*, B, T, H, K, V, interpret):
                     f32(q), f32(k), f32(v), f32(g), h0)
             errs = {n: rel_err(a, b) for n, a, b in zip(("o", "final_state", "dq", "dk", "dv", "dg", "dh0"), got, ref)}
             entry["rel_err"] = errs
-            limits = {n: (TOL_DG_BF16 if (n == "dg" and name != "float32") else TOL[name]) for n in errs}
+            limits = {n: TOL[name] for n in errs}
             entry["tolerance"] = limits
             entry["finite"] = bool(all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in got))
             entry["ok"] = entry["finite"] and all(errs[n] <= limits[n] for n in errs)

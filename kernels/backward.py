@@ -120,6 +120,7 @@ def _dqk_kernel(q_ref, k_ref, g_ref, do_ref, v_ref, hs_ref, dhs_ref, da_ref, *re
     if has_seg:
         rel_last = rel_ref[pl.ds(C - 1, 1)]
         carried = jnp.where(rel_last[:, None] == 0, carried, 0.0)  # it survives only a chunk with no start
+    tf32 = dt != F32
     xs, ys = [], []  # per sub-chunk: q ⊙ dq - k ⊙ dk_intra and k ⊙ dk_state, the terms of dg
     for i in range(NC):
         s0 = i * c
@@ -135,16 +136,17 @@ def _dqk_kernel(q_ref, k_ref, g_ref, do_ref, v_ref, hs_ref, dhs_ref, da_ref, *re
             dk_state = jnp.where((rel_i == rel_last)[:, None], dk_state, 0.0)  # only the last one leaves the chunk
         dk_i = jnp.zeros((c, BK), F32)
         # Off-diagonal intra-chunk parts (dA already holds the causal / same-document mask). float32 operands (TF32
-        # on the GPU), not ``dt``: these terms cancel pairwise in dg (+X in a row of dq, -X in a row of dk), and
-        # bfloat16 rounding of either side would leave ~3e-3 of dg's error; they are ~1/8 of the kernel's flops.
+        # on the GPU when ``dt`` is half precision), not ``dt``: these terms cancel pairwise in dg (+X in a row of
+        # dq, -X in a row of dk), and bfloat16 rounding of either side would leave ~3e-3 of dg's error; they are
+        # ~1/8 of the kernel's flops.
         if i > 0:
             r = g_ref[pl.ds(s0, 1), :]  # I's first row: columns before I have gates >= r
             k_before = jnp.where(rows < s0, k_all * jnp.exp(jnp.minimum(r - g_all, 0.0)), 0.0)
-            dq_i += (jnp.exp(g_i - r) * scale) * dot(da_ref[rows_i, :], k_before)
+            dq_i += (jnp.exp(g_i - r) * scale) * dot(da_ref[rows_i, :], k_before, tf32=tf32)
         if i < NC - 1:
             r2 = g_ref[pl.ds(s0 + c - 1, 1), :]  # I's last row: rows after I have gates <= r2
             q_after = jnp.where(rows >= s0 + c, q_all * jnp.exp(jnp.minimum(g_all - r2, 0.0)), 0.0)
-            dk_i += (jnp.exp(r2 - g_i) * scale) * dot(da_ref[:, rows_i], q_after, trans_a=True)
+            dk_i += (jnp.exp(r2 - g_i) * scale) * dot(da_ref[:, rows_i], q_after, trans_a=True, tf32=tf32)
         # Diagonal sub-block, elementwise in float32: w[i, j, d] = dA_ij e^{b_id - b_jd}.
         w = da_ref[rows_i, rows_i][:, :, None] * jnp.exp(jnp.minimum(g_i[:, None, :] - g_i[None, :, :], 0.0))
         dq_i += scale * jnp.sum(w * k_i[None, :, :], axis=1)

@@ -73,7 +73,8 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
     Args:
       q, k: [B, T, H, K] queries and keys; g: [B, T, H, K] log forget gates (<= 0); v: [B, T, H, V].
         float32, bfloat16 or float16 (float64 is computed in float32). Matmuls take the inputs' dtype with
-        float32 accumulation; gates, states and the diagonal sub-blocks are float32.
+        float32 accumulation (float32 matmuls are full IEEE float32 on the GPU, not TF32); gates, states and the
+        diagonal sub-blocks are float32.
       scale: query scale (default K ** -0.5).
       initial_state: [B, H, K, V] state before position 0 (belongs to the first document), or None.
       output_final_state: also return the state after the last position.

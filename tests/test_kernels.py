@@ -182,6 +182,12 @@ def test_lowers_for_cuda_bf16(K, V):
                                                        argnums=(0, 1, 2, 3)), *args)) == 8
 
 
+def test_lowers_for_cuda_float32():
+    """float32 inputs: the matmuls are full float32 (IEEE, not Triton's TF32 default), and that must lower too."""
+    args = _abstract_args(1, 200, 2, 64, 64, jnp.float32)
+    assert triton_kernel_count(lower_for_cuda(jax.grad(_loss, argnums=(0, 1, 2, 3, 4)), *args)) == 8
+
+
 def test_cuda_lowering_really_checks_triton_rules():
     """A kernel that breaks a Triton rule (a 24-row block) must fail lower_for_cuda, so the tests above mean
     something; the same kernel with 32 rows lowers."""
