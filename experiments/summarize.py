@@ -39,10 +39,10 @@ def mqar(doc) -> str:
                 d[f"width {w}"] = f"{hit[0]['test_acc']:.3f}" if hit else ""
             table.append(d)
         out.append(f"seq {t}, {n} pairs, accuracy on query positions:\n\n" + C.format_table(table))
-    for e in doc.get("extends", []):  # rows kept from earlier runs joined by --extend
-        out.insert(0, f"{e['rows']} rows from an earlier run: `python experiments/{' '.join(e['argv'])}` "
-                      f"(commit {(e['git_commit'] or '?')[:10]}, finished {e['finished']})")
-    return "\n\n".join(out)
+    earlier = [f"{e['rows']} rows from an earlier run: `python experiments/{' '.join(e['argv'])}` "
+               f"(commit {(e['git_commit'] or '?')[:10]}, finished {e['finished']})"
+               for e in doc.get("extends", [])]  # rows kept from earlier runs joined by --extend, oldest first
+    return "\n\n".join(earlier + out)
 
 
 def gate_ablation(doc) -> str:

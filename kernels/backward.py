@@ -159,29 +159,32 @@ def _dqk_kernel(q_ref, k_ref, g_ref, do_ref, v_ref, hs_ref, dhs_ref, da_ref, *re
     # so its sum needs no document mask), zero at document starts. All sums stay inside the chunk.
     sub = jnp.arange(c)
     later = sub[None, :] >= sub[:, None]  # [t, s]: s >= t
+    earlier = sub[None, :] < sub[:, None]  # [t, s]: s < t
+    rels = [rel_ref[pl.ds(i * c, c)] for i in range(NC)] if has_seg else None
     for i in range(NC):
-        rows_i = pl.ds(i * c, c)
         if has_seg:
-            rel_i = rel_ref[rows_i]
-            same = lambda rel_j: rel_j[None, :] == rel_i[:, None]
-            masked_sum = lambda m, x: jnp.sum(jnp.where(m[:, :, None], x[None, :, :], 0.0), axis=1)
-            acc = masked_sum(later & same(rel_i), xs[i])
+            same = lambda j: rels[j][None, :] == rels[i][:, None]  # [t, s]: same document
+            acc = _masked_row_sum(later & same(i), xs[i])
             for j in range(i + 1, NC):
-                acc += masked_sum(same(rel_ref[pl.ds(j * c, c)]), xs[j])
+                acc += _masked_row_sum(same(j), xs[j])
         else:
-            acc = jnp.sum(jnp.where(later[:, :, None], xs[i][None, :, :], 0.0), axis=1)
+            acc = _masked_row_sum(later, xs[i])
             for j in range(i + 1, NC):
                 acc += jnp.sum(xs[j], axis=0, keepdims=True)
-        acc += jnp.sum(jnp.where((sub[None, :] < sub[:, None])[:, :, None], ys[i][None, :, :], 0.0), axis=1)
+        acc += _masked_row_sum(earlier, ys[i])
         for j in range(i):
             acc += jnp.sum(ys[j], axis=0, keepdims=True)
         acc += carried
         if has_seg:  # a document start: its gate multiplies a state that is dropped
-            prev = rel_ref[pl.ds(i * c - 1, 1)] if i > 0 else jnp.zeros((1,), rel_i.dtype)
-            before = jnp.max(jnp.where(sub[None, :] < sub[:, None], rel_i[None, :], 0), axis=1)
-            start = rel_i != jnp.maximum(before, prev)
-            acc = jnp.where(start[:, None], 0.0, acc)
-        dg_ref[rows_i, :] = acc
+            prev = rel_ref[pl.ds(i * c - 1, 1)] if i > 0 else jnp.zeros((1,), rels[i].dtype)
+            before = jnp.max(jnp.where(earlier, rels[i][None, :], 0), axis=1)
+            acc = jnp.where((rels[i] != jnp.maximum(before, prev))[:, None], 0.0, acc)
+        dg_ref[pl.ds(i * c, c), :] = acc
+
+
+def _masked_row_sum(mask, x):
+    """[t, d] = Σ_s mask[t, s] x[s, d] for one sub-chunk, elementwise in float32 (mask [c, c] bool, x [c, BK])."""
+    return jnp.sum(jnp.where(mask[:, :, None], x[None, :, :], 0.0), axis=1)
 
 
 # ----------------------------------------------------------------------------------------------------- launchers
