@@ -8,9 +8,9 @@ Passes (DESIGN.md §1, chunkwise form):
   2. ``state_pass``: per (batch, head, K tile, V tile) a sequential loop over chunks that writes the state entering
      every chunk (``hs`` [B, NT, H, K, V]) and the final state.
   3. ``intra_chunk``: A [B, T, H, C], the causal intra-chunk attention matrix (scale included), one program per
-     chunk, 16 rows (a sub-chunk I) at a time: the off-diagonal part (columns before I) is one half-precision
+     chunk, 16 rows (a sub-chunk I) per loop step: the off-diagonal part (columns before I) is one half-precision
      matmul relative to the gate at I's first row; the diagonal 16x16 sub-block is elementwise float32 in log
-     space.
+     space, a column at a time.
   4. ``output``: o = (scale q ⊙ e^b) S + A v per (chunk, V tile).
 
 Packed documents are handled with ``rel`` [B, T] int32: the number of document starts from the chunk start up
@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from .tiling import SQUEEZED as SQ, SUB_CHUNK, Tiling, dot, launch
 
@@ -78,48 +77,47 @@ def _state_kernel(k_ref, v_ref, g_ref, h0_ref, *rest, C, NT, has_seg, dt):
     ht_ref[...] = lax.fori_loop(0, NT, body, h0_ref[...].astype(F32))
 
 
-def _intra_kernel(q_ref, k_ref, g_ref, *rest, C, NK, BK, BKD, scale, has_seg, dt):
-    """One (b, h, chunk): A of the chunk, 16 rows (one sub-chunk I) at a time, zeros above the diagonal."""
+def _intra_kernel(q_ref, k_ref, g_ref, *rest, C, NK, BK, scale, has_seg, dt):
+    """One (b, h, chunk): A of the chunk, one sub-chunk I (16 rows of A) per loop step, zeros above the diagonal.
+
+    Loops (``fori_loop``) rather than Python unrolling keep the compiled kernel small: a few thousand lines of PTX
+    and seconds to compile instead of ~40k lines and minutes."""
     rel_ref, (a_ref,) = _split(rest, has_seg)
     c = SUB_CHUNK
-    NC = C // c
-    cols = jnp.arange(C)
-    a_off = [jnp.zeros((c, C), F32) for _ in range(NC)]
-    a_diag = [jnp.zeros((c, c), F32) for _ in range(NC)]
-    for kt in range(NK):
-        ks = pl.ds(kt * BK, BK)
-        k_all = k_ref[:, ks].astype(F32)
-        g_all = g_ref[:, ks]
-        for i in range(1, NC):  # off-diagonal: I against the sub-chunks before it, one matmul
-            s0 = i * c
-            r = g_ref[pl.ds(s0, 1), ks]  # [1, BK] reference gate: I's first row
-            q_i = q_ref[pl.ds(s0, c), ks].astype(F32) * jnp.exp(g_ref[pl.ds(s0, c), ks] - r)  # exponents <= 0
-            k_before = jnp.where((cols < s0)[:, None], k_all * jnp.exp(jnp.minimum(r - g_all, 0.0)), 0.0)
-            a_off[i] += dot(q_i.astype(dt), k_before.astype(dt), trans_b=True)
-        for i in range(NC):  # diagonal sub-blocks, elementwise in float32 log space
-            for kd in range(BK // BKD):
-                ds = pl.ds(kt * BK + kd * BKD, BKD)
-                gd = g_ref[pl.ds(i * c, c), ds]
-                e = jnp.exp(jnp.minimum(gd[:, None, :] - gd[None, :, :], 0.0))  # [i, j, d]; j > i masked below
-                qd = q_ref[pl.ds(i * c, c), ds].astype(F32)
-                kd_ = k_ref[pl.ds(i * c, c), ds].astype(F32)
-                a_diag[i] += jnp.sum(qd[:, None, :] * kd_[None, :, :] * e, axis=2)
-    rows = jnp.arange(c)
-    causal = rows[:, None] >= rows[None, :]
-    if has_seg:
-        rel = rel_ref[...]
-    for i in range(NC):
-        s0 = i * c
-        a_d = jnp.where(causal, a_diag[i], 0.0)
-        a_o = a_off[i]
+    cols = jnp.arange(C)[None, :]
+    rows = jnp.arange(c)[:, None]
+    rows_all = jnp.arange(C)[:, None]
+
+    def sub_chunk(i, carry):
+        s0 = pl.multiple_of(i * c, c)
+        rows_i = pl.ds(s0, c)
+        a = jnp.zeros((c, C), F32)
+        for kt in range(NK):
+            ks = pl.ds(kt * BK, BK)
+            g_i = g_ref[rows_i, ks]
+            # Off-diagonal: I against every column before it, one matmul relative to I's first-row gate r (the
+            # columns before I have gates >= r, I's rows <= r: both exponents <= 0). Zero for the first sub-chunk.
+            r = g_ref[pl.ds(s0, 1), ks]
+            q_i = q_ref[rows_i, ks].astype(F32) * jnp.exp(g_i - r)
+            k_all = k_ref[:, ks].astype(F32)
+            k_before = jnp.where(rows_all < s0, k_all * jnp.exp(jnp.minimum(r - g_ref[:, ks], 0.0)), 0.0)
+            a += dot(q_i.astype(dt), k_before.astype(dt), trans_b=True)
+            # Diagonal sub-block, elementwise in float32 log space, one column j at a time.
+            q_i = q_ref[rows_i, ks].astype(F32)
+
+            def column(j, a):
+                k_j = k_ref[pl.ds(s0 + j, 1), ks].astype(F32)
+                e = jnp.exp(jnp.minimum(g_i - g_ref[pl.ds(s0 + j, 1), ks], 0.0))  # rows >= j are kept: exponent <= 0
+                col = jnp.sum(q_i * k_j * e, axis=1, keepdims=True)  # [c, 1]
+                return jnp.where((cols == s0 + j) & (rows >= j), a + col, a)
+
+            a = lax.fori_loop(0, c, column, a)
         if has_seg:
-            r_i = rel_ref[pl.ds(s0, c)]
-            a_o = jnp.where(r_i[:, None] == rel[None, :], a_o, 0.0)
-            a_d = jnp.where(r_i[:, None] == r_i[None, :], a_d, 0.0)
-        # Two disjoint stores: everything but I's own columns, then the diagonal block.
-        outside = jnp.broadcast_to(((cols < s0) | (cols >= s0 + c))[None, :], (c, C))
-        plgpu.store(a_ref.at[pl.ds(s0, c), :], a_o * scale, mask=outside)
-        a_ref[pl.ds(s0, c), pl.ds(s0, c)] = a_d * scale
+            a = jnp.where(rel_ref[rows_i][:, None] == rel_ref[...][None, :], a, 0.0)
+        a_ref[rows_i, :] = a * scale
+        return carry
+
+    lax.fori_loop(0, C // c, sub_chunk, 0)
 
 
 def _output_kernel(q_ref, g_ref, v_ref, a_ref, hs_ref, *rest, NK, BK, scale, has_seg, dt):
@@ -177,7 +175,7 @@ def intra_chunk(q, k, gc, rel, *, scale: float, tiling: Tiling, interpret: bool)
         out_specs=pl.BlockSpec((SQ, C, SQ, C), cmap),
         out_shape=jax.ShapeDtypeStruct((B, T, H, C), F32),
         tiling=tiling, interpret=interpret, name="gla_intra_fwd",
-        C=C, NK=K // BK, BK=BK, BKD=min(tiling.block_k_intra, BK), scale=scale, dt=q.dtype,
+        C=C, NK=K // BK, BK=BK, scale=scale, dt=q.dtype,
     )
 
 

@@ -77,14 +77,12 @@ class Tiling:
 
     chunk_size: C, the chunk length (>= 16). block_k / block_v: K and V tiles of the state and output kernels.
     block_k_bwd: K tile of the dq/dk kernel (its diagonal sub-blocks form [16, 16, block_k_bwd] float32 tensors).
-    block_k_intra: K slice of the diagonal sub-blocks in the forward intra-chunk kernel.
     """
 
     chunk_size: int = 64
     block_k: int = 64
     block_v: int = 64
     block_k_bwd: int = 32
-    block_k_intra: int = 16
     num_warps: int = 4
     num_stages: int = 2
 
@@ -95,11 +93,10 @@ class Tiling:
             block_k=min(self.block_k, K),
             block_v=min(self.block_v, V),
             block_k_bwd=min(self.block_k_bwd, K),
-            block_k_intra=min(self.block_k_intra, K),
         )
 
     def validate(self) -> None:
-        for name in ("chunk_size", "block_k", "block_v", "block_k_bwd", "block_k_intra"):
+        for name in ("chunk_size", "block_k", "block_v", "block_k_bwd"):
             val = getattr(self, name)
             if not isinstance(val, int) or val < SUB_CHUNK or val & (val - 1):
                 raise ValueError(f"{name}: expected a power of two >= {SUB_CHUNK}, got {val!r}")
