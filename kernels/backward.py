@@ -8,17 +8,20 @@ dS_n the gradient of the state leaving chunk n (both [K, V] per batch and head):
      for every chunk and the initial state's gradient.
   3. ``attn_grad``: dA = do vᵀ (causal, same document) per chunk.
   4. ``dv``: dv = Aᵀ do + (k ⊙ e^{b_C - b}) dS_n per (chunk, V tile).
-  5. ``dqk``: per (chunk, K tile), 16 rows (a sub-chunk) at a time, the inter-chunk parts (do Sᵀ, v dSᵀ), the
-     off-diagonal intra parts as half-precision matmuls relative to a sub-chunk reference gate, and the diagonal
-     sub-block elementwise in float32.
-  6. dg, in the same kernel, by the reverse-cumulative-sum identity applied per chunk: with x = q ⊙ dq − k ⊙ dk_intra
-     and y = k ⊙ dk_state (dk_state = (v dSᵀ) ⊙ e^{b_C - b}, the part through the state leaving the chunk),
+  5. ``dqk``: per (chunk, K tile), one sub-chunk (16 rows) per loop step, the inter-chunk parts (do Sᵀ, v dSᵀ),
+     the off-diagonal intra parts as matmuls relative to a sub-chunk reference gate, and the diagonal sub-block
+     elementwise in float32, a column at a time; also the chunk's edge term of dg (step 6).
+  6. dg (``gate_grad``, plain jnp) by the reverse-cumulative-sum identity applied per chunk. With x = q ⊙ dq − k ⊙ dk
+     and dk_state = (v dSᵀ) ⊙ e^{b_C - b} (the part of dk through the state leaving the chunk),
 
-       dg_t = Σ_{s >= t in the chunk, same document} x_s + Σ_{s < t in the chunk} y_s + e^{b_C} ⊙ Σ_v S ⊙ dS,
+       dg_t = Σ_{s >= t in the chunk, same document} x_s + [t in the chunk's last document] edge,
+       edge = Σ_{s in the chunk} k_s ⊙ dk_state_s + e^{b_C} ⊙ Σ_v S ⊙ dS   (= Σ_v S_end ⊙ dS_end),
 
-     the last term only when no document starts in the chunk, and dg = 0 at document starts (their gate multiplies
-     a dropped state). This equals the global identity (reverse cumsum over the whole sequence plus Σ_v S_T ⊙ dS_T)
-     but sums nothing across chunks, so the rounding of bfloat16 operands does not accumulate with T.
+     the e^{b_C} term only when no document starts in the chunk, and dg = 0 at document starts (their gate
+     multiplies a dropped state). This equals the global identity (reverse cumsum over the whole sequence plus
+     Σ_v S_T ⊙ dS_T) but sums nothing across chunks, so the rounding of bfloat16 operands does not accumulate with
+     T; edge is summed from float32 terms in the kernel, not from the bfloat16-stored end states (which would put
+     bfloat16 dg near 4e-3).
 """
 
 from __future__ import annotations
@@ -89,102 +92,70 @@ def _dv_kernel(a_ref, do_ref, k_ref, g_ref, dhs_ref, *rest, C, NK, BK, has_seg, 
 
 def _dqk_kernel(q_ref, k_ref, g_ref, do_ref, v_ref, hs_ref, dhs_ref, da_ref, *rest, C, NV, BV, scale, has_seg,
                 dt):
-    """One (b, h, chunk, K tile): dq, dk and dg of the chunk, built 16 rows (one sub-chunk I) at a time.
-
-    dg uses the chunk-local identity (module docstring, step 6), so nothing is summed across chunks."""
-    rel_ref, (dq_ref, dk_ref, dg_ref) = _split(rest, has_seg)
+    """One (b, h, chunk, K tile): dq and dk of the chunk, one sub-chunk I (16 rows) per loop step, and the chunk's
+    ``edge`` term of dg: Σ_t k_t ⊙ dk_state_t + e^{b_C} ⊙ Σ_v S ⊙ dS (Σ_v S_end ⊙ dS_end, regrouped so that no
+    bfloat16-rounded end state enters it)."""
+    rel_ref, (dq_ref, dk_ref, edge_ref) = _split(rest, has_seg)
     c = SUB_CHUNK
-    NC = C // c
-    BK = q_ref.shape[-1]
-    # Inter-chunk parts: do Sᵀ for dq (S entering the chunk), v dSᵀ for dk (dS of the state leaving it); each state
-    # tile is loaded once and used by every sub-chunk. ``carried`` = Σ_v S ⊙ dS, for the gate gradient.
-    dq = [jnp.zeros((c, BK), F32) for _ in range(NC)]
-    dk = [jnp.zeros((c, BK), F32) for _ in range(NC)]
-    carried = jnp.zeros((BK,), F32)
+    rows = jnp.arange(C)[:, None]
+    sub = jnp.arange(c)[:, None]
+    g_last = g_ref[pl.ds(C - 1, 1), :]
+    tf32 = dt != F32
+    rel_last = rel_ref[pl.ds(C - 1, 1)] if has_seg else None
+    carried = jnp.zeros((hs_ref.shape[0],), F32)  # Σ_v S ⊙ dS: the incoming state's share of the leaving one
     for vt in range(NV):
         vs = pl.ds(vt * BV, BV)
-        hs_t = hs_ref[:, vs]
-        dhs_t = dhs_ref[:, vs]
-        carried += jnp.sum(hs_t.astype(F32) * dhs_t.astype(F32), axis=1)
-        hs_t, dhs_t = hs_t.astype(dt), dhs_t.astype(dt)
-        for i in range(NC):
-            rows_i = pl.ds(i * c, c)
-            dq[i] += dot(do_ref[rows_i, vs].astype(dt), hs_t, trans_b=True)
-            dk[i] += dot(v_ref[rows_i, vs].astype(dt), dhs_t, trans_b=True)
-    rows = jnp.arange(C)[:, None]
-    q_all = q_ref[...].astype(F32)
-    k_all = k_ref[...].astype(F32)
-    g_all = g_ref[...]
-    g_last = g_ref[pl.ds(C - 1, 1), :]
-    carried = carried[None, :] * jnp.exp(g_last)  # the incoming state's share of the state leaving the chunk
+        carried += jnp.sum(hs_ref[:, vs].astype(F32) * dhs_ref[:, vs].astype(F32), axis=1)
+    carried = carried[None, :] * jnp.exp(g_last)
     if has_seg:
-        rel_last = rel_ref[pl.ds(C - 1, 1)]
         carried = jnp.where(rel_last[:, None] == 0, carried, 0.0)  # it survives only a chunk with no start
-    tf32 = dt != F32
-    xs, ys = [], []  # per sub-chunk: q ⊙ dq - k ⊙ dk_intra and k ⊙ dk_state, the terms of dg
-    for i in range(NC):
-        s0 = i * c
+
+    def sub_chunk(i, edge):
+        s0 = pl.multiple_of(i * c, c)
         rows_i = pl.ds(s0, c)
         g_i = g_ref[rows_i, :]
-        q_i = q_ref[rows_i, :].astype(F32)
-        k_i = k_ref[rows_i, :].astype(F32)
-        dq_i = dq[i] * (jnp.exp(g_i) * scale)
-        dk_state = dk[i] * jnp.exp(g_last - g_i)
+        # Inter-chunk parts: do Sᵀ for dq (S entering the chunk), v dSᵀ for dk (dS of the state leaving it).
+        dq_i = jnp.zeros_like(g_i)
+        dk_state = jnp.zeros_like(g_i)
+        for vt in range(NV):
+            vs = pl.ds(vt * BV, BV)
+            dq_i += dot(do_ref[rows_i, vs].astype(dt), hs_ref[:, vs].astype(dt), trans_b=True)
+            dk_state += dot(v_ref[rows_i, vs].astype(dt), dhs_ref[:, vs].astype(dt), trans_b=True)
+        dq_i = dq_i * (jnp.exp(g_i) * scale)
+        dk_state = dk_state * jnp.exp(g_last - g_i)
         if has_seg:
             rel_i = rel_ref[rows_i]
             dq_i = jnp.where((rel_i == 0)[:, None], dq_i, 0.0)  # only the first document saw the incoming state
             dk_state = jnp.where((rel_i == rel_last)[:, None], dk_state, 0.0)  # only the last one leaves the chunk
-        dk_i = jnp.zeros((c, BK), F32)
-        # Off-diagonal intra-chunk parts (dA already holds the causal / same-document mask). float32 operands (TF32
-        # on the GPU when ``dt`` is half precision), not ``dt``: these terms cancel pairwise in dg (+X in a row of
-        # dq, -X in a row of dk), and bfloat16 rounding of either side would leave ~3e-3 of dg's error; they are
-        # ~1/8 of the kernel's flops.
-        if i > 0:
-            r = g_ref[pl.ds(s0, 1), :]  # I's first row: columns before I have gates >= r
-            k_before = jnp.where(rows < s0, k_all * jnp.exp(jnp.minimum(r - g_all, 0.0)), 0.0)
-            dq_i += (jnp.exp(g_i - r) * scale) * dot(da_ref[rows_i, :], k_before, tf32=tf32)
-        if i < NC - 1:
-            r2 = g_ref[pl.ds(s0 + c - 1, 1), :]  # I's last row: rows after I have gates <= r2
-            q_after = jnp.where(rows >= s0 + c, q_all * jnp.exp(jnp.minimum(g_all - r2, 0.0)), 0.0)
-            dk_i += (jnp.exp(r2 - g_i) * scale) * dot(da_ref[:, rows_i], q_after, trans_a=True, tf32=tf32)
-        # Diagonal sub-block, elementwise in float32: w[i, j, d] = dA_ij e^{b_id - b_jd}.
-        w = da_ref[rows_i, rows_i][:, :, None] * jnp.exp(jnp.minimum(g_i[:, None, :] - g_i[None, :, :], 0.0))
-        dq_i += scale * jnp.sum(w * k_i[None, :, :], axis=1)
-        dk_i += scale * jnp.sum(w * q_i[:, None, :], axis=0)
+        # Off-diagonal intra-chunk parts (dA already holds the causal / same-document mask), relative to I's first
+        # and last row gates; zero for the first / last sub-chunk. float32 operands (TF32 on the GPU when ``dt`` is
+        # half precision): these terms cancel pairwise in dg (+X in a row of dq, -X in a row of dk), and bfloat16
+        # rounding of either side would leave ~3e-3 of dg's error; they are ~1/8 of the kernel's flops.
+        g_all = g_ref[...]
+        r = g_ref[pl.ds(s0, 1), :]  # columns before I have gates >= r
+        k_before = jnp.where(rows < s0, k_ref[...].astype(F32) * jnp.exp(jnp.minimum(r - g_all, 0.0)), 0.0)
+        dq_i += (jnp.exp(g_i - r) * scale) * dot(da_ref[rows_i, :], k_before, tf32=tf32)
+        r2 = g_ref[pl.ds(s0 + c - 1, 1), :]  # rows after I have gates <= r2
+        q_after = jnp.where(rows >= s0 + c, q_ref[...].astype(F32) * jnp.exp(jnp.minimum(g_all - r2, 0.0)), 0.0)
+        dk_i = (jnp.exp(r2 - g_i) * scale) * dot(da_ref[:, rows_i], q_after, trans_a=True, tf32=tf32)
+        # Diagonal sub-block, elementwise in float32 log space, one column j of dA at a time:
+        # dq_t += dA_tj k_j e^{b_t - b_j} (t >= j), dk_j += Σ_t dA_tj q_t e^{b_t - b_j}.
+        q_i = q_ref[rows_i, :].astype(F32)
+
+        def column(j, acc):
+            dq_i, dk_i = acc
+            da_j = da_ref[rows_i, pl.ds(s0 + j, 1)] * scale  # [c, 1]; zero for t < j
+            w = da_j * jnp.exp(jnp.minimum(g_i - g_ref[pl.ds(s0 + j, 1), :], 0.0))
+            dq_i += w * k_ref[pl.ds(s0 + j, 1), :].astype(F32)
+            dk_i += jnp.where(sub == j, jnp.sum(w * q_i, axis=0, keepdims=True), 0.0)
+            return dq_i, dk_i
+
+        dq_i, dk_i = lax.fori_loop(0, c, column, (dq_i, dk_i))
         dq_ref[rows_i, :] = dq_i
         dk_ref[rows_i, :] = dk_i + dk_state
-        xs.append(q_i * dq_i - k_i * dk_i)
-        ys.append(k_i * dk_state)
-    # dg_t = Σ_{s >= t, same document} x_s + Σ_{s < t} y_s + carried (y is zero outside the chunk's last document,
-    # so its sum needs no document mask), zero at document starts. All sums stay inside the chunk.
-    sub = jnp.arange(c)
-    later = sub[None, :] >= sub[:, None]  # [t, s]: s >= t
-    earlier = sub[None, :] < sub[:, None]  # [t, s]: s < t
-    rels = [rel_ref[pl.ds(i * c, c)] for i in range(NC)] if has_seg else None
-    for i in range(NC):
-        if has_seg:
-            same = lambda j: rels[j][None, :] == rels[i][:, None]  # [t, s]: same document
-            acc = _masked_row_sum(later & same(i), xs[i])
-            for j in range(i + 1, NC):
-                acc += _masked_row_sum(same(j), xs[j])
-        else:
-            acc = _masked_row_sum(later, xs[i])
-            for j in range(i + 1, NC):
-                acc += jnp.sum(xs[j], axis=0, keepdims=True)
-        acc += _masked_row_sum(earlier, ys[i])
-        for j in range(i):
-            acc += jnp.sum(ys[j], axis=0, keepdims=True)
-        acc += carried
-        if has_seg:  # a document start: its gate multiplies a state that is dropped
-            prev = rel_ref[pl.ds(i * c - 1, 1)] if i > 0 else jnp.zeros((1,), rels[i].dtype)
-            before = jnp.max(jnp.where(earlier, rels[i][None, :], 0), axis=1)
-            acc = jnp.where((rels[i] != jnp.maximum(before, prev))[:, None], 0.0, acc)
-        dg_ref[pl.ds(i * c, c), :] = acc
+        return edge + jnp.sum(k_ref[rows_i, :].astype(F32) * dk_state, axis=0, keepdims=True)
 
-
-def _masked_row_sum(mask, x):
-    """[t, d] = Σ_s mask[t, s] x[s, d] for one sub-chunk, elementwise in float32 (mask [c, c] bool, x [c, BK])."""
-    return jnp.sum(jnp.where(mask[:, :, None], x[None, :, :], 0.0), axis=1)
+    edge_ref[...] = lax.fori_loop(0, C // c, sub_chunk, carried).reshape(-1)
 
 
 # ----------------------------------------------------------------------------------------------------- launchers
@@ -259,7 +230,7 @@ def value_grad(a, do, k, gc, dhs, rel, *, tiling: Tiling, interpret: bool):
 
 
 def query_key_grad(q, k, gc, do, v, hs, dhs, da, rel, *, scale: float, tiling: Tiling, interpret: bool):
-    """(dq, dk, dg) [B, T, H, K] float32."""
+    """(dq, dk) [B, T, H, K] float32 and the per-chunk edge term of dg [B, NT, H, K] float32."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     C, BK, BV = tiling.chunk_size, tiling.block_k_bwd, tiling.block_v
@@ -276,11 +247,34 @@ def query_key_grad(q, k, gc, do, v, hs, dhs, da, rel, *, scale: float, tiling: T
         _dqk_kernel, [q, k, gc, do, v, hs, dhs, da], in_specs, rel=rel,
         rel_spec=pl.BlockSpec((SQ, C), lambda b, h, n, kt: (b, n)),
         grid=(B, H, T // C, K // BK),
-        out_specs=[pl.BlockSpec((SQ, C, SQ, BK), kmap)] * 3,
-        out_shape=[jax.ShapeDtypeStruct((B, T, H, K), F32)] * 3,
+        out_specs=[pl.BlockSpec((SQ, C, SQ, BK), kmap)] * 2 + [pl.BlockSpec((SQ, SQ, SQ, BK), kmap)],
+        out_shape=[jax.ShapeDtypeStruct((B, T, H, K), F32)] * 2 + [jax.ShapeDtypeStruct((B, T // C, H, K), F32)],
         tiling=tiling, interpret=interpret, name="gla_dqk_bwd",
         C=C, NV=V // BV, BV=BV, scale=scale, dt=q.dtype,
     )
+
+
+def gate_grad(q, k, dq, dk, edge, rel, chunk_size: int):
+    """dg [B, T, H, K] float32 by the reverse-cumulative-sum identity applied per chunk (module docstring, step 6).
+
+    q, k: [B, T, H, K]; dq, dk: their float32 gradients; edge: [B, NT, H, K] float32, Σ_v S_end ⊙ dS_end of each
+    chunk (``query_key_grad``); rel: [B, T] int32 document starts from each chunk start, or None."""
+    B, T, H, K = q.shape
+    C = chunk_size
+    NT = T // C
+    w = (q.astype(F32) * dq - k.astype(F32) * dk).reshape(B, NT, C, H, K)
+    term = edge[:, :, None]  # [B, NT, 1, H, K]
+    t = jnp.arange(C)
+    later = t[None, :] >= t[:, None]  # [t, s]: s >= t
+    hi = lax.Precision.HIGHEST
+    if rel is None:
+        return (jnp.einsum("ts,bnshk->bnthk", later.astype(F32), w, precision=hi) + term).reshape(B, T, H, K)
+    r = rel.reshape(B, NT, C)
+    same = later & (r[:, :, None, :] == r[:, :, :, None])  # [B, NT, t, s]
+    dg = jnp.einsum("bnts,bnshk->bnthk", same.astype(F32), w, precision=hi)
+    dg += jnp.where((r == r[:, :, -1:])[..., None, None], term, 0.0)  # the state leaving carries the last document
+    start = r != jnp.pad(r[:, :, :-1], ((0, 0), (0, 0), (1, 0)))  # a document start: its gate multiplies a dropped
+    return jnp.where(start[..., None, None], 0.0, dg).reshape(B, T, H, K)  # state
 
 
 def backward(q, k, v, g, h0, rel, a, do, dht, *, scale: float, tiling: Tiling, interpret: bool):
@@ -293,6 +287,7 @@ def backward(q, k, v, g, h0, rel, a, do, dht, *, scale: float, tiling: Tiling, i
                            state_dtype=q.dtype)
     da = attn_grad(do, v, rel, tiling=tiling, interpret=interpret)
     dv = value_grad(a, do, k, gc, dhs, rel, tiling=tiling, interpret=interpret)
-    dq, dk, dg = query_key_grad(q, k, gc, do, v, hs, dhs, da, rel, scale=scale, tiling=tiling,
-                                interpret=interpret)
+    dq, dk, edge = query_key_grad(q, k, gc, do, v, hs, dhs, da, rel, scale=scale, tiling=tiling,
+                                  interpret=interpret)
+    dg = gate_grad(q, k, dq, dk, edge, rel, tiling.chunk_size)
     return dq, dk, dv, dg, dh0
