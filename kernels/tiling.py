@@ -7,6 +7,7 @@ the tile sizes here only need to divide the padded widths.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 
@@ -23,15 +24,22 @@ SQUEEZED = getattr(pl, "squeezed", None)
 SUB_CHUNK = 16
 
 
+#: True while ``launch`` traces a kernel for Pallas interpret mode (XLA on the CPU, which lacks the TF32 algorithms).
+_INTERPRET = contextvars.ContextVar("gla_kernels_interpret", default=False)
+
+
 def dot(a, b, *, trans_a=False, trans_b=False, tf32=False):
     """2-D matmul with float32 accumulation inside a Triton kernel (``pallas.triton.dot`` where it exists).
 
-    float32 operands are multiplied in full float32 (IEEE) unless ``tf32``: Triton's default for them is TF32 (a
-    10-bit mantissa), which would put float32 inputs at ~1e-3 instead of ~1e-6. Half-precision operands are
-    unaffected."""
+    float32 operands are multiplied to float32 accuracy unless ``tf32``: on the GPU as three TF32 tensor-core
+    products (Triton's ``tf32x3``; IEEE float32 ``dot`` runs on the CUDA cores, spills registers and is many times
+    slower), in interpret mode in IEEE float32. With ``tf32`` they are plain TF32 (a 10-bit mantissa, ~1e-3).
+    Half-precision operands are unaffected."""
     fn = getattr(plgpu, "dot", None) or pl.dot
-    exact = a.dtype == jnp.float32 and b.dtype == jnp.float32 and not tf32
-    return fn(a, b, trans_a=trans_a, trans_b=trans_b, precision=lax.Precision.HIGHEST if exact else None)
+    precision = None  # half precision: the native tensor-core product; float32: TF32
+    if a.dtype == jnp.float32 and b.dtype == jnp.float32 and not tf32:
+        precision = lax.Precision.HIGHEST if _INTERPRET.get() else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    return fn(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
 def compiler_params(num_warps: int, num_stages: int):
@@ -50,7 +58,7 @@ def launch(kernel, args, in_specs, *, rel, rel_spec, grid, out_specs, out_shape,
     has_seg = rel is not None
     if has_seg:
         args, in_specs = [*args, rel], [*in_specs, rel_spec]
-    return pl.pallas_call(
+    call = pl.pallas_call(
         functools.partial(kernel, has_seg=has_seg, **static),
         grid=grid,
         in_specs=in_specs,
@@ -59,7 +67,12 @@ def launch(kernel, args, in_specs, *, rel, rel_spec, grid, out_specs, out_shape,
         compiler_params=compiler_params(tiling.num_warps, tiling.num_stages),
         interpret=interpret,
         name=name,
-    )(*args)
+    )
+    token = _INTERPRET.set(bool(interpret))
+    try:  # the kernel is traced here, so ``dot`` sees the mode
+        return call(*args)
+    finally:
+        _INTERPRET.reset(token)
 
 
 def next_pow2(n: int) -> int:
