@@ -8,7 +8,7 @@ limit cannot launch; register spills and long compiles cost speed and ``gpu_chec
     python experiments/kernel_resources.py               # paper head sizes in bf16 and float32 (minutes on 2 cores)
     python experiments/kernel_resources.py --smoke       # one small shape
 
-Writes ``kernel_resources.json`` into ``--out``.
+Writes ``kernel_resources.json`` (``kernel_resources_smoke.json``) into ``--out``.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     spills = [r for r in rows if r["spill_bytes"]]
     print(f"{len(rows)} kernels compiled for sm_{args.arch}: {len(over)} over the shared-memory limit, "
           f"{len(spills)} spilling registers, slowest compile {max(r['compile_s'] for r in rows)} s")
-    path = C.write_results("kernel_resources", config=dict(arch=args.arch, smoke=args.smoke, B=1, T=512, H=2),
+    path = C.write_results("kernel_resources_smoke" if args.smoke else "kernel_resources", config=dict(arch=args.arch, smoke=args.smoke, B=1, T=512, H=2),
                            seed=args.seed, results=rows, out_dir=args.out, started=started,
                            extra=dict(max_shared_bytes=SM90_MAX_SHARED_BYTES))
     print(f"wrote {path}")

@@ -66,7 +66,7 @@ def _chunk_gla(q, k, v, g, initial_state, segment_ids, *, scale, output_final_st
 
 
 def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
-              interpret=False, chunk_size=64, block_k=64, block_v=64, block_k_bwd=32, num_warps=4, num_stages=2,
+              interpret=False, chunk_size=64, block_k=64, block_v=64, block_k_bwd=32, num_warps=None, num_stages=2,
               matmul_dtype=None):
     """Chunkwise gated linear attention with Pallas Triton kernels (forward and ``custom_vjp`` backward).
 
@@ -82,7 +82,9 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
         document start.
       interpret: run the kernels in Pallas interpret mode (CPU); otherwise they need a CUDA GPU.
       chunk_size, block_k, block_v, block_k_bwd, num_warps, num_stages: tiling (powers of two >= 16 for the
-        sizes); any T, K and V are accepted (padded internally).
+        sizes); any T, K and V are accepted (padded internally). num_warps defaults to 4 for half-precision
+        matmuls and 8 for float32 ones (their split TF32 operands need twice the registers: with 4 warps the
+        state-gradient kernel spills, see experiments/kernel_resources.py).
       matmul_dtype: operand dtype of the matmuls and of the stored chunk states (default: the inputs' dtype).
         ``jnp.float32`` with bfloat16 inputs trades speed for accuracy (every output and gradient then carries
         about the bfloat16 rounding of the result, ~1.5e-3, instead of ~2-2.5e-3).
@@ -95,13 +97,20 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
                      chunk_size=chunk_size)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if matmul_dtype is not None:
+        try:
+            ok = jnp.dtype(matmul_dtype) in (jnp.float32, jnp.bfloat16, jnp.float16)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"matmul_dtype: expected float32, bfloat16, float16 or None, got {matmul_dtype!r}")
+        matmul_dtype = jnp.dtype(matmul_dtype).name
+    if num_warps is None:
+        dt = jnp.dtype(matmul_dtype) if matmul_dtype is not None else jnp.result_type(q.dtype, k.dtype, v.dtype)
+        num_warps = 8 if dt in (jnp.float32, jnp.float64) else 4
     tiling = Tiling(chunk_size=chunk_size, block_k=block_k, block_v=block_v, block_k_bwd=block_k_bwd,
                     num_warps=num_warps, num_stages=num_stages)
     tiling.validate()
-    if matmul_dtype is not None:
-        if jnp.dtype(matmul_dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
-            raise ValueError(f"matmul_dtype: expected float32, bfloat16, float16 or None, got {matmul_dtype!r}")
-        matmul_dtype = jnp.dtype(matmul_dtype).name
     return _chunk_gla(q, k, v, g, initial_state, segment_ids, scale=float(scale),
                       output_final_state=bool(output_final_state), tiling=tiling, interpret=bool(interpret),
                       matmul_dtype=matmul_dtype)

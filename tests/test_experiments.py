@@ -139,6 +139,20 @@ def test_numerics_smoke(numerics, tmp_path):
         assert r["finite"] and r["o_err"] < bound and r["dg_err"] < bound, r
 
 
+@pytest.mark.slow  # ~30 s of Triton compiles
+def test_kernel_resources_smoke(tmp_path):
+    pytest.importorskip("triton")
+    kr = _load("kernel_resources")
+    assert kr.main(["--smoke", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "kernel_resources_smoke.json").read_text())
+    _check_doc(doc, "kernel_resources_smoke")
+    rows = doc["results"]
+    # 7 kernels with and without packed documents, each compiled for sm_90
+    assert len(rows) == 14 and {r["segments"] for r in rows} == {False, True}
+    for r in rows:
+        assert r["fits"] and 0 < r["shared_kib"] <= 227 and 0 < r["registers"] <= 255 and r["ptx_lines"] > 100
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The training experiments' --smoke paths (a few steps of tiny models; they check the pipeline and the JSON fields)
 

@@ -183,7 +183,8 @@ def test_lowers_for_cuda_bf16(K, V):
 
 
 def test_lowers_for_cuda_float32():
-    """float32 inputs: the matmuls are full float32 (IEEE, not Triton's TF32 default), and that must lower too."""
+    """float32 inputs: the matmuls are float32-accurate (TF32x3 on the GPU, not Triton's TF32 default), and that
+    must lower too."""
     args = _abstract_args(1, 200, 2, 64, 64, jnp.float32)
     assert triton_kernel_count(lower_for_cuda(jax.grad(_loss, argnums=(0, 1, 2, 3, 4)), *args)) == 8
 
@@ -206,6 +207,63 @@ def test_cuda_lowering_really_checks_triton_rules():
         lower_for_cuda(make(24), jax.ShapeDtypeStruct((24, 32), jnp.float32))
 
 
+# ------------------------------------------------------------------------------ machine code for sm_90 on CPU
+
+
+def _machine_code(K, V, dtype):
+    triton = pytest.importorskip("triton")  # installed with the [torch] extra (CI); needs no GPU
+    del triton
+    from gla_jax.kernels.lowering import triton_modules
+    from gla_jax.kernels.machine_code import compile_module
+
+    args = _abstract_args(1, 256, 2, K, V, dtype)
+    modules = triton_modules(lower_for_cuda(jax.grad(_loss, argnums=(0, 1, 2, 3, 4)), *args))
+    return {m.name: compile_module(m, arch=90) for m in modules}
+
+
+@pytest.mark.slow  # ~1 min: Triton compiles 7 kernels to sm_90 machine code
+def test_kernels_fit_sm90_without_spills():
+    """At the 340M model's head size in bf16 every kernel fits the H100/H200 per-block shared memory and keeps its
+    values in registers (a spill to local memory costs speed; the unrolled kernels of an earlier version spilled
+    ~2 KB and took minutes to compile)."""
+    from gla_jax.kernels.machine_code import SM90_MAX_SHARED_BYTES
+
+    code = _machine_code(128, 256, jnp.bfloat16)
+    assert set(code) == {"gla_state_fwd", "gla_intra_fwd", "gla_output_fwd", "gla_state_bwd", "gla_attn_bwd",
+                         "gla_dv_bwd", "gla_dqk_bwd"}
+    for mc in code.values():
+        assert 0 < mc.shared_bytes <= SM90_MAX_SHARED_BYTES, mc
+        assert mc.spill_store_bytes == 0 and mc.spill_load_bytes == 0, mc
+        assert 0 < mc.registers <= 255 and mc.ptx_lines < 20_000, mc
+
+
+@pytest.mark.slow  # ~40 s of Triton compiles
+def test_machine_code_sees_spills_and_shared_memory():
+    """compile_module really measures: a kernel holding a [128, 256] float32 tile per program (32K values for 128
+    threads) must report spills, and a kernel staging a large matmul must report shared memory."""
+    pytest.importorskip("triton")
+    from gla_jax.kernels.lowering import triton_modules
+    from gla_jax.kernels.machine_code import compile_module
+
+    def big(x_ref, o_ref):  # x and the carry live together: 512 float32 values a thread
+        x = x_ref[...]
+        o_ref[...] = jax.lax.fori_loop(0, 4, lambda i, o: o * jnp.exp(x) + jnp.max(o, axis=0, keepdims=True), x)
+
+    def matmul(a_ref, b_ref, o_ref):
+        o_ref[...] = jnp.dot(a_ref[...], b_ref[...], preferred_element_type=jnp.float32)
+
+    sd = jax.ShapeDtypeStruct
+    spill = lambda x: pl.pallas_call(big, out_shape=sd(x.shape, x.dtype),
+                                     compiler_params=compiler_params(num_warps=4, num_stages=1))(x)
+    mm = lambda a, b: pl.pallas_call(matmul, out_shape=sd((128, 128), jnp.float32),
+                                     compiler_params=compiler_params(num_warps=4, num_stages=1))(a, b)
+    [m1] = triton_modules(lower_for_cuda(spill, sd((128, 256), jnp.float32)))
+    [m2] = triton_modules(lower_for_cuda(mm, sd((128, 128), jnp.bfloat16), sd((128, 128), jnp.bfloat16)))
+    heavy, dense = compile_module(m1), compile_module(m2)
+    assert heavy.spill_store_bytes > 0 and heavy.spill_load_bytes > 0, heavy
+    assert dense.shared_bytes >= 2 * 128 * 128 * 2 // 2 and dense.spill_store_bytes == 0, dense
+
+
 # ------------------------------------------------------------------------------------------------------ inputs
 
 
@@ -226,5 +284,7 @@ def test_bad_inputs_raise_value_error():
         chunk_gla(q, q, v, q, chunk_size=48)
     with pytest.raises(ValueError, match="^matmul_dtype:"):
         chunk_gla(q, q, v, q, matmul_dtype=jnp.int8)
+    with pytest.raises(ValueError, match="^matmul_dtype:"):
+        chunk_gla(q, q, v, q, matmul_dtype="float31")
     with pytest.raises(ValueError, match="^g:"):
         chunk_gla(q, q, v, jnp.zeros((1, 8, 2, 16), jnp.int32))
