@@ -92,8 +92,26 @@ def numerics(doc) -> str:
             + " (the regime of the worst dg in brackets):\n\n" + C.format_table(rows))
 
 
+def kernel_resources(doc) -> str:
+    """Per head size and dtype: the largest shared memory and register count, the spills and the slowest compile
+    over the 7 kernels with and without packed documents (the JSON has every kernel)."""
+    groups = {}
+    for r in doc["results"]:
+        groups.setdefault((r["K"], r["V"], r["dtype"]), []).append(r)
+    rows = []
+    for (K, V, dtype), rs in groups.items():
+        slow = max(rs, key=lambda r: r["compile_s"])
+        spilling = sorted({r["kernel"] for r in rs if r["spill_bytes"]})
+        rows.append({"K": K, "V": V, "dtype": dtype, "max shared KiB": max(r["shared_kib"] for r in rs),
+                     "max registers": max(r["registers"] for r in rs),
+                     "spill bytes (kernels)": f"{max(r['spill_bytes'] for r in rs)} ({', '.join(spilling) or '-'})",
+                     "slowest compile s": f"{slow['compile_s']} ({slow['kernel']})"})
+    return (f"sm_{doc['config']['arch']}, per-block shared memory limit {doc['max_shared_bytes'] // 1024} KiB:\n\n"
+            + C.format_table(rows))
+
+
 FORMATTERS = {"mqar": mqar, "gate_ablation": gate_ablation, "length_extrapolation": length_extrapolation,
-              "throughput": throughput, "numerics": numerics}
+              "throughput": throughput, "numerics": numerics, "kernel_resources": kernel_resources}
 
 
 def main(argv=None) -> int:
@@ -105,7 +123,8 @@ def main(argv=None) -> int:
         if not path.is_file():
             continue
         doc = json.loads(path.read_text())
-        print(f"### {name}\n\n{_env_line(doc)}\n\n{fmt(doc)}\n\n![{name}](results/{name}.png)\n")
+        plot = f"\n\n![{name}](results/{name}.png)" if path.with_suffix(".png").is_file() else ""
+        print(f"### {name}\n\n{_env_line(doc)}\n\n{fmt(doc)}{plot}\n")
     return 0
 
 

@@ -115,12 +115,12 @@ def _dqk_kernel(q_ref, k_ref, g_ref, do_ref, v_ref, hs_ref, dhs_ref, da_ref, *re
         rows_i = pl.ds(s0, c)
         g_i = g_ref[rows_i, :]
         # Inter-chunk parts: do Sᵀ for dq (S entering the chunk), v dSᵀ for dk (dS of the state leaving it).
-        dq_i = jnp.zeros_like(g_i)
-        dk_state = jnp.zeros_like(g_i)
-        for vt in range(NV):
-            vs = pl.ds(vt * BV, BV)
-            dq_i += dot(do_ref[rows_i, vs].astype(dt), hs_ref[:, vs].astype(dt), trans_b=True)
-            dk_state += dot(v_ref[rows_i, vs].astype(dt), dhs_ref[:, vs].astype(dt), trans_b=True)
+        def v_tile(vt, acc):
+            vs = pl.ds(pl.multiple_of(vt * BV, BV), BV)
+            return (acc[0] + dot(do_ref[rows_i, vs].astype(dt), hs_ref[:, vs].astype(dt), trans_b=True),
+                    acc[1] + dot(v_ref[rows_i, vs].astype(dt), dhs_ref[:, vs].astype(dt), trans_b=True))
+
+        dq_i, dk_state = lax.fori_loop(0, NV, v_tile, (jnp.zeros_like(g_i), jnp.zeros_like(g_i)))
         dq_i = dq_i * (jnp.exp(g_i) * scale)
         dk_state = dk_state * jnp.exp(g_last - g_i)
         if has_seg:
