@@ -40,14 +40,18 @@ class MachineCode:
 
 def _ptxas_report(ptx: str, arch: int) -> dict[str, int]:
     """Registers, spills and stack of a PTX kernel, from ``ptxas -v`` (the one Triton itself uses for ``arch``)."""
-    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.backends.nvidia import compiler as nv
 
+    if hasattr(nv, "get_ptxas"):  # triton >= 3.4
+        ptxas = nv.get_ptxas(arch).path
+    else:
+        ptxas = nv._path_to_binary("ptxas")[0]
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
             f.write(ptx)
         suffix = "a" if arch >= 90 else ""
-        run = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o",
+        run = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o",
                               os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True, check=True)
     log = run.stderr
 
