@@ -56,6 +56,11 @@ def git_commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+#: HEAD when this module was first imported, i.e. when the experiment started: a result names the code that produced
+#: it even if the checkout moves during a long run.
+START_COMMIT = git_commit()
+
+
 def device_info() -> dict[str, Any]:
     """The JAX backend and devices this process runs on."""
     import jax
@@ -71,13 +76,14 @@ def device_info() -> dict[str, Any]:
 
 
 def env_info() -> dict[str, Any]:
-    """Everything needed to say where a result came from: versions, device, platform, commit, command line."""
+    """Everything needed to say where a result came from: versions, device, platform, commit (at the start), command
+    line."""
     return {
         "packages": package_versions(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": device_info(),
-        "git_commit": git_commit(),
+        "git_commit": START_COMMIT,
         "argv": [pathlib.Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else [],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
