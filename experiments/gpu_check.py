@@ -9,7 +9,9 @@
     (``jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")``) and, when torch and fla import
     with CUDA, fla's Triton ``chunk_gla``, at B=4, H=16, D=128 for T in 2K/4K/8K/16K;
 (c) prints a table and writes ``gpu_check.json`` and ``gpu_check.png`` (when matplotlib imports) into --out with the
-    device name, package versions and the targets (Pallas fwd+bwd <= 1.0x fla and <= 0.6x cuDNN at T >= 8K).
+    device name, package versions and the targets (Pallas fwd+bwd <= 1.0x fla and <= 0.6x cuDNN at T >= 8K);
+(d) with the time left (``--tune-budget-s``), times Pallas fwd+bwd under a few other tilings (warps, pipeline
+    stages, dq/dk K tile) at T=8K, so one run also says whether the defaults are the best of these.
 
 Needs jax and numpy only (no grain/optax/orbax); everything else is optional. Interpret mode is not a speed path:
 its timings only show that the code runs.
@@ -289,6 +291,46 @@ def benchmark(*, B, H, D, Ts, dtype_name, interpret, on_gpu, iters, warmup, dead
     return rows, skipped
 
 
+#: Tilings that (d) compares with the default (num_warps=None: 4 for bf16 matmuls): chunk_gla keyword arguments.
+TILINGS = (
+    {},
+    {"num_warps": 8},
+    {"num_stages": 3},
+    {"block_k_bwd": 64},
+    {"num_warps": 8, "block_k_bwd": 64},
+    {"block_v": 128},
+)
+
+
+def tune(*, B, H, D, T, dtype_name, interpret, iters, deadline, tilings=TILINGS):
+    """Pallas fwd+bwd time under each tiling of ``tilings`` (until ``deadline``): (rows, skipped)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gla_jax.kernels import chunk_gla
+
+    q, k, v, g, rng = _inputs(B, T, H, D, D, jnp.dtype(dtype_name), seed=3)
+    do = jnp.asarray(rng.standard_normal((B, T, H, D)), q.dtype)
+    rows, skipped = [], []
+    for tiling in tilings:
+        name = ",".join(f"{key}={val}" for key, val in tiling.items()) or "default"
+        if time.perf_counter() > deadline:
+            skipped.append({"tiling": name, "reason": "time budget spent"})
+            continue
+
+        def fwdbwd(q, k, v, g, do, tiling=tiling):
+            o, vjp = jax.vjp(lambda *a: chunk_gla(*a, interpret=interpret, **tiling)[0], q, k, v, g)
+            return vjp(do)
+
+        try:
+            ms, first = _time_jax(jax.jit(fwdbwd), (q, k, v, g, do), iters, warmup=1)
+            rows.append({"tiling": name, "T": T, "ms": round(ms, 4), "first_call_s": round(first, 2)})
+            print(f"  {name:32s} {ms:10.3f} ms (first call {first:.1f} s)", flush=True)
+        except Exception as e:  # noqa: BLE001
+            skipped.append({"tiling": name, "reason": f"{type(e).__name__}: {e}"[:500]})
+    return rows, skipped
+
+
 def evaluate_targets(rows, interpret):
     """Pallas fwd+bwd vs fla and vs cuDNN at every measured T >= 8K."""
     ms = {(r["impl"], r["T"], r["mode"]): r["ms"] for r in rows}
@@ -364,9 +406,14 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--budget-s", type=float, default=270.0, help="stop timing new rows after this many seconds")
+    p.add_argument("--tune-budget-s", type=float, default=40.0,
+                   help="(d) tiling comparison: seconds it may add after (b); 0 skips it")
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
     args = p.parse_args(argv)
+    for name in ("budget_s", "tune_budget_s"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')}: expected seconds >= 0, got {getattr(args, name)}")
 
     start = time.perf_counter()
     _ensure_importable()
@@ -395,6 +442,7 @@ def main(argv=None):
         "timings": [],
         "skipped": [],
         "targets": [],
+        "tuning": [],
     }
     out_json = os.path.join(args.out, "gpu_check.json")
 
@@ -426,6 +474,15 @@ def main(argv=None):
         png = plot(rows, os.path.join(args.out, "gpu_check.png"),
                    f"GLA B={B} H={H} D={D} bf16 on {report['device']}" + (" (interpret)" if interpret else ""))
         report["plot"] = os.path.basename(png) if png else None
+        save()
+    if args.tune_budget_s > 0:
+        T_tune = max(Ts) if interpret else min(max(Ts), TARGET_T)
+        print(f"(d) Pallas fwd+bwd by tiling at B={B} H={H} D={D} T={T_tune}", flush=True)
+        tilings = TILINGS[:2] if interpret else TILINGS  # interpret mode: only show that the path runs
+        report["tuning"], tune_skipped = tune(B=B, H=H, D=D, T=T_tune, dtype_name="bfloat16", interpret=interpret,
+                                              iters=iters, deadline=time.perf_counter() + args.tune_budget_s,
+                                              tilings=tilings)
+        report["skipped"] += tune_skipped
     save()
     ok = all(e["ok"] for e in report["correctness"])
     print(f"wrote {out_json}; correctness {'OK' if ok else 'FAILED'}; {report['elapsed_s']} s", flush=True)

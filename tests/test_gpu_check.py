@@ -46,9 +46,18 @@ def test_interpret_run_writes_report(tmp_path):
     assert any(s["impl"] == "cudnn_attention" for s in report["skipped"])
     # (c) targets present but not claimed at tiny T in interpret mode
     assert report["targets"] and all(t["met"] is None for t in report["targets"])
+    # (d) the tiling comparison runs (two tilings in interpret mode)
+    assert [r["tiling"] for r in report["tuning"]] == ["default", "num_warps=8"]
+    assert all(r["ms"] > 0 and r["T"] == 64 for r in report["tuning"])
     if importlib.util.find_spec("matplotlib") is not None:
         assert report["plot"] == "gpu_check.png" and (tmp_path / "gpu_check.png").stat().st_size > 0
     assert "correctness OK" in proc.stdout
+
+
+def test_bad_budget_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        _load().main(["--out", "unused", "--tune-budget-s", "-1"])
+    assert "--tune-budget-s: expected seconds >= 0" in capsys.readouterr().err
 
 
 def test_target_evaluation():
