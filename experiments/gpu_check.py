@@ -165,6 +165,17 @@ def _time_jax(fn, args, iters, warmup):
     return statistics.median(times) * 1e3, first
 
 
+def _fwdbwd(f):
+    """(q, k, v, g, do) -> the gradients of f(q, k, v, g) in q, k, v and g for the output cotangent do."""
+    import jax
+
+    def fwdbwd(q, k, v, g, do):
+        o, vjp = jax.vjp(f, q, k, v, g)
+        return vjp(do.astype(o.dtype))
+
+    return fwdbwd
+
+
 def _jax_impls(interpret, on_gpu):
     import jax
     import jax.numpy as jnp
@@ -186,9 +197,7 @@ def _jax_impls(interpret, on_gpu):
                 o, vjp = jax.vjp(lambda q, k, v: f(q, k, v, g), q, k, v)
                 return vjp(do.astype(o.dtype))
         else:
-            def fwdbwd(q, k, v, g, do, f=f):
-                o, vjp = jax.vjp(f, q, k, v, g)
-                return vjp(do.astype(o.dtype))
+            fwdbwd = _fwdbwd(f)
         out[name] = (jax.jit(f), jax.jit(fwdbwd))
     del jnp
     return out
@@ -317,11 +326,7 @@ def tune(*, B, H, D, T, dtype_name, interpret, iters, deadline, tilings=TILINGS)
         if time.perf_counter() > deadline:
             skipped.append({"tiling": name, "reason": "time budget spent"})
             continue
-
-        def fwdbwd(q, k, v, g, do, tiling=tiling):
-            o, vjp = jax.vjp(lambda *a: chunk_gla(*a, interpret=interpret, **tiling)[0], q, k, v, g)
-            return vjp(do)
-
+        fwdbwd = _fwdbwd(lambda *a, tiling=tiling: chunk_gla(*a, interpret=interpret, **tiling)[0])
         try:
             ms, first = _time_jax(jax.jit(fwdbwd), (q, k, v, g, do), iters, warmup=1)
             rows.append({"tiling": name, "T": T, "ms": round(ms, 4), "first_call_s": round(first, 2)})

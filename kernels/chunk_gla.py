@@ -43,11 +43,7 @@ def _chunk_gla(q, k, v, g, initial_state, segment_ids, *, scale, output_final_st
     C = tiling.chunk_size
     Kp, Vp = padded_width(K), padded_width(V)
     Tp = -(-T // C) * C
-    dt = jnp.result_type(q.dtype, k.dtype, v.dtype)
-    if dt == jnp.float64:  # Triton has no useful float64 matmul: compute in float32
-        dt = jnp.float32
-    if matmul_dtype is not None:
-        dt = jnp.dtype(matmul_dtype)
+    dt = jnp.dtype(matmul_dtype)  # resolved by chunk_gla
     pad = lambda x, w: jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, w - x.shape[-1])))
     q_, k_, g_ = pad(q.astype(dt), Kp), pad(k.astype(dt), Kp), pad(g.astype(jnp.float32), Kp)
     v_ = pad(v.astype(dt), Vp)
@@ -73,8 +69,8 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
     Args:
       q, k: [B, T, H, K] queries and keys; g: [B, T, H, K] log forget gates (<= 0); v: [B, T, H, V].
         float32, bfloat16 or float16 (float64 is computed in float32). Matmuls take the inputs' dtype with
-        float32 accumulation (float32 matmuls are full IEEE float32 on the GPU, not TF32); gates, states and the
-        diagonal sub-blocks are float32.
+        float32 accumulation (float32 matmuls keep float32 accuracy: three TF32 products on the GPU, not one);
+        gates, states and the diagonal sub-blocks are float32.
       scale: query scale (default K ** -0.5).
       initial_state: [B, H, K, V] state before position 0 (belongs to the first document), or None.
       output_final_state: also return the state after the last position.
@@ -104,10 +100,13 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
             ok = False
         if not ok:
             raise ValueError(f"matmul_dtype: expected float32, bfloat16, float16 or None, got {matmul_dtype!r}")
-        matmul_dtype = jnp.dtype(matmul_dtype).name
+    else:
+        matmul_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+        if matmul_dtype == jnp.float64:  # Triton has no useful float64 matmul: compute in float32
+            matmul_dtype = jnp.float32
+    matmul_dtype = jnp.dtype(matmul_dtype).name
     if num_warps is None:
-        dt = jnp.dtype(matmul_dtype) if matmul_dtype is not None else jnp.result_type(q.dtype, k.dtype, v.dtype)
-        num_warps = 8 if dt in (jnp.float32, jnp.float64) else 4
+        num_warps = 8 if matmul_dtype == "float32" else 4
     tiling = Tiling(chunk_size=chunk_size, block_k=block_k, block_v=block_v, block_k_bwd=block_k_bwd,
                     num_warps=num_warps, num_stages=num_stages)
     tiling.validate()

@@ -98,12 +98,11 @@ def _intra_kernel(q_ref, k_ref, g_ref, *rest, C, NK, BK, scale, has_seg, dt):
             # Off-diagonal: I against every column before it, one matmul relative to I's first-row gate r (the
             # columns before I have gates >= r, I's rows <= r: both exponents <= 0). Zero for the first sub-chunk.
             r = g_ref[pl.ds(s0, 1), ks]
-            q_i = q_ref[rows_i, ks].astype(F32) * jnp.exp(g_i - r)
-            k_all = k_ref[:, ks].astype(F32)
-            k_before = jnp.where(rows_all < s0, k_all * jnp.exp(jnp.minimum(r - g_ref[:, ks], 0.0)), 0.0)
-            a += dot(q_i.astype(dt), k_before.astype(dt), trans_b=True)
-            # Diagonal sub-block, elementwise in float32 log space, one column j at a time.
             q_i = q_ref[rows_i, ks].astype(F32)
+            k_decayed = k_ref[:, ks].astype(F32) * jnp.exp(jnp.minimum(r - g_ref[:, ks], 0.0))
+            k_before = jnp.where(rows_all < s0, k_decayed, 0.0)
+            a += dot((q_i * jnp.exp(g_i - r)).astype(dt), k_before.astype(dt), trans_b=True)
+            # Diagonal sub-block, elementwise in float32 log space, one column j at a time.
 
             def column(j, a):
                 k_j = k_ref[pl.ds(s0 + j, 1), ks].astype(F32)

@@ -89,7 +89,8 @@ class Tiling:
     """Block sizes and launch parameters of the kernels (all powers of two; hashable, used as a static argument).
 
     chunk_size: C, the chunk length (>= 16). block_k / block_v: K and V tiles of the state and output kernels.
-    block_k_bwd: K tile of the dq/dk kernel (its diagonal sub-blocks form [16, 16, block_k_bwd] float32 tensors).
+    block_k_bwd: K tile of the dq/dk kernel.
+    num_warps, num_stages: Triton launch parameters of every kernel.
     """
 
     chunk_size: int = 64

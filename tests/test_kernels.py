@@ -211,8 +211,7 @@ def test_cuda_lowering_really_checks_triton_rules():
 
 
 def _machine_code(K, V, dtype):
-    triton = pytest.importorskip("triton")  # installed with the [torch] extra (CI); needs no GPU
-    del triton
+    pytest.importorskip("triton")  # installed with the [torch] extra (CI); needs no GPU
     from gla_jax.kernels.lowering import triton_modules
     from gla_jax.kernels.machine_code import compile_module
 
