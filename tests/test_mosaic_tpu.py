@@ -1,0 +1,223 @@
+"""Mosaic TPU GLA kernels (gla_jax.kernels.mosaic_tpu) without a TPU: TPU interpret mode (race detection on,
+uninitialised VMEM filled with NaN) against the float64 recurrence, export for TPU on the CPU (the Pallas TPU
+lowering checks every block against the (8, 128) tiling rule), and the VMEM footprint of each shipped tiling
+against its generation's scoped limit."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gla_jax.kernels.mosaic_tpu import Tiling, check_vmem, chunk_gla, vmem_bytes
+from gla_jax.kernels.mosaic_tpu import forward as tpu_forward
+from gla_jax.kernels.mosaic_tpu.tiling import SCOPED_VMEM_BYTES
+from reference import reference_gla, rel_err
+
+F32_TOL = 1e-4
+BF16_TOL = 4e-3  # fla's own bound for bf16 chunk vs naive is 4e-3..5e-3
+NAMES = ("dq", "dk", "dv", "dg", "dh0")
+
+
+def _races_found() -> bool:
+    """The interpreter's race detector flag (set when any kernel run with detect_races=True saw a race)."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc  # private: no public accessor yet
+
+    races = getattr(ipc, "races", None)
+    return bool(getattr(races, "races_found", False))
+
+
+def _inputs(B, T, H, K, V, dtype, seed, *, gate="layer", segments=False):
+    rng = np.random.default_rng(seed)
+    rnd = lambda *shape: np.asarray(jnp.asarray(rng.standard_normal(shape), dtype).astype(jnp.float32))
+    q, k, v = rnd(B, T, H, K), rnd(B, T, H, K), rnd(B, T, H, V)
+    if gate == "layer":  # like the layer (log_sigmoid / 16) plus some fast-decaying channels
+        z = rng.standard_normal((B, T, H, K)) * 2.0
+        g = -np.logaddexp(0.0, -z) / np.where(rng.random((B, T, H, K)) < 0.3, 1.0, 16.0)
+    else:  # strong: down to -20 per step
+        g = -rng.uniform(0.0, 20.0, (B, T, H, K))
+    g = np.asarray(jnp.asarray(g, dtype).astype(jnp.float32))
+    h0 = rng.standard_normal((B, H, K, V)).astype(np.float32)
+    seg = None
+    if segments:  # 3 documents per row; one cut lands on a chunk boundary (128) when T allows
+        seg = np.zeros((B, T), np.int32)
+        for b in range(B):
+            cuts = sorted({int(rng.integers(1, min(T, 128))), min(128, T - 1)})
+            seg[b, cuts[0]:] = 1
+            seg[b, cuts[-1]:] = 2
+    do = rnd(B, T, H, V)
+    dst = rng.standard_normal((B, H, K, V)).astype(np.float32)
+    return q, k, v, g, h0, seg, do, dst
+
+
+def _check(case, dtype, *, with_state, final_state, segments, gate="layer", seed=0, **kw):
+    q, k, v, g, h0, seg, do, dst = _inputs(*case, dtype, seed, gate=gate, segments=segments)
+    seg_j = None if seg is None else jnp.asarray(seg)
+
+    def f(q, k, v, g, h0):
+        return chunk_gla(q, k, v, g, initial_state=h0 if with_state else None, output_final_state=final_state,
+                         segment_ids=seg_j, interpret=True, **kw)
+
+    cast = lambda x: jnp.asarray(x, dtype)
+    (o, s), vjp = jax.vjp(f, cast(q), cast(k), cast(v), cast(g), jnp.asarray(h0))
+    grads = vjp((cast(do), jnp.asarray(dst) if final_state else None))
+    assert o.dtype == dtype and o.shape == v.shape
+    ro, rs, rgrads = reference_gla(q, k, v, g, initial_state=h0 if with_state else None, segment_ids=seg, do=do,
+                                   ds=dst if final_state else None)
+    tol = F32_TOL if dtype == jnp.float32 else BF16_TOL
+    errs = {"o": rel_err(o, ro)}
+    if final_state:
+        assert s.dtype == jnp.float32 and s.shape == h0.shape
+        errs["final_state"] = rel_err(s, rs)
+    else:
+        assert s is None
+    for name, x, ref in zip(NAMES if with_state else NAMES[:4], grads, rgrads):
+        assert np.all(np.isfinite(np.asarray(x, np.float32))), name
+        errs[name] = rel_err(x, ref)
+    for name, err in errs.items():
+        assert err <= tol, f"{name}: rel err {err:.3g} > {tol:g} (all: {errs})"
+    assert not _races_found()
+    return errs
+
+
+# ----------------------------------------------------------------------------------- interpret mode vs float64
+
+# (B, T, H, K, V): odd T (2 chunks of 128, the second partly padding), K and V not multiples of 128.
+def test_float32_initial_and_final_state():
+    _check((1, 200, 2, 32, 48), jnp.float32, with_state=True, final_state=True, segments=False)
+
+
+def test_float32_segments():
+    _check((2, 150, 1, 40, 24), jnp.float32, with_state=True, final_state=True, segments=True, seed=1)
+
+
+def test_bfloat16_segments_no_state():
+    _check((1, 200, 2, 32, 64), jnp.bfloat16, with_state=False, final_state=False, segments=True, seed=2)
+
+
+def test_bfloat16_initial_and_final_state():
+    _check((1, 140, 1, 64, 32), jnp.bfloat16, with_state=True, final_state=True, segments=True, seed=3)
+
+
+def test_strong_gates_stay_exact():
+    """Per-step gates down to -20: every exponent stays <= 0, nothing overflows, still float32-exact."""
+    _check((1, 160, 1, 16, 16), jnp.float32, with_state=True, final_state=True, segments=True, gate="strong",
+           seed=4)
+
+
+@pytest.mark.slow
+def test_chunk_256_sub_chunk_32():
+    """The v6e-sized chunk (256, one MXU tile) with 32-row sub-chunks: same results."""
+    _check((1, 300, 1, 32, 32), jnp.float32, with_state=True, final_state=True, segments=True, seed=5,
+           chunk_size=256, sub_chunk=32, generation="v6e")
+
+
+@pytest.mark.slow
+def test_bfloat16_k256_v512():
+    _check((1, 130, 1, 256, 512), jnp.bfloat16, with_state=True, final_state=True, segments=True, seed=6)
+
+
+def test_operator_chunk_size_runs_at_lane_width():
+    """chunk_size=64 (the operator's default) runs with 128: the same output as chunk_size=128."""
+    q, k, v, g, *_ = _inputs(1, 40, 1, 16, 16, jnp.float32, 7)
+    a, _ = chunk_gla(q, k, v, g, interpret=True, chunk_size=64)
+    b, _ = chunk_gla(q, k, v, g, interpret=True, chunk_size=128)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert rel_err(a, reference_gla(q, k, v, g)[0]) < F32_TOL
+
+
+@pytest.mark.parametrize("kw, name", [
+    (dict(interpret="yes"), "interpret"),
+    (dict(sub_chunk=24), "sub_chunk"),
+    (dict(generation="v99"), "generation"),
+    (dict(chunk_size=100), "chunk_size"),
+])
+def test_bad_arguments_name_themselves(kw, name):
+    q = jnp.zeros((1, 8, 1, 16))
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        chunk_gla(q, q, q, q, **kw)
+
+
+# ----------------------------------------------------------------------------------------------- export for TPU
+
+
+def _export_fwd_bwd(K, V, *, T=256, H=2, segments=True):
+    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+    args = [sd(1, T, H, K), sd(1, T, H, K), sd(1, T, H, V), sd(1, T, H, K, dt=jnp.float32),
+            sd(1, H, K, V, dt=jnp.float32)]
+    seg = sd(1, T, dt=jnp.int32) if segments else None
+
+    def loss(q, k, v, g, h0, seg):
+        o, s = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, segment_ids=seg)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
+    return jax.export.export(f, platforms=["tpu"])(*args, seg).mlir_module()
+
+
+@pytest.mark.parametrize("K, V", [(128, 256), (256, 512)])
+@pytest.mark.parametrize("segments", [False, True])
+def test_exports_for_tpu_bfloat16(K, V, segments):
+    """Forward and backward lower for TPU (Mosaic custom calls for all three kernels) at the paper's head sizes."""
+    text = _export_fwd_bwd(K, V, segments=segments)
+    assert set(re.findall(r"gla_tpu_\w+", text)) >= {"gla_tpu_fwd", "gla_tpu_states", "gla_tpu_bwd"}
+
+
+def test_export_rejects_a_bad_block_shape():
+    """Negative control: the export check is real. Unpadded K=64 gives a (128, 64) block that breaks the
+    (8, 128) rule, and exporting the same forward kernel fails."""
+    B, T, H, K, V = 1, 256, 2, 64, 128
+    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+
+    def f(q, k, v, gc, decay, h0):
+        return tpu_forward.forward(q, k, v, gc, decay, h0, None, H=H, scale=0.1, tiling=Tiling(), interpret=False)
+
+    args = (sd(B, T, H * K), sd(B, T, H * K), sd(B, T, H * V), sd(B, T, H * K, dt=jnp.float32),
+            sd(B, T // 128, H * K, 1, dt=jnp.float32), sd(B, H, K, V, dt=jnp.float32))
+    with pytest.raises(ValueError, match="divisible by 8 and 128"):
+        jax.export.export(jax.jit(f), platforms=["tpu"])(*args)
+    good = (sd(B, T, H * 128), sd(B, T, H * 128), *args[2:3], sd(B, T, H * 128, dt=jnp.float32),
+            sd(B, T // 128, H * 128, 1, dt=jnp.float32), sd(B, H, 128, V, dt=jnp.float32))
+    jax.export.export(jax.jit(f), platforms=["tpu"])(*good)  # the same call padded to 128 exports
+
+
+# ------------------------------------------------------------------------------------------------- VMEM budget
+
+#: The tilings the kernels ship with: (generation, chunk_size, sub_chunk) at both paper head sizes.
+SHIPPED = [("v5e", 128, 16), ("v5p", 128, 16), ("v6e", 128, 16), ("v6e", 256, 32)]
+
+
+@pytest.mark.parametrize("generation, C, c", SHIPPED)
+@pytest.mark.parametrize("K, V", [(128, 256), (256, 512)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_vmem_estimate_fits_scoped_limit(generation, C, c, K, V, dtype):
+    tiling = Tiling(chunk_size=C, sub_chunk=c, generation=generation)
+    est = check_vmem(tiling, K, V, dtype)
+    limit = SCOPED_VMEM_BYTES[generation]
+    for kernel, n in est.items():
+        # at least the float32 state scratch and its double-buffered float32 input (h0 / dht), at most the limit
+        assert 3 * K * V * 4 <= n <= limit, (kernel, n, limit)
+    assert est["backward"] > est["forward"] > est["states"]
+
+
+def test_vmem_estimate_counts_tiles():
+    """A [C, 1] block occupies [C, 128] lanes; bfloat16 rows pack in 16s: the estimate follows the TPU layout."""
+    from gla_jax.kernels.mosaic_tpu.tiling import tile_bytes
+
+    assert tile_bytes((128, 1), jnp.int32) == 128 * 128 * 4
+    assert tile_bytes((1, 128), jnp.int32) == 8 * 128 * 4
+    assert tile_bytes((8, 128), jnp.bfloat16) == 16 * 128 * 2
+    assert tile_bytes((256, 512), jnp.float32) == 256 * 512 * 4
+
+
+def test_vmem_over_limit_names_chunk_size():
+    tiling = Tiling(chunk_size=1024, sub_chunk=16, generation="v5e")
+    assert vmem_bytes("backward", tiling, 256, 512, jnp.bfloat16) > SCOPED_VMEM_BYTES["v5e"]
+    with pytest.raises(ValueError, match=r"^chunk_size: 1024 needs ~[\d.]+ MiB of VMEM"):
+        check_vmem(tiling, 256, 512, jnp.bfloat16)
+    q = jnp.zeros((1, 8, 1, 256))
+    with pytest.raises(ValueError, match="^chunk_size:"):
+        chunk_gla(q, q, jnp.zeros((1, 8, 1, 512)), q, chunk_size=1024)
