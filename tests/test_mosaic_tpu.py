@@ -221,3 +221,57 @@ def test_vmem_over_limit_names_chunk_size():
     q = jnp.zeros((1, 8, 1, 256))
     with pytest.raises(ValueError, match="^chunk_size:"):
         chunk_gla(q, q, jnp.zeros((1, 8, 1, 512)), q, chunk_size=1024)
+
+
+# ------------------------------------------------------------------------------------- experiments/tpu_check.py
+
+
+def _tpu_check():
+    import importlib.util
+    import os
+    import sys
+
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+    sys.path.insert(0, here)  # tpu_check imports its sibling gpu_check
+    try:
+        spec = importlib.util.spec_from_file_location("tpu_check", os.path.join(here, "tpu_check.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(here)
+    return mod
+
+
+@pytest.mark.slow  # ~25 s of CPU (interpret mode compiles and runs every kernel twice), more on a loaded machine
+def test_tpu_check_interpret_smoke(tmp_path):
+    """The --interpret path end to end at tiny sizes: both dtypes correct, every timing row present, the VMEM
+    estimates recorded, no speed claims."""
+    import json
+
+    assert _tpu_check().main(["--interpret", "--out", str(tmp_path), "--T", "128"]) == 0
+    report = json.loads((tmp_path / "tpu_check.json").read_text())
+    assert report["interpret"] is True and report["generation"] == "v5e"
+    assert report["heavy_modules_imported"] == []
+    assert [e["dtype"] for e in report["correctness"]] == ["float32", "bfloat16"]
+    for e in report["correctness"]:
+        assert e["ok"] and e["finite"] and set(e["rel_err"]) == {"o", "final_state", "dq", "dk", "dv", "dg", "dh0"}
+    got = {(r["impl"], r["mode"]) for r in report["timings"]}
+    assert got == {(i, m) for i in ("mosaic_tpu", "chunk_xla", "xla_attention") for m in ("fwd", "fwdbwd")}
+    assert any(s["impl"] == "splash_attention" for s in report["skipped"])
+    assert all(t["met"] is None for t in report["targets"])
+    limit = report["scoped_vmem_limit_bytes"]
+    assert all(0 < n <= limit for per in report["vmem_estimate_bytes"].values() for n in per.values())
+
+
+def test_tpu_check_targets_and_generation():
+    mod = _tpu_check()
+    assert [mod.generation_of(k) for k in ("TPU v5 lite", "TPU v5", "TPU v6 lite", "TPU v4")] == [
+        "v5e", "v5p", "v6e", "v4"]
+    rows = [
+        {"impl": "mosaic_tpu", "T": 8192, "mode": "fwdbwd", "ms": 10.0},
+        {"impl": "chunk_xla", "T": 8192, "mode": "fwdbwd", "ms": 20.0},
+        {"impl": "splash_attention", "T": 8192, "mode": "fwdbwd", "ms": 8.0},
+    ]
+    res = {t["target"].split()[-1]: t for t in mod.evaluate_targets(rows, interpret=False)}
+    assert res["chunk_xla"]["ratio"] == 0.5 and res["chunk_xla"]["met"] is True
+    assert res["splash_attention"]["ratio"] == 1.25 and res["splash_attention"]["met"] is False
