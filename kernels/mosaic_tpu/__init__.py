@@ -19,7 +19,7 @@ Kernels (grid (B, H, NT), chunks "arbitrary" = sequential, B and H "parallel"):
 
 Chunk 128, sub-chunk 16. The chunk is a multiple of the lane width so that the [C, C] matrices (A, dA, the dg
 mask) and the [1, C] document-id rows are whole vector tiles, and the big products ([C, C] x [C, V],
-[C, K]ᵀ x [C, V], [C, K] x [K, V]) fill the MXU: 128 is the MXU edge on v5e (4 MXUs of 128x128), 256 on v6e (chunk
+[C, K]ᵀ x [C, V], [C, K] x [K, V]) fill the MXU: 128 is the MXU edge on v5e (128x128), 256 on v6e (chunk
 256 with sub-chunk 32 is a shipped option; the VMEM estimate still fits v6e's 32 MiB scoped limit at K=256,
 V=512). Inside a chunk, per-channel decay makes A an elementwise product over K, not a matmul; secondary chunking
 turns most of it into MXU work: each 16-row strip I is one [16, K] x [K, C] product relative to the gate at I's
