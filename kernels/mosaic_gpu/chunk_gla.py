@@ -19,7 +19,7 @@ from gla_jax.ops.segments import segment_starts
 from .grads import qkg_grads
 from .products import chunk_products
 from .states import state_pass
-from .tiles import CHUNK, F32, padded_width
+from .tiles import CHUNK, F32, check_smem, padded_width
 
 #: Log-gate floor: e^{-100} ~ 4e-44 is below float32's normal range, so a floored gate forgets the state as
 #: completely as a zero gate (log gate = -inf) while the chunk-local cumulative sums stay finite (>= -6400 per
@@ -150,6 +150,7 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
                              f"{jnp.dtype(x.dtype).name}; cast the inputs or use impl='triton' for float32")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"v: expected q, k and v in one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_smem(padded_width(q.shape[-1]), q.dtype)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     from .compat import interpret_params

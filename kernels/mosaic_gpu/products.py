@@ -10,7 +10,8 @@ s [B, H, N, K, V]; C = 64, K and V multiples of 64. Chunks are independent, so t
 parallel. A block loads its [64, 64] P tile and [64, K] Q tile once by TMA, then ``plgpu.emit_pipeline`` streams
 the [64, 64] Y and [K, 64] S tiles of each 64-wide V slice (two slots: the next slice's TMA overlaps this one's
 wgmmas); per slice two wgmmas accumulate into one float32 [64, 64] accumulator, which goes back to HBM by TMA from
-one of two SMEM slots. SMEM at K=256: P 8 + Q 32 + 2 x (Y 8 + S 32) + 2 x out 8 = 136 KiB.
+one of two SMEM slots. SMEM at K=256: P 8 + Q 32 + 2 x (Y 8 + S 32) + 2 x out 8 = 136 KiB (152 KiB for dv,
+whose output slots are float32).
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ state in registers (the wgmma accumulator: ``pl.run_state`` with ``plgpu.ACC.ini
 decay loaded in the accumulator's row layout (``Layout.WGMMA.reduce(1)``), then one wgmma [K, C] x [C, 64] adds
 the chunk's contribution. ``plgpu.emit_pipeline`` streams the xt, y and decay tiles through SMEM with TMA
 (``max_concurrent_steps`` slots, so the next chunks' loads overlap the current one's wgmma) and writes each
-chunk-start state back with TMA. SMEM per block at K=256: 2 x (32 + 8 + 1 + 32) KiB = 146 KiB.
+chunk-start state back with TMA from two SMEM slots. SMEM per block at K=256 (bf16): float32 state staging
+64 KiB + 2 out slots x 32 KiB + 2 pipeline slots x (32 + 8 + 1) KiB = 210 KiB of the 227 KiB
+(``tiles.smem_bytes``; K > 256 does not fit).
 
 ``staged=True`` (used in interpret mode, whose interpreter has no rules yet for ``pl.run_state``,
 ``plgpu.load`` with a layout or an accumulator initialised from registers) keeps the state in an SMEM float32
@@ -40,8 +42,9 @@ from .tiles import BLOCK_V, CHUNK, F32, smem_transforms
 STAGES = 2
 
 
-def state_pass(xt, y, decay, s0, *, reverse: bool, interpret, staged: bool):
-    """-> (starts [B, H, N, K, V] in y's dtype, final [B, H, K, V] float32); see the module docstring."""
+def state_pass(xt, y, decay, s0, *, reverse: bool, interpret, staged: bool, stages: int = STAGES):
+    """-> (starts [B, H, N, K, V] in y's dtype, final [B, H, K, V] float32); see the module docstring.
+    ``stages``: TMA slots of the pipeline (SMEM grows by one [K, C] + [C, 64] + [K] set per slot)."""
     B, H, N, K, C = xt.shape
     V = y.shape[-1]
     if C != CHUNK or K % 64 or V % BLOCK_V:
@@ -79,7 +82,7 @@ def state_pass(xt, y, decay, s0, *, reverse: bool, interpret, staged: bool):
                 delta = pl.run_scoped(lambda acc: _wgmma(acc, xt_s, y_s), plgpu.ACC((K, BLOCK_V), F32))
                 s_smem[...] = s * lax.broadcast_in_dim(d_s[...], s.shape, [0]) + delta
 
-            plgpu.emit_pipeline(step, grid=(N,), in_specs=specs, max_concurrent_steps=STAGES)(*gmem)
+            plgpu.emit_pipeline(step, grid=(N,), in_specs=specs, max_concurrent_steps=stages)(*gmem)
         else:
             def step(idx, xt_s, y_s, d_s, s):
                 write_start(idx[0], s)
@@ -88,7 +91,7 @@ def state_pass(xt, y, decay, s0, *, reverse: bool, interpret, staged: bool):
                 return pl.run_state(lambda acc: plgpu.wgmma(acc, xt_s, y_s))(plgpu.ACC.init(s))
 
             s_init = plgpu.load(s_smem, (), layout=plgpu.Layout.WGMMA)
-            s = plgpu.emit_pipeline(step, grid=(N,), in_specs=specs, max_concurrent_steps=STAGES,
+            s = plgpu.emit_pipeline(step, grid=(N,), in_specs=specs, max_concurrent_steps=stages,
                                     init_carry=s_init)(*gmem)
             s_smem[...] = s
         plgpu.commit_smem()
