@@ -2,7 +2,8 @@
 
 Forward: gate factors and the masked intra-chunk matrix A in XLA (float32, ``gla_jax.ops.chunk``'s two-level
 form), then two Mosaic GPU kernels: the state pass (``states.py``) and the output products (``products.py``).
-Backward: the state-gradient pass and dv as the same two Mosaic GPU kernels, dq/dk/dg in XLA (``grads.py``).
+Backward: the state-gradient pass and dv as the same two Mosaic GPU kernels, dq/dk/dg in XLA with float32 matmuls
+(``grads.py``).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _core_bwd(scale, interpret, staged, res, cotangents):
     F, same, qdec, kdec = _prepare(q, k, g, doc, scale, dt)
     dh, ds0 = state_pass(_swap(qdec), do, F.a, dht.astype(F32), reverse=True, interpret=interpret, staged=staged)
     dv = chunk_products(_swap(A).astype(dt), do, kdec, dh, out_dtype=F32, interpret=interpret)
-    dq, dk, dg = qkg_grads(q, k, v, do, F, same, starts, dh, scale=scale, c=SUB_CHUNK, cdt=dt)
+    dq, dk, dg = qkg_grads(q, k, v, do, F, same, starts, dh, scale=scale, c=SUB_CHUNK, cdt=F32)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0, None
 
 

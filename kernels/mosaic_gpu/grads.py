@@ -3,8 +3,9 @@
 The backward's sequential part (the state-gradient pass) and dv run as Mosaic GPU kernels (``states.py``,
 ``products.py``); dq, dk and dg are still XLA here, with the same two-level structure as the pure-JAX chunk
 operator (``gla_jax.ops.chunk``, whose building blocks this reuses: sub-chunks of 16, off-diagonal sub-chunk
-pairs as matmuls in the matmul dtype with float32 accumulation, diagonal 16x16 blocks elementwise in float32 log
-space, every exponent <= 0). The gate gradient is the per-chunk form of the reverse-cumulative-sum identity
+pairs as matmuls, diagonal 16x16 blocks elementwise in float32 log space, every exponent <= 0). ``chunk_gla`` runs
+these matmuls with float32 operands: with bf16 operands dg's error against the float64 recurrence is ~3e-3 (the
+terms of q ⊙ dq - k ⊙ dk cancel), with float32 ~1e-3. The gate gradient is the per-chunk form of the reverse-cumulative-sum identity
 (docs/design.md §2): nothing is summed across chunks except through dH, so rounding does not grow with T.
 """
 
