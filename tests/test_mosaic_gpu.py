@@ -59,7 +59,15 @@ def _inputs(B, T, H, K, V, dtype, seed, *, gate="layer", segments=False):
     return q, k, v, g, h0, seg, do, dst
 
 
-def _check(case, dtype, interpret, *, with_state=True, final_state=True, segments=True, gate="layer", seed=0):
+def _assert_no_races(capfd):
+    """The interpreter prints "RACE DETECTED" for every race it sees (its races_found flag only covers the last
+    kernel launched, so the printed report is what covers all of them)."""
+    out, err = capfd.readouterr()
+    assert "RACE DETECTED" not in out + err, (out + err)[-3000:]
+    assert not races_found()
+
+
+def _check(case, dtype, interpret, capfd, *, with_state=True, final_state=True, segments=True, gate="layer", seed=0):
     q, k, v, g, h0, seg, do, dst = _inputs(*case, dtype, seed, gate=gate, segments=segments)
     seg_j = None if seg is None else jnp.asarray(seg)
 
@@ -85,7 +93,7 @@ def _check(case, dtype, interpret, *, with_state=True, final_state=True, segment
     for name, err in errs.items():
         assert err <= TOL, f"{name}: rel err {err:.3g} > {TOL:g} (all: {errs})"
     if interpret:
-        assert not races_found()
+        _assert_no_races(capfd)
     return errs
 
 
@@ -94,7 +102,7 @@ def _check(case, dtype, interpret, *, with_state=True, final_state=True, segment
 
 @pytest.mark.parametrize("interpret", MODES)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_state_pass_matches_numpy(interpret, reverse):
+def test_state_pass_matches_numpy(interpret, reverse, capfd):
     """Both directions of the sequential state pass: chunk-start states (bf16) and the final state (float32)."""
     B, H, N, K, C, V = 1, 1, 3, 64, 64, 128
     rng = np.random.default_rng(int(reverse))
@@ -111,11 +119,11 @@ def test_state_pass_matches_numpy(interpret, reverse):
     assert rel_err(starts, np.stack(ref, 2)) < 4e-3  # bf16 rounding of the stored states
     assert rel_err(final, s) < 1e-6  # float32 accumulation
     if interpret:
-        assert not races_found()
+        _assert_no_races(capfd)
 
 
 @pytest.mark.parametrize("interpret", MODES)
-def test_chunk_products_match_numpy(interpret):
+def test_chunk_products_match_numpy(interpret, capfd):
     B, H, N, K, C, V = 1, 2, 1, 128, 64, 128
     rng = np.random.default_rng(2)
     r = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
@@ -124,37 +132,68 @@ def test_chunk_products_match_numpy(interpret):
     f64 = lambda x: np.asarray(x, np.float64)
     assert rel_err(out, f64(p) @ f64(y) + f64(q) @ f64(s)) < 1e-6
     if interpret:
-        assert not races_found()
+        _assert_no_races(capfd)
+
+
+def test_race_detection_catches_a_missing_barrier_wait(capfd):
+    """Positive control for the race checks above: reading SMEM that a TMA copy is still filling (the barrier wait
+    moved after the read) is reported; with the wait in place it is not."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from gla_jax.kernels.mosaic_gpu import compat
+
+    def make(wait_first):
+        def body(x_ref, o_ref, x_smem, bar):
+            plgpu.copy_gmem_to_smem(x_ref, x_smem, bar)
+            if wait_first:
+                plgpu.barrier_wait(bar)
+            x_smem[...] = x_smem[...] * 2.0
+            if not wait_first:
+                plgpu.barrier_wait(bar)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(x_smem, o_ref)
+            plgpu.wait_smem_to_gmem(0)
+
+        return compat.kernel(body, out=jax.ShapeDtypeStruct((64, 64), jnp.float32),
+                             scratch=(plgpu.SMEM((64, 64), jnp.float32), plgpu.Barrier(num_arrivals=1)),
+                             interpret=compat.interpret_params(True))
+
+    x = jnp.ones((64, 64), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(make(True)(x)), 2.0)
+    _assert_no_races(capfd)
+    make(False)(x).block_until_ready()
+    assert races_found()
+    assert "RACE DETECTED" in capfd.readouterr().out
 
 
 # ------------------------------------------------------------------------------ chunk_gla vs the float64 recurrence
 
 
 @pytest.mark.parametrize("interpret", MODES)
-def test_bfloat16_segments_initial_and_final_state(interpret):
+def test_bfloat16_segments_initial_and_final_state(interpret, capfd):
     """Odd T (two chunks, the second partly padding), K and V padded to 64, three documents, an initial state and
     the final state's cotangent: output, final state and all five gradients."""
-    _check((1, 100, 1, 32, 48), jnp.bfloat16, interpret)
+    _check((1, 100, 1, 32, 48), jnp.bfloat16, interpret, capfd)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("interpret", MODES)
-def test_float16_no_segments(interpret):
-    _check((1, 90, 1, 40, 24), jnp.float16, interpret, segments=False, seed=1)
+def test_float16_no_segments(interpret, capfd):
+    _check((1, 90, 1, 40, 24), jnp.float16, interpret, capfd, segments=False, seed=1)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("interpret", MODES)
-def test_bfloat16_no_state_two_heads_wide_v(interpret):
+def test_bfloat16_no_state_two_heads_wide_v(interpret, capfd):
     """Two heads, a batch of two, V padded to 128 (two 64-wide V slices per block)."""
-    _check((2, 70, 2, 16, 72), jnp.bfloat16, interpret, with_state=False, final_state=False, seed=2)
+    _check((2, 70, 2, 16, 72), jnp.bfloat16, interpret, capfd, with_state=False, final_state=False, seed=2)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("interpret", MODES)
-def test_strong_gates_stay_finite_and_exact(interpret):
+def test_strong_gates_stay_finite_and_exact(interpret, capfd):
     """Per-step gates down to -20: every exponent stays <= 0, nothing overflows."""
-    _check((1, 80, 1, 16, 16), jnp.bfloat16, interpret, gate="strong", seed=3)
+    _check((1, 80, 1, 16, 16), jnp.bfloat16, interpret, capfd, gate="strong", seed=3)
 
 
 @pytest.mark.parametrize("interpret", MODES)
