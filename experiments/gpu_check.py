@@ -429,6 +429,25 @@ def _mosaic_gpu_ready(on_gpu, interpret):
     return None if ok else f"needs compute capability >= 9.0 (Hopper), this GPU has {cc}"
 
 
+def mosaic_goals(rows, interpret):
+    """Mosaic GPU fwd+bwd vs fla at every measured T >= 4K and vs cuDNN at T = 8K (``MOSAIC_GOALS``)."""
+    ms = {(r["impl"], r["T"], r["mode"]): r["ms"] for r in rows}
+    out = []
+    for other, T_min, limit in MOSAIC_GOALS:
+        for T in sorted({t for (i, t, _) in ms if i in (other, "mosaic_gpu")
+                         and (t >= T_min if other == "fla_chunk_gla" else t == T_min)}):
+            m, o = ms.get(("mosaic_gpu", T, "fwdbwd")), ms.get((other, T, "fwdbwd"))
+            goal = {"T": T, "target": f"mosaic_gpu fwd+bwd <= {limit}x {other}", "limit": limit}
+            if interpret:
+                goal.update(ratio=None, met=None, note="interpret mode: not a speed path")
+            elif m is None or o is None:
+                goal.update(ratio=None, met=None, note="not measured")
+            else:
+                goal.update(ratio=round(m / o, 3), met=bool(m / o <= limit))
+            out.append(goal)
+    return out
+
+
 def check_mosaic_gpu(*, B, T, H, K, V, Ts, D, interpret, on_gpu, iters, deadline, other_rows=()):
     """Mosaic GPU ``chunk_gla`` (impl "mosaic_gpu"): bf16 output and all gradients vs ``impl="chunk"`` (float32
     from the same rounded inputs), then fwd and fwd+bwd timings at B x H heads of width D for every T in ``Ts``
@@ -497,18 +516,7 @@ def check_mosaic_gpu(*, B, T, H, K, V, Ts, D, interpret, on_gpu, iters, deadline
             except Exception as e:  # noqa: BLE001
                 out["skipped"].append({"impl": "mosaic_gpu", "T": T_, "mode": mode,
                                        "reason": f"{type(e).__name__}: {e}"[:500]})
-    ms = {(r["impl"], r["T"], r["mode"]): r["ms"] for r in list(other_rows) + out["timings"]}
-    for other, T_min, limit in MOSAIC_GOALS:
-        for T_ in sorted({t for (_, t, _) in ms if t >= T_min and (other != "cudnn_attention" or t == T_min)}):
-            m, o = ms.get(("mosaic_gpu", T_, "fwdbwd")), ms.get((other, T_, "fwdbwd"))
-            goal = {"T": T_, "target": f"mosaic_gpu fwd+bwd <= {limit}x {other}", "limit": limit}
-            if interpret:
-                goal.update(ratio=None, met=None, note="interpret mode: not a speed path")
-            elif m is None or o is None:
-                goal.update(ratio=None, met=None, note="not measured")
-            else:
-                goal.update(ratio=round(m / o, 3), met=bool(m / o <= limit))
-            out["targets"].append(goal)
+    out["targets"] = mosaic_goals(list(other_rows) + out["timings"], interpret)
     return out
 
 

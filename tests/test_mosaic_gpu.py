@@ -286,3 +286,50 @@ def test_lowering_rejects_shared_memory_over_the_limit():
                                                                                       stages=3)
     assert smem_bytes("states", K, jnp.bfloat16, stages=2) <= SMEM_LIMIT_BYTES
     lower(2)
+
+
+# ------------------------------------------------------------------------------- experiments/gpu_check.py (e)
+
+
+@pytest.mark.slow  # ~2 min of interpret mode (compiles and runs the kernels for the check and the timings)
+def test_gpu_check_mosaic_section_in_interpret_mode(tmp_path):
+    """gpu_check's Mosaic GPU section on the CPU: correct against impl='chunk', both timing rows, goals present
+    but not claimed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, os.path.join(repo, "experiments", "gpu_check.py"), "--interpret",
+                           "--out", str(tmp_path), "--T", "64", "--skip-check", "--skip-bench",
+                           "--tune-budget-s", "0"], capture_output=True, text=True, env=env, timeout=900, cwd=repo)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    section = json.loads((tmp_path / "gpu_check.json").read_text())["mosaic_gpu"]
+    (entry,) = section["correctness"]
+    assert entry["ok"] and set(entry["rel_err"]) == {"o", "final_state", "dq", "dk", "dv", "dg", "dh0"}
+    assert {(r["impl"], r["mode"]) for r in section["timings"]} == {("mosaic_gpu", "fwd"), ("mosaic_gpu", "fwdbwd")}
+    assert all(t["met"] is None for t in section["targets"])
+    assert "RACE DETECTED" not in proc.stdout
+
+
+def test_gpu_check_mosaic_goals():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "gpu_check.py")
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [{"impl": "fla_chunk_gla", "T": 4096, "mode": "fwdbwd", "ms": 10.0},
+            {"impl": "fla_chunk_gla", "T": 8192, "mode": "fwdbwd", "ms": 20.0},
+            {"impl": "cudnn_attention", "T": 8192, "mode": "fwdbwd", "ms": 20.0}]
+    goals = mod.mosaic_goals(rows + [{"impl": "mosaic_gpu", "T": 4096, "mode": "fwdbwd", "ms": 6.0},
+                                     {"impl": "mosaic_gpu", "T": 8192, "mode": "fwdbwd", "ms": 16.0}], interpret=False)
+    res = {(g["T"], g["target"].split()[-1]): g for g in goals}
+    assert res[(4096, "fla_chunk_gla")]["ratio"] == 0.6 and res[(4096, "fla_chunk_gla")]["met"] is True
+    assert res[(8192, "fla_chunk_gla")]["ratio"] == 0.8 and res[(8192, "fla_chunk_gla")]["met"] is False
+    assert res[(8192, "cudnn_attention")]["ratio"] == 0.8 and res[(8192, "cudnn_attention")]["met"] is False
+    assert set(res) == {(4096, "fla_chunk_gla"), (8192, "fla_chunk_gla"), (8192, "cudnn_attention")}
