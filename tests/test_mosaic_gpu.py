@@ -222,6 +222,16 @@ def test_bad_arguments_name_themselves(kw, name):
         chunk_gla(q, q, q, q, **kw)
 
 
+def test_missing_interpret_mode_is_a_one_line_error(monkeypatch):
+    """A jax whose Mosaic GPU interpret mode lives elsewhere: interpret=True says so instead of failing deep inside."""
+    from gla_jax.kernels.mosaic_gpu import compat
+
+    monkeypatch.setattr(compat, "interpret_class", lambda: None)
+    q = jnp.zeros((1, 8, 1, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match="^interpret: this jax .* has no Mosaic GPU interpret mode"):
+        chunk_gla(q, q, q, q, interpret=True)
+
+
 def test_float32_inputs_are_refused():
     """wgmma takes 16-bit operands here; float32 inputs get a one-line error pointing at the Triton kernels."""
     q = jnp.zeros((1, 8, 1, 16), jnp.float32)

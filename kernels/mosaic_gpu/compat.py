@@ -1,8 +1,9 @@
 """The one place that touches Mosaic GPU APIs that are private or moved between jax versions.
 
 * Interpret mode: jax 0.10.2 runs Mosaic GPU kernels on the CPU with
-  ``jax._src.pallas.mosaic_gpu.interpret.params.InterpretGPUParams`` (not exported yet). ``interpret_params``
-  imports it here only, and fails with one line naming ``interpret`` if a jax version has moved it.
+  ``jax._src.pallas.mosaic_gpu.interpret.params.InterpretGPUParams`` (not exported yet; later versions move it to
+  ``jax._src.pallas.mosaic.interpret.utils`` or export it as ``plgpu.InterpretGPUParams``). ``interpret_class``
+  looks in those places only, and ``interpret_params`` fails with one line naming ``interpret`` if none has it.
 * ``plgpu.kernel`` names its output and scratch arguments ``out_type``/``scratch_types`` in newer jax and
   ``out_shape``/``scratch_shapes`` in older; ``kernel`` passes whichever the installed jax takes.
 """
@@ -16,7 +17,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 def interpret_class():
     """The ``InterpretGPUParams`` class, or None when this jax has no Mosaic GPU interpret mode where we look."""
-    for path in ("jax._src.pallas.mosaic_gpu.interpret.params", "jax.experimental.pallas.mosaic_gpu"):
+    # public in newer jax; private in 0.10.2 (params) and in some later versions (the shared interpret utils)
+    for path in ("jax.experimental.pallas.mosaic_gpu", "jax._src.pallas.mosaic_gpu.interpret.params",
+                 "jax._src.pallas.mosaic.interpret.utils"):
         try:
             module = __import__(path, fromlist=["InterpretGPUParams"])
         except ImportError:
@@ -54,6 +57,17 @@ def races_found() -> bool:
         return False
     races = getattr(gpu_callbacks, "_races", None)
     return bool(getattr(races, "races_found", False))
+
+
+def reset_interpret_state() -> None:
+    """Clears the interpreter's global state (needed after a kernel raised inside interpret mode)."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    except ImportError:
+        return
+    reset = getattr(gpu_callbacks, "reset_gpu_interpret_mode_state", None)
+    if reset is not None:
+        reset()
 
 
 _KERNEL_ARGS = set(inspect.signature(plgpu.kernel).parameters)
