@@ -256,8 +256,8 @@ def test_smem_budget_fits_up_to_k256_and_refuses_wider():
         chunk_gla(q, q, q, q)
 
 
-def _lower_fwd_bwd(K, V, *, T=256, H=2):
-    sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+def _lower_fwd_bwd(K, V, *, T=256, H=2, dtype=jnp.bfloat16):
+    sd = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
     args = [sd(1, T, H, K), sd(1, T, H, K), sd(1, T, H, V), sd(1, T, H, K, dt=jnp.float32),
             sd(1, H, K, V, dt=jnp.float32), sd(1, T, dt=jnp.int32)]
 
@@ -269,11 +269,13 @@ def _lower_fwd_bwd(K, V, *, T=256, H=2):
     return f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("K, V", [(64, 64), (128, 256), (256, 512)])
-def test_forward_and_backward_lower_for_cuda(K, V):
+@pytest.mark.parametrize("K, V, dtype", [(64, 64, jnp.bfloat16), (128, 256, jnp.bfloat16), (256, 512, jnp.bfloat16),
+                                         (128, 256, jnp.float16)])
+def test_forward_and_backward_lower_for_cuda(K, V, dtype):
     """Mosaic GPU compiles all four kernels (state pass and products, forward and backward) down to NVVM on the
-    CPU: tilings, swizzles, wgmma shapes and the shared-memory budget are checked; only PTX is left for a GPU."""
-    text = _lower_fwd_bwd(K, V)
+    CPU: tilings, swizzles, wgmma shapes and the shared-memory budget are checked; only PTX is left for a GPU.
+    (K, V) = (128, 256) are GLA-340M's heads, (256, 512) GLA-1.3B's."""
+    text = _lower_fwd_bwd(K, V, dtype=dtype)
     assert len(re.findall(r"custom_call @mosaic_gpu", text)) == 4
     assert "nvvm.wgmma" in text
 
