@@ -11,7 +11,10 @@
 (c) prints a table and writes ``gpu_check.json`` and ``gpu_check.png`` (when matplotlib imports) into --out with the
     device name, package versions and the targets (Pallas fwd+bwd <= 1.0x fla and <= 0.6x cuDNN at T >= 8K);
 (d) with the time left (``--tune-budget-s``), times Pallas fwd+bwd under a few other tilings (warps, pipeline
-    stages, dq/dk K tile) at T=8K, so one run also says whether the defaults are the best of these.
+    stages, dq/dk K tile) at T=8K, so one run also says whether the defaults are the best of these;
+(e) on a Hopper GPU (compute capability >= 9.0) or in interpret mode, checks the Mosaic GPU kernels
+    (``gla_jax.kernels.mosaic_gpu``, bf16, vs ``impl="chunk"``) and times them at the same sizes as (b), with their
+    goals (fwd+bwd <= 0.7x fla at T >= 4K, <= 0.5x cuDNN at 8K); ``--mosaic-budget-s 0`` skips it.
 
 Needs jax and numpy only (no grain/optax/orbax); everything else is optional. Interpret mode is not a speed path:
 its timings only show that the code runs.
@@ -401,6 +404,122 @@ def plot(rows, path, title):
     return path
 
 
+# ------------------------------------------------------------------------------------- (e) Mosaic GPU kernels
+
+#: Goals for the Mosaic GPU kernels (bf16 fwd+bwd): <= 0.7x fla's chunk_gla at T >= 4K, <= 0.5x cuDNN at T = 8K.
+MOSAIC_GOALS = (("fla_chunk_gla", 4096, 0.7), ("cudnn_attention", 8192, 0.5))
+
+
+def _mosaic_gpu_ready(on_gpu, interpret):
+    """None when ``gla_jax.kernels.mosaic_gpu`` can run here (interpret mode, or a GPU of compute capability >= 9.0),
+    else the reason."""
+    import jax
+
+    if interpret:
+        from gla_jax.kernels.mosaic_gpu.compat import interpret_class
+
+        return None if interpret_class() is not None else "this jax has no Mosaic GPU interpret mode"
+    if not on_gpu:
+        return "no GPU"
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        ok = float(cc) >= 9.0
+    except (TypeError, ValueError):
+        ok = False
+    return None if ok else f"needs compute capability >= 9.0 (Hopper), this GPU has {cc}"
+
+
+def mosaic_goals(rows, interpret):
+    """Mosaic GPU fwd+bwd vs fla at every measured T >= 4K and vs cuDNN at T = 8K (``MOSAIC_GOALS``)."""
+    ms = {(r["impl"], r["T"], r["mode"]): r["ms"] for r in rows}
+    out = []
+    for other, T_min, limit in MOSAIC_GOALS:
+        for T in sorted({t for (i, t, _) in ms if i in (other, "mosaic_gpu")
+                         and (t >= T_min if other == "fla_chunk_gla" else t == T_min)}):
+            m, o = ms.get(("mosaic_gpu", T, "fwdbwd")), ms.get((other, T, "fwdbwd"))
+            goal = {"T": T, "target": f"mosaic_gpu fwd+bwd <= {limit}x {other}", "limit": limit}
+            if interpret:
+                goal.update(ratio=None, met=None, note="interpret mode: not a speed path")
+            elif m is None or o is None:
+                goal.update(ratio=None, met=None, note="not measured")
+            else:
+                goal.update(ratio=round(m / o, 3), met=bool(m / o <= limit))
+            out.append(goal)
+    return out
+
+
+def check_mosaic_gpu(*, B, T, H, K, V, Ts, D, interpret, on_gpu, iters, deadline, other_rows=()):
+    """Mosaic GPU ``chunk_gla`` (impl "mosaic_gpu"): bf16 output and all gradients vs ``impl="chunk"`` (float32
+    from the same rounded inputs), then fwd and fwd+bwd timings at B x H heads of width D for every T in ``Ts``
+    (until ``deadline``), compared with the rows (b) measured. Returns the report's "mosaic_gpu" entry."""
+    import jax
+    import jax.numpy as jnp
+
+    from gla_jax.ops import gla
+
+    out = {"correctness": [], "timings": [], "skipped": [], "targets": []}
+    reason = _mosaic_gpu_ready(on_gpu, interpret)
+    if reason is not None:
+        out["skipped"].append({"impl": "mosaic_gpu", "reason": reason})
+        return out
+    from gla_jax.kernels.mosaic_gpu import chunk_gla as mosaic_chunk_gla
+
+    dtype = jnp.bfloat16
+    q, k, v, g, rng = _inputs(B, T, H, K, V, dtype, seed=4)
+    h0 = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
+    seg = np.zeros((B, T), np.int32)
+    seg[:, T // 3:] = 1
+    seg[:, (2 * T) // 3:] = 2
+    kw = dict(output_final_state=True, segment_ids=jnp.asarray(seg))
+    do = jnp.asarray(rng.standard_normal((B, T, H, V)), dtype)
+    dst = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
+
+    def run(fn, *args):
+        (o, s), vjp = jax.vjp(fn, *args)
+        return (o, s) + tuple(vjp((do.astype(o.dtype), dst)))
+
+    entry = {"dtype": "bfloat16", "shape": dict(B=B, T=T, H=H, K=K, V=V)}
+    try:
+        t0 = time.perf_counter()
+        got = jax.block_until_ready(jax.jit(lambda *a: run(lambda q, k, v, g, h: mosaic_chunk_gla(
+            q, k, v, g, initial_state=h, interpret=interpret, **kw), *a))(q, k, v, g, h0))
+        entry["compile_and_run_s"] = round(time.perf_counter() - t0, 2)
+        f32 = lambda x: x.astype(jnp.float32)
+        with jax.default_matmul_precision("highest"):
+            ref = jax.jit(lambda *a: run(lambda q, k, v, g, h: gla(q, k, v, g, impl="chunk", initial_state=h, **kw),
+                                         *a))(f32(q), f32(k), f32(v), f32(g), h0)
+        errs = {n: rel_err(a, b) for n, a, b in zip(("o", "final_state", "dq", "dk", "dv", "dg", "dh0"), got, ref)}
+        entry["rel_err"] = errs
+        entry["tolerance"] = {n: TOL["bfloat16"] for n in errs}
+        entry["finite"] = bool(all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in got))
+        entry["ok"] = entry["finite"] and all(errs[n] <= TOL["bfloat16"] for n in errs)
+    except Exception as e:  # noqa: BLE001 - report, keep going
+        entry["ok"] = False
+        entry["error"] = f"{type(e).__name__}: {e}"[:2000]
+        traceback.print_exc()
+    out["correctness"].append(entry)
+
+    f = lambda q, k, v, g: mosaic_chunk_gla(q, k, v, g, interpret=interpret)[0]
+    fwd, fwdbwd = jax.jit(f), jax.jit(_fwdbwd(f))
+    for T_ in sorted(Ts, reverse=True):
+        q, k, v, g, rng = _inputs(B if not interpret else 1, T_, H, D, D, dtype, seed=2)
+        do = jnp.asarray(rng.standard_normal((q.shape[0], T_, H, D)), dtype)
+        for mode, fn, args in (("fwd", fwd, (q, k, v, g)), ("fwdbwd", fwdbwd, (q, k, v, g, do))):
+            if time.perf_counter() > deadline:
+                out["skipped"].append({"impl": "mosaic_gpu", "T": T_, "mode": mode, "reason": "time budget spent"})
+                continue
+            try:
+                ms, first = _time_jax(fn, args, iters, warmup=1)
+                out["timings"].append({"impl": "mosaic_gpu", "T": T_, "mode": mode, "ms": round(ms, 4),
+                                       "first_call_s": round(first, 2)})
+                print(f"  T={T_:6d} {'mosaic_gpu':16s} {mode:7s} {ms:10.3f} ms", flush=True)
+            except Exception as e:  # noqa: BLE001
+                out["skipped"].append({"impl": "mosaic_gpu", "T": T_, "mode": mode,
+                                       "reason": f"{type(e).__name__}: {e}"[:500]})
+    out["targets"] = mosaic_goals(list(other_rows) + out["timings"], interpret)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output directory (gpu_check.json, gpu_check.png)")
@@ -413,10 +532,12 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=270.0, help="stop timing new rows after this many seconds")
     p.add_argument("--tune-budget-s", type=float, default=40.0,
                    help="(d) tiling comparison: seconds it may add after (b); 0 skips it")
+    p.add_argument("--mosaic-budget-s", type=float, default=120.0,
+                   help="(e) Mosaic GPU kernels (Hopper): seconds their timing may add; 0 skips the section")
     p.add_argument("--skip-check", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
     args = p.parse_args(argv)
-    for name in ("budget_s", "tune_budget_s"):
+    for name in ("budget_s", "tune_budget_s", "mosaic_budget_s"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')}: expected seconds >= 0, got {getattr(args, name)}")
 
@@ -448,6 +569,7 @@ def main(argv=None):
         "skipped": [],
         "targets": [],
         "tuning": [],
+        "mosaic_gpu": {},
     }
     out_json = os.path.join(args.out, "gpu_check.json")
 
@@ -488,8 +610,24 @@ def main(argv=None):
                                               iters=iters, deadline=time.perf_counter() + args.tune_budget_s,
                                               tilings=tilings)
         report["skipped"] += tune_skipped
+    if args.mosaic_budget_s > 0:
+        print("(e) Mosaic GPU kernels (impl mosaic_gpu): correctness vs impl='chunk' (bf16), timing", flush=True)
+        mchk = dict(B=1, T=70, H=1, K=32, V=32) if interpret else chk
+        mTs = [min(Ts)] if interpret else Ts
+        report["mosaic_gpu"] = check_mosaic_gpu(**mchk, Ts=mTs, D=D, interpret=interpret, on_gpu=on_gpu, iters=iters,
+                                                deadline=time.perf_counter() + args.mosaic_budget_s,
+                                                other_rows=report["timings"])
+        for e in report["mosaic_gpu"]["correctness"]:
+            print(f"  mosaic_gpu {e['dtype']:9s} ok={e['ok']} "
+                  + " ".join(f"{k}={v:.2e}" for k, v in e.get("rel_err", {}).items())
+                  + (f" error={e['error']}" if "error" in e else ""), flush=True)
+        for t in report["mosaic_gpu"]["targets"]:
+            print(f"  target {t['target']} T={t['T']}: ratio={t['ratio']} met={t['met']}"
+                  + (f" ({t['note']})" if t.get("note") else ""))
+        for sk in report["mosaic_gpu"]["skipped"]:
+            print(f"  skipped mosaic_gpu: {sk}", flush=True)
     save()
-    ok = all(e["ok"] for e in report["correctness"])
+    ok = all(e["ok"] for e in report["correctness"] + report["mosaic_gpu"].get("correctness", []))
     print(f"wrote {out_json}; correctness {'OK' if ok else 'FAILED'}; {report['elapsed_s']} s", flush=True)
     return 0 if ok else 1
 
