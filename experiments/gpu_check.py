@@ -3,7 +3,7 @@
     python experiments/gpu_check.py --out experiments/results/gpu/<run>      # on one H100/H200, a few minutes
     python experiments/gpu_check.py --interpret --out /tmp/gpu_check          # CPU, tiny sizes (CI)
 
-(a) compiles ``gla_jax.kernels.chunk_gla`` and checks forward and gradients (q, k, v, g, initial_state, with
+(a) compiles ``gla_jax.kernels.triton.chunk_gla`` and checks forward and gradients (q, k, v, g, initial_state, with
     packed documents) against ``gla(impl="chunk")`` in float32 and bfloat16;
 (b) times forward and forward+backward of the Pallas kernel, ``impl="chunk"`` under XLA, cuDNN flash attention
     (``jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")``) and, when torch and fla import

@@ -4,7 +4,7 @@ For each gate regime (how strongly the forget gates decay per step), sequence le
 inputs are rounded to the dtype, and the outputs and gradients of
 
   * ``chunk``     gla(..., impl="chunk")               the two-level chunkwise JAX form
-  * ``pallas``    gla_jax.kernels.chunk_gla            the Pallas kernel (interpret mode off GPU), when installed
+  * ``pallas``    gla_jax.kernels.triton.chunk_gla            the Pallas kernel (interpret mode off GPU), when installed
   * ``recurrent`` gla(..., impl="recurrent")           the float32 scan (a floor: what float32 state costs)
   * ``fla_naive`` fla.ops.gla.naive.naive_recurrent_gla (torch, float32), when torch and fla import
 
@@ -201,7 +201,7 @@ def run(args) -> dict:
     if "chunk" in impls and not chunk_available():
         skipped["chunk"] = "gla_jax.ops.chunk not importable"
     if "pallas" in impls and not pallas_available():
-        skipped["pallas"] = "gla_jax.kernels.chunk_gla not importable"
+        skipped["pallas"] = "gla_jax.kernels.triton.chunk_gla not importable"
     if "fla_naive" in impls and not fla_available():
         skipped["fla_naive"] = "torch / fla not importable"
     impls = [i for i in impls if i not in skipped]

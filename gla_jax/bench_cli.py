@@ -163,7 +163,7 @@ def _skip_reason(impl, T, args, backend):
         return f"T > --attention-max-T {args.attention_max_T} (T x T scores)"
     if impl == "pallas":
         if not _pallas_available():
-            return "gla_jax.kernels.chunk_gla not available"
+            return "gla_jax.kernels.triton.chunk_gla not available"
         if backend != "gpu" and T > args.interpret_max_T:
             return f"interpret mode on {backend}: only T <= --interpret-max-T {args.interpret_max_T}"
     return None

@@ -62,7 +62,7 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
                          chunk_size=chunk_size)
     else:  # pallas
         if not _pallas_available():
-            raise NotImplementedError("impl='pallas': the Pallas kernel (gla_jax.kernels.chunk_gla) is not available")
+            raise NotImplementedError("impl='pallas': the Pallas kernel (gla_jax.kernels.triton.chunk_gla) is not available")
         from gla_jax.kernels import chunk_gla
 
         o, s = chunk_gla(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=True,
