@@ -14,9 +14,9 @@ Passes (docs/design.md §1, chunkwise form):
   4. ``output``: o = (scale q ⊙ e^b) S + A v per (chunk, V tile).
 
 Packed documents are handled with ``rel`` [B, T] int32 (``gla_jax.ops.chunk_math.chunk_relative``): the number of
-document starts from the chunk start up to and including each position. Inside a chunk two positions see each other only when their ``rel`` agree, the
-incoming state reaches only positions with ``rel == 0``, and the state survives the chunk only when the last
-position has ``rel == 0``.
+document starts from the chunk start up to and including each position. Inside a chunk two positions see each other
+only when their ``rel`` agree, the incoming state reaches only positions with ``rel == 0``, and the state survives
+the chunk only when the last position has ``rel == 0``.
 """
 
 from __future__ import annotations
