@@ -1,4 +1,4 @@
-"""Pallas GLA kernels (gla_jax.kernels) without a GPU: interpret mode against the float64 recurrence, and lowering
+"""Pallas Triton GLA kernels (gla_jax.kernels.triton) without a GPU: interpret mode against the float64 recurrence, and lowering
 for CUDA on CPU (the Triton lowering must accept every kernel at the paper's head sizes)."""
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ def test_bfloat16_k256_v512():
 
 
 def test_matches_recurrent_op_and_dispatch():
-    """Against the library's own recurrent form, and through gla(impl="pallas") (interpret mode on CPU)."""
+    """Against the library's own recurrent form, and through gla(impl="triton", interpret=True) and its "pallas"
+    alias."""
     from gla_jax.ops import gla
 
     q, k, v, g, h0, seg, _, _ = _inputs(1, 90, 2, 32, 32, jnp.float32, 3, segments=True)
@@ -147,8 +148,9 @@ def test_matches_recurrent_op_and_dispatch():
     ro, rs = gla(*args, impl="recurrent", **kw)
     o, s = jax.jit(lambda *a: chunk_gla(*a, interpret=True, **kw))(*args)
     assert rel_err(o, ro) <= F32_TOL and rel_err(s, rs) <= F32_TOL
-    po, ps = gla(*args, impl="pallas", **kw)
-    assert rel_err(po, ro) <= F32_TOL and rel_err(ps, rs) <= F32_TOL
+    for impl in ("triton", "pallas"):
+        po, ps = gla(*args, impl=impl, interpret=True, **kw)
+        assert rel_err(po, ro) <= F32_TOL and rel_err(ps, rs) <= F32_TOL
 
 
 # ------------------------------------------------------------------------------------------ CUDA lowering on CPU
