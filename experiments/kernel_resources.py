@@ -2,8 +2,8 @@
 
 Every Triton kernel of ``gla_jax.kernels.triton.chunk_gla`` (forward and backward, with and without packed documents)
 is lowered for CUDA on this machine and compiled by the ``triton`` package for sm_90 (H100/H200), the way XLA compiles
-it on a GPU (``kernels/triton/machine_code.py`` says how close that is). A kernel whose shared memory exceeds the per-block
-limit cannot launch; register spills and long compiles cost speed and ``gpu_check.py`` time.
+it on a GPU (``kernels/triton/machine_code.py`` says how close that is). A kernel whose shared memory exceeds the
+per-block limit cannot launch; register spills and long compiles cost speed and ``gpu_check.py`` time.
 
     python experiments/kernel_resources.py               # paper head sizes in bf16 and float32 (minutes on 2 cores)
     python experiments/kernel_resources.py --smoke       # one small shape

@@ -1,8 +1,8 @@
 """``gla-jax bench``: the operator benchmark (also ``python experiments/bench_ops.py``).
 
-Times forward and forward+backward of every registered GLA backend (chunk, recurrent, parallel, triton, ...) and of causal
-softmax attention (``jax.nn.dot_product_attention``) side by side in one process, for a list of sequence lengths;
-prints a table, writes JSON, and checks the operator's speed targets:
+Times forward and forward+backward of every registered GLA backend (chunk, recurrent, parallel, triton, ...) and of
+causal softmax attention (``jax.nn.dot_product_attention``) side by side in one process, for a list of sequence
+lengths; prints a table, writes JSON, and checks the operator's speed targets:
 
   1. chunk fwd+bwd <= 0.05 x causal softmax attention at T = 8192;
   2. chunk fwd+bwd time(T = 16384) / time(T = 2048) <= 10;

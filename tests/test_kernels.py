@@ -1,5 +1,5 @@
-"""Pallas Triton GLA kernels (gla_jax.kernels.triton) without a GPU: interpret mode against the float64 recurrence, and lowering
-for CUDA on CPU (the Triton lowering must accept every kernel at the paper's head sizes)."""
+"""Pallas Triton GLA kernels (gla_jax.kernels.triton) without a GPU: interpret mode against the float64 recurrence, and
+lowering for CUDA on CPU (the Triton lowering must accept every kernel at the paper's head sizes)."""
 
 from __future__ import annotations
 

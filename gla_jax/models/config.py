@@ -108,7 +108,8 @@ class GLAConfig(_ConfigBase):
     gla-jax fields: ``gate`` ("gla" | "scalar" | "fixed" | "none", the paper's ablation), ``impl`` (operator backend:
     one of ``gla_jax.ops.registry.choices()``, e.g. "auto", "chunk", "triton"), ``chunk_size``,
     ``gate_logit_normalizer`` and ``gate_low_rank_dim`` (fixed at 16 in fla's models), ``conv_bias``, ``dtype``
-    (compute: "float32" | "bfloat16"), ``param_dtype`` ("float32"), ``remat`` (rematerialise each block in the backward pass).
+    (compute: "float32" | "bfloat16"), ``param_dtype`` ("float32"), ``remat`` (rematerialise each block in the backward
+    pass).
     """
 
     model_type = "gla"
