@@ -195,15 +195,19 @@ def test_losses_agree_across_meshes_and_with_numpy(shape, accum):
 _MESH_LOSSES = {}
 
 
-def test_model_calls_gla_through_shard_map():
-    """Inside the trainer's mesh context the GLA layers run the operator under jax.shard_map (batch and heads split),
-    and outside it they call the plain operator again."""
+def test_model_calls_kernel_backends_through_shard_map(probe_backend):
+    """Inside the trainer's mesh context the GLA layers run a kernel backend under jax.shard_map (batch and heads
+    split), outside it the plain kernel; the pure-JAX chunk form is left to XLA's partitioner (no shard_map)."""
     from gla_jax.train import loop
 
-    cfg = C.load_config(None, TINY + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
-    tr = loop.Trainer(cfg, "/nonexistent-unused", log=lambda *_: None)
+    seen = probe_backend("recurrent")
     tok = jax.ShapeDtypeStruct((8, 64), jnp.int32)
-    with loop.mesh_context(tr.mesh):
-        inside = str(jax.make_jaxpr(tr._apply)(tr.abs_params, tok, tok))
-    outside = str(jax.make_jaxpr(tr._apply)(tr.abs_params, tok, tok))
-    assert "shard_map" in inside and "shard_map" not in outside
+    for impl, mapped in (("probe", True), ("chunk", False)):
+        cfg = C.load_config(None, TINY + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", f"model.impl={impl}"])
+        tr = loop.Trainer(cfg, "/nonexistent-unused", log=lambda *_: None)
+        with loop.mesh_context(tr.mesh):
+            inside = str(jax.make_jaxpr(tr._apply)(tr.abs_params, tok, tok))
+        outside = str(jax.make_jaxpr(tr._apply)(tr.abs_params, tok, tok))
+        assert ("shard_map" in inside) == mapped and "shard_map" not in outside
+    # (B, H) the kernel saw: local blocks under the 2x2x2 mesh (B 8 / data·fsdp, H 4 / tensor), then the whole problem
+    assert [(x[0], x[2]) for x in seen] == [(2, 2), (8, 4)]
