@@ -3,7 +3,7 @@
     python experiments/gpu_check.py --out experiments/results/gpu/<run>      # on one H100/H200, a few minutes
     python experiments/gpu_check.py --interpret --out /tmp/gpu_check          # CPU, tiny sizes (CI)
 
-(a) compiles ``gla_jax.kernels.chunk_gla`` and checks forward and gradients (q, k, v, g, initial_state, with
+(a) compiles ``gla_jax.kernels.triton.chunk_gla`` and checks forward and gradients (q, k, v, g, initial_state, with
     packed documents) against ``gla(impl="chunk")`` in float32 and bfloat16;
 (b) times forward and forward+backward of the Pallas kernel, ``impl="chunk"`` under XLA, cuDNN flash attention
     (``jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")``) and, when torch and fla import
@@ -187,7 +187,7 @@ def _jax_impls(interpret, on_gpu):
     from gla_jax.ops import gla
 
     impls = {
-        "pallas": lambda q, k, v, g: chunk_gla(q, k, v, g, interpret=interpret)[0],
+        "triton": lambda q, k, v, g: chunk_gla(q, k, v, g, interpret=interpret)[0],
         "chunk_xla": lambda q, k, v, g: gla(q, k, v, g, impl="chunk")[0],
     }
     if on_gpu:
@@ -344,10 +344,10 @@ def evaluate_targets(rows, interpret):
     ms = {(r["impl"], r["T"], r["mode"]): r["ms"] for r in rows}
     out = []
     for T in sorted({r["T"] for r in rows if r["T"] >= TARGET_T}):
-        p = ms.get(("pallas", T, "fwdbwd"))
+        p = ms.get(("triton", T, "fwdbwd"))
         for other, limit in (("fla_chunk_gla", TARGET_VS_FLA), ("cudnn_attention", TARGET_VS_CUDNN)):
             o = ms.get((other, T, "fwdbwd"))
-            entry = {"T": T, "target": f"pallas fwd+bwd <= {limit}x {other}", "limit": limit}
+            entry = {"T": T, "target": f"triton fwd+bwd <= {limit}x {other}", "limit": limit}
             if interpret:
                 entry.update(ratio=None, met=None, note="interpret mode: not a speed path")
             elif p is None or o is None:
@@ -356,7 +356,7 @@ def evaluate_targets(rows, interpret):
                 entry.update(ratio=round(p / o, 3), met=bool(p / o <= limit))
             out.append(entry)
     if not out:
-        out.append({"target": f"pallas fwd+bwd <= {TARGET_VS_FLA}x fla and <= {TARGET_VS_CUDNN}x cuDNN at "
+        out.append({"target": f"triton fwd+bwd <= {TARGET_VS_FLA}x fla and <= {TARGET_VS_CUDNN}x cuDNN at "
                               f"T >= {TARGET_T}", "met": None, "note": f"no T >= {TARGET_T} measured"})
     return out
 

@@ -1,9 +1,9 @@
 """GPU resources of the Pallas kernels, measured without a GPU: shared memory, registers, spills, compile time.
 
-Every Triton kernel of ``gla_jax.kernels.chunk_gla`` (forward and backward, with and without packed documents) is
-lowered for CUDA on this machine and compiled by the ``triton`` package for sm_90 (H100/H200), the way XLA compiles
-it on a GPU (``kernels/machine_code.py`` says how close that is). A kernel whose shared memory exceeds the per-block
-limit cannot launch; register spills and long compiles cost speed and ``gpu_check.py`` time.
+Every Triton kernel of ``gla_jax.kernels.triton.chunk_gla`` (forward and backward, with and without packed documents)
+is lowered for CUDA on this machine and compiled by the ``triton`` package for sm_90 (H100/H200), the way XLA compiles
+it on a GPU (``kernels/triton/machine_code.py`` says how close that is). A kernel whose shared memory exceeds the
+per-block limit cannot launch; register spills and long compiles cost speed and ``gpu_check.py`` time.
 
     python experiments/kernel_resources.py               # paper head sizes in bf16 and float32 (minutes on 2 cores)
     python experiments/kernel_resources.py --smoke       # one small shape
@@ -30,7 +30,7 @@ def kernels_of(K: int, V: int, dtype: str, segments: bool, tiling: dict | None =
     import jax.numpy as jnp
 
     from gla_jax.kernels import chunk_gla
-    from gla_jax.kernels.lowering import lower_for_cuda, triton_modules
+    from gla_jax.kernels.triton.lowering import lower_for_cuda, triton_modules
 
     B, T, H = 1, 512, 2
     dt = jnp.dtype(dtype)
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.arch < 80:
         p.error(f"--arch: expected a compute capability >= 80 (Ampere), got {args.arch}")
-    from gla_jax.kernels.machine_code import SM90_MAX_SHARED_BYTES, compile_module
+    from gla_jax.kernels.triton.machine_code import SM90_MAX_SHARED_BYTES, compile_module
 
     started = C.utc_now()
     grid = [(64, 64, "bfloat16")] if args.smoke else [(K, V, d) for K, V in HEADS for d in DTYPES]

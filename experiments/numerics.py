@@ -4,7 +4,7 @@ For each gate regime (how strongly the forget gates decay per step), sequence le
 inputs are rounded to the dtype, and the outputs and gradients of
 
   * ``chunk``     gla(..., impl="chunk")               the two-level chunkwise JAX form
-  * ``pallas``    gla_jax.kernels.chunk_gla            the Pallas kernel (interpret mode off GPU), when installed
+  * ``triton``    gla(..., impl="triton")              the Pallas Triton kernels (interpret mode off GPU)
   * ``recurrent`` gla(..., impl="recurrent")           the float32 scan (a floor: what float32 state costs)
   * ``fla_naive`` fla.ops.gla.naive.naive_recurrent_gla (torch, float32), when torch and fla import
 
@@ -14,7 +14,7 @@ chunk vs naive in bf16 is about 4e-3..5e-3).
 
     python experiments/numerics.py                 # CPU default (a few minutes)
     python experiments/numerics.py --smoke         # seconds
-    python experiments/numerics.py --lengths 1024 4096 16384 --pallas-max-len 16384   # on a GPU
+    python experiments/numerics.py --lengths 1024 4096 16384 --triton-max-len 16384   # on a GPU
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ GATES = {
     "strong": "g = 4 log_sigmoid(z), z ~ N(0, 1) (about -3 per step)",
     "extreme": "g ~ U(-20, 0) per step (the operator's stated limit)",
 }
-IMPLS = ("chunk", "pallas", "recurrent", "fla_naive")
+IMPLS = ("chunk", "triton", "recurrent", "fla_naive")
 
 
 def make_gates(rng: np.random.Generator, regime: str, shape) -> np.ndarray:
@@ -110,7 +110,7 @@ def rel_rms(x, ref) -> float:
 # The forms under test.
 
 
-def pallas_available() -> bool:
+def triton_available() -> bool:
     try:
         from gla_jax.kernels import chunk_gla  # noqa: F401
     except ImportError:
@@ -144,18 +144,12 @@ def _jax_fn(impl: str):
         return _JAX_FNS[impl]
     import jax
 
-    if impl == "pallas":
-        from gla_jax.kernels import chunk_gla
+    from gla_jax.ops import gla
 
-        interpret = jax.default_backend() != "gpu"
+    interpret = impl == "triton" and jax.default_backend() != "gpu"  # the kernels off a GPU: interpret mode
 
-        def fwd(q, k, v, g):
-            return chunk_gla(q, k, v, g, interpret=interpret)[0]
-    else:
-        from gla_jax.ops import gla
-
-        def fwd(q, k, v, g):
-            return gla(q, k, v, g, impl=impl)[0]
+    def fwd(q, k, v, g):
+        return gla(q, k, v, g, impl=impl, interpret=interpret)[0]
 
     @jax.jit
     def f(q, k, v, g, do):
@@ -200,8 +194,8 @@ def run(args) -> dict:
     skipped = {}
     if "chunk" in impls and not chunk_available():
         skipped["chunk"] = "gla_jax.ops.chunk not importable"
-    if "pallas" in impls and not pallas_available():
-        skipped["pallas"] = "gla_jax.kernels.chunk_gla not importable"
+    if "triton" in impls and not triton_available():
+        skipped["triton"] = "gla_jax.kernels.triton not importable"
     if "fla_naive" in impls and not fla_available():
         skipped["fla_naive"] = "torch / fla not importable"
     impls = [i for i in impls if i not in skipped]
@@ -223,7 +217,7 @@ def run(args) -> dict:
                 # The floor: the exact output rounded to the dtype (no form returning that dtype can do better).
                 floor = rel_rms(round_to(o_ref, dtype), o_ref)
                 for impl in impls:
-                    if impl == "pallas" and T > args.pallas_max_len:
+                    if impl == "triton" and T > args.triton_max_len:
                         continue
                     if impl in ("recurrent", "fla_naive") and T > args.recurrent_max_len:
                         continue
@@ -291,13 +285,14 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--head-k", type=int, default=64)
     p.add_argument("--head-v", type=int, default=64)
-    p.add_argument("--pallas-max-len", type=int, default=1024, help="longest T for the (interpreted) Pallas kernel")
+    p.add_argument("--triton-max-len", "--pallas-max-len", type=int, default=1024,
+                   help="longest T for the Triton kernels (interpreted off a GPU)")
     p.add_argument("--recurrent-max-len", type=int, default=4096, help="longest T for the sequential forms")
     p.add_argument("--name", default="numerics", help="results file stem")
     args = p.parse_args(argv)
     if args.smoke:
         args.lengths, args.gates, args.heads, args.head_k, args.head_v = [64], ["layer", "extreme"], 1, 16, 16
-        args.impls = [i for i in args.impls if i != "pallas"] if not pallas_available() else args.impls
+        args.impls = [i for i in args.impls if i != "triton"] if not triton_available() else args.impls
         args.name = args.name if args.name != "numerics" else "numerics_smoke"
     for T in args.lengths:
         if T < 1:

@@ -14,6 +14,8 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 
+from gla_jax.ops import registry  # noqa: E402
+
 
 def _env_line(doc) -> str:
     env = doc["env"]
@@ -75,7 +77,8 @@ def numerics(doc) -> str:
     """Worst relative error over the gate regimes, per form, dtype and length (the JSON has every row)."""
     groups = {}
     for r in doc["results"]:
-        groups.setdefault((r["impl"], r["dtype"], r["T"]), []).append(r)
+        impl = registry.get(r["impl"]).name if r["impl"] in registry.choices() else r["impl"]  # "pallas" -> "triton"
+        groups.setdefault((impl, r["dtype"], r["T"]), []).append(r)
     rows = []
     for (impl, dtype, T), rs in groups.items():
         d = {"impl": impl, "dtype": dtype, "T": T, "floor": f"{max(r.get('o_floor', float('nan')) for r in rs):.1e}"}

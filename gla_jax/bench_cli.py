@@ -1,8 +1,8 @@
 """``gla-jax bench``: the operator benchmark (also ``python experiments/bench_ops.py``).
 
-Times forward and forward+backward of the GLA forms (chunk, recurrent, parallel, pallas when present) and of causal
-softmax attention (``jax.nn.dot_product_attention``) side by side in one process, for a list of sequence lengths;
-prints a table, writes JSON, and checks the operator's speed targets:
+Times forward and forward+backward of every registered GLA backend (chunk, recurrent, parallel, triton, ...) and of
+causal softmax attention (``jax.nn.dot_product_attention``) side by side in one process, for a list of sequence
+lengths; prints a table, writes JSON, and checks the operator's speed targets:
 
   1. chunk fwd+bwd <= 0.05 x causal softmax attention at T = 8192;
   2. chunk fwd+bwd time(T = 16384) / time(T = 2048) <= 10;
@@ -22,9 +22,13 @@ import statistics
 import sys
 import time
 
+from gla_jax.ops import registry  # imports jax, but initializes no platform
+
 QUICK_T = (256, 1024, 2048)
 DEFAULT_T = (512, 1024, 2048, 4096, 8192, 16384)
-IMPLS = ("chunk", "recurrent", "parallel", "attention", "pallas")
+#: Every registered operator backend (gla_jax.ops.registry; kernels off their platform run in interpret mode), then
+#: softmax attention.
+IMPLS = (*registry.names(), "attention")
 TARGETS = (
     ("chunk_vs_attention_T8192", "chunk fwd+bwd / attention fwd+bwd at T=8192", "<=", 0.05),
     ("chunk_scaling_T16384_over_T2048", "chunk fwd+bwd time(T=16384) / time(T=2048)", "<=", 10.0),
@@ -52,7 +56,8 @@ def parse_args(argv):
                    help="largest T for the recurrent form (slow backward; default 4096, 1024 with --quick)")
     p.add_argument("--attention-max-T", type=int, default=8192,
                    help="largest T for softmax attention (its T x T scores need B*H*T^2*4 bytes, several times)")
-    p.add_argument("--interpret-max-T", type=int, default=512, help="largest T for pallas in interpret mode")
+    p.add_argument("--interpret-max-T", type=int, default=512,
+                   help="largest T for a kernel backend in interpret mode (off its platform)")
     p.add_argument("--no-matmul-peak", action="store_true", help="skip the reference matmul")
     args = p.parse_args(argv)
     if args.quick:
@@ -64,6 +69,7 @@ def parse_args(argv):
         args.recurrent_max_T = 1024 if args.quick else 4096
     args.T = sorted(set(args.T or DEFAULT_T))
     args.impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    args.impls = [registry.get(s).name if s in registry.choices() else s for s in args.impls]  # aliases
     unknown = [s for s in args.impls if s not in IMPLS]
     if unknown:
         p.error(f"--impls: unknown {unknown}; expected a subset of {IMPLS}")
@@ -123,20 +129,9 @@ def _make_fns(impl, jax, jnp, T, interpret):
         def fb(q, k, v, g, do):
             o, vjp = jax.vjp(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True), q, k, v)
             return vjp(do)
-    elif impl == "pallas":
-        from gla_jax.kernels import chunk_gla
-
-        def run(q, k, v, g):
-            return chunk_gla(q, k, v, g, scale=q.shape[-1] ** -0.5, interpret=interpret)[0]
-
-        fwd = run
-
-        def fb(q, k, v, g, do):
-            o, vjp = jax.vjp(run, q, k, v, g)
-            return vjp(do.astype(o.dtype))
     else:
         def run(q, k, v, g):
-            return gla(q, k, v, g, impl=impl)[0]
+            return gla(q, k, v, g, impl=impl, interpret=interpret)[0]
 
         fwd = run
 
@@ -146,14 +141,6 @@ def _make_fns(impl, jax, jnp, T, interpret):
     return jax.jit(fwd), jax.jit(fb)
 
 
-def _pallas_available():
-    try:
-        from gla_jax.kernels import chunk_gla  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _skip_reason(impl, T, args, backend):
     if impl == "parallel" and T > args.parallel_max_T:
         return f"T > --parallel-max-T {args.parallel_max_T} (O(T^2 K) memory and time)"
@@ -161,12 +148,17 @@ def _skip_reason(impl, T, args, backend):
         return f"T > --recurrent-max-T {args.recurrent_max_T}"
     if impl == "attention" and T > args.attention_max_T:
         return f"T > --attention-max-T {args.attention_max_T} (T x T scores)"
-    if impl == "pallas":
-        if not _pallas_available():
-            return "gla_jax.kernels.chunk_gla not available"
-        if backend != "gpu" and T > args.interpret_max_T:
-            return f"interpret mode on {backend}: only T <= --interpret-max-T {args.interpret_max_T}"
+    if _interpret(impl, backend) and T > args.interpret_max_T:
+        return f"interpret mode on {backend}: only T <= --interpret-max-T {args.interpret_max_T}"
     return None
+
+
+def _interpret(impl, platform):
+    """A kernel backend off its platforms runs in Pallas interpret mode (not a speed path)."""
+    if impl not in registry.names():
+        return False
+    b = registry.get(impl)
+    return not b.pure_jax and not b.runs_on(platform)
 
 
 def compute_targets(rows):
@@ -197,10 +189,11 @@ def _fmt(x, unit=""):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    if args.device:
-        os.environ["JAX_PLATFORMS"] = args.device if args.device != "gpu" else "cuda,gpu"
     import jax
     import jax.numpy as jnp
+
+    if args.device:  # before the first use of a platform
+        jax.config.update("jax_platforms", args.device if args.device != "gpu" else "cuda,gpu")
 
     backend = jax.default_backend()
     device = jax.devices()[0]
@@ -231,7 +224,7 @@ def main(argv=None):
                 rows.append(row)
                 print(f"{impl:<10} {T:>6} {'':>10} {'':>11} {'':>8} {'':>5} {'':>9}  skipped: {reason}", flush=True)
                 continue
-            interpret = impl == "pallas" and backend != "gpu"
+            interpret = _interpret(impl, backend)
             if interpret:
                 row["note"] = "interpret (not a speed path)"
             if impl == "attention" and K != V:

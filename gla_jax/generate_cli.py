@@ -35,7 +35,7 @@ def _parser():
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype override")
-    p.add_argument("--impl", default=None, help="GLA operator for the prefill (auto/chunk/pallas/recurrent)")
+    p.add_argument("--impl", default=None, help="GLA operator for the prefill (auto/chunk/triton/recurrent/...)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return p
 

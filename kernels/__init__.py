@@ -1,12 +1,19 @@
-"""Pallas GPU (Triton backend) kernels for chunkwise GLA, imported as ``gla_jax.kernels``.
+"""Pallas kernels for chunkwise GLA, one folder per backend, imported as ``gla_jax.kernels``:
 
-``chunk_gla(q, k, v, g, ...)`` is the public entry (forward and backward, ``jax.custom_vjp``); ``forward.py`` and
-``backward.py`` hold the kernels, ``tiling.py`` the block sizes, ``lowering.py`` a helper that lowers a function
-for CUDA on a machine without a GPU and ``machine_code.py`` one that compiles the lowered kernels to sm_90 code
-(shared memory, registers, spills; needs the ``triton`` package). Needs only jax and numpy.
+- ``triton/``: Pallas GPU kernels, Triton lowering (operator backend ``"triton"``, alias ``"pallas"``);
+- ``mosaic_tpu/``: Pallas TPU kernels, Mosaic lowering.
+
+Each backend is registered once in ``gla_jax.ops.backends`` (docs/design.md §5). ``from gla_jax.kernels import
+chunk_gla`` still gives the Triton entry (imported on first use, so importing another backend does not load it).
+Needs only jax and numpy.
 """
 
-from .chunk_gla import chunk_gla
-from .tiling import Tiling
-
 __all__ = ["chunk_gla", "Tiling"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        from . import triton
+
+        return getattr(triton, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -41,7 +41,7 @@ def test_interpret_run_writes_report(tmp_path):
     assert max(report["correctness"][0]["rel_err"].values()) <= 1e-4
     # (b) every jax implementation timed forward and forward+backward; cuDNN reported as skipped without a GPU
     got = {(r["impl"], r["mode"]) for r in report["timings"]}
-    assert got == {(i, m) for i in ("pallas", "chunk_xla") for m in ("fwd", "fwdbwd")}
+    assert got == {(i, m) for i in ("triton", "chunk_xla") for m in ("fwd", "fwdbwd")}
     assert all(r["ms"] > 0 and r["T"] == 64 for r in report["timings"])
     assert any(s["impl"] == "cudnn_attention" for s in report["skipped"])
     # (c) targets present but not claimed at tiny T in interpret mode
@@ -63,12 +63,12 @@ def test_bad_budget_is_a_clear_error(capsys):
 def test_target_evaluation():
     mod = _load()
     rows = [
-        {"impl": "pallas", "T": 4096, "mode": "fwdbwd", "ms": 9.0},
+        {"impl": "triton", "T": 4096, "mode": "fwdbwd", "ms": 9.0},
         {"impl": "cudnn_attention", "T": 4096, "mode": "fwdbwd", "ms": 1.0},  # below 8K: not a target
-        {"impl": "pallas", "T": 8192, "mode": "fwdbwd", "ms": 10.0},
+        {"impl": "triton", "T": 8192, "mode": "fwdbwd", "ms": 10.0},
         {"impl": "fla_chunk_gla", "T": 8192, "mode": "fwdbwd", "ms": 12.0},
         {"impl": "cudnn_attention", "T": 8192, "mode": "fwdbwd", "ms": 20.0},
-        {"impl": "pallas", "T": 16384, "mode": "fwdbwd", "ms": 30.0},
+        {"impl": "triton", "T": 16384, "mode": "fwdbwd", "ms": 30.0},
         {"impl": "cudnn_attention", "T": 16384, "mode": "fwdbwd", "ms": 40.0},
     ]
     res = {(t["T"], t["target"].split()[-1]): t for t in mod.evaluate_targets(rows, interpret=False)}
@@ -79,4 +79,4 @@ def test_target_evaluation():
     assert res[(16384, "fla_chunk_gla")]["met"] is None  # fla not measured
     assert all(T >= 8192 for T, _ in res)
     table = mod.table(rows)
-    assert "pallas" in table and "T=16384" in table
+    assert "triton" in table and "T=16384" in table

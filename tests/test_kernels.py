@@ -1,5 +1,5 @@
-"""Pallas GLA kernels (gla_jax.kernels) without a GPU: interpret mode against the float64 recurrence, and lowering
-for CUDA on CPU (the Triton lowering must accept every kernel at the paper's head sizes)."""
+"""Pallas Triton GLA kernels (gla_jax.kernels.triton) without a GPU: interpret mode against the float64 recurrence, and
+lowering for CUDA on CPU (the Triton lowering must accept every kernel at the paper's head sizes)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from jax.experimental import pallas as pl
 
 from gla_jax.kernels import chunk_gla
-from gla_jax.kernels.lowering import lower_for_cuda, triton_kernel_count
-from gla_jax.kernels.tiling import compiler_params
+from gla_jax.kernels.triton.lowering import lower_for_cuda, triton_kernel_count
+from gla_jax.kernels.triton.tiling import compiler_params
 from reference import reference_gla, rel_err
 
 F32_TOL = 1e-4
@@ -138,7 +138,8 @@ def test_bfloat16_k256_v512():
 
 
 def test_matches_recurrent_op_and_dispatch():
-    """Against the library's own recurrent form, and through gla(impl="pallas") (interpret mode on CPU)."""
+    """Against the library's own recurrent form, and through gla(impl="triton", interpret=True) and its "pallas"
+    alias."""
     from gla_jax.ops import gla
 
     q, k, v, g, h0, seg, _, _ = _inputs(1, 90, 2, 32, 32, jnp.float32, 3, segments=True)
@@ -147,8 +148,9 @@ def test_matches_recurrent_op_and_dispatch():
     ro, rs = gla(*args, impl="recurrent", **kw)
     o, s = jax.jit(lambda *a: chunk_gla(*a, interpret=True, **kw))(*args)
     assert rel_err(o, ro) <= F32_TOL and rel_err(s, rs) <= F32_TOL
-    po, ps = gla(*args, impl="pallas", **kw)
-    assert rel_err(po, ro) <= F32_TOL and rel_err(ps, rs) <= F32_TOL
+    for impl in ("triton", "pallas"):
+        po, ps = gla(*args, impl=impl, interpret=True, **kw)
+        assert rel_err(po, ro) <= F32_TOL and rel_err(ps, rs) <= F32_TOL
 
 
 # ------------------------------------------------------------------------------------------ CUDA lowering on CPU
@@ -212,8 +214,8 @@ def test_cuda_lowering_really_checks_triton_rules():
 
 def _machine_code(K, V, dtype):
     pytest.importorskip("triton")  # installed with the [torch] extra (CI); needs no GPU
-    from gla_jax.kernels.lowering import triton_modules
-    from gla_jax.kernels.machine_code import compile_module
+    from gla_jax.kernels.triton.lowering import triton_modules
+    from gla_jax.kernels.triton.machine_code import compile_module
 
     args = _abstract_args(1, 256, 2, K, V, dtype)
     modules = triton_modules(lower_for_cuda(jax.grad(_loss, argnums=(0, 1, 2, 3, 4)), *args))
@@ -226,7 +228,7 @@ def test_kernels_fit_sm90_without_spills(K, V):
     """At the paper's head sizes in bf16 every kernel fits the H100/H200 per-block shared memory and keeps its
     values in registers (a spill to local memory costs speed; the unrolled kernels of an earlier version spilled
     ~2 KB and took minutes to compile)."""
-    from gla_jax.kernels.machine_code import SM90_MAX_SHARED_BYTES
+    from gla_jax.kernels.triton.machine_code import SM90_MAX_SHARED_BYTES
 
     code = _machine_code(K, V, jnp.bfloat16)
     assert set(code) == {"gla_state_fwd", "gla_intra_fwd", "gla_output_fwd", "gla_state_bwd", "gla_attn_bwd",
@@ -242,8 +244,8 @@ def test_machine_code_sees_spills_and_shared_memory():
     """compile_module really measures: a kernel holding a [128, 256] float32 tile per program (32K values for 128
     threads) must report spills, and a kernel staging a large matmul must report shared memory."""
     pytest.importorskip("triton")
-    from gla_jax.kernels.lowering import triton_modules
-    from gla_jax.kernels.machine_code import compile_module
+    from gla_jax.kernels.triton.lowering import triton_modules
+    from gla_jax.kernels.triton.machine_code import compile_module
 
     def big(x_ref, o_ref):  # x and the carry live together: 512 float32 values a thread
         x = x_ref[...]

@@ -1,4 +1,5 @@
-"""Mesh and logical-axis rules, the shard-mapped GLA op, and loss equality across meshes (8 fake CPU devices)."""
+"""Mesh and logical-axis rules, kernel backends shard-mapped by the operator (no trace-time globals), and loss
+equality across meshes (8 fake CPU devices)."""
 
 import jax
 import jax.numpy as jnp
@@ -63,23 +64,90 @@ def test_model_params_get_sharded():
     assert emb.spec == P("tensor", "fsdp") and norm.spec == P()
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 2, 4), (8, 1, 1)])
-def test_shard_mapped_gla_matches_reference(shape):
-    mesh = _mesh(*shape)
-    B, T, H, K, V = 8, 40, 4, 8, 16
-    ks = jax.random.split(jax.random.key(0), 4)
+@pytest.fixture
+def probe_backend():
+    """A kernel backend ``probe`` (``inner``: "triton" runs the Triton kernels in interpret mode, "recurrent" the
+    recurrent form) that records the q shape it is traced with: inside ``jax.shard_map`` that is the local block."""
+    from gla_jax.ops import registry
+
+    seen = []
+
+    def make(inner):
+        def load():
+            if inner == "triton":
+                from gla_jax.kernels.triton import chunk_gla as run
+            else:
+                from gla_jax.ops.backends import _load_recurrent
+
+                run = _load_recurrent()
+
+            def fn(q, k, v, g, **kw):
+                seen.append(q.shape)
+                return run(q, k, v, g, **kw)
+
+            return fn
+
+        registry.register(registry.Backend("probe", load, platforms=("gpu",) if inner == "triton" else None))
+        return seen
+
+    yield make
+    registry.unregister("probe")
+
+
+def _gla_inputs(B=8, T=40, H=4, K=8, V=16):
+    ks = jax.random.split(jax.random.key(0), 5)
     q = jax.random.normal(ks[0], (B, T, H, K))
     k = jax.random.normal(ks[1], (B, T, H, K))
     v = jax.random.normal(ks[2], (B, T, H, V))
     g = -jax.nn.softplus(jax.random.normal(ks[3], (B, T, H, K)))
+    s0 = jax.random.normal(ks[4], (B, H, K, V))
     seg = jnp.asarray(np.repeat(np.array([[1] * 15 + [2] * 20 + [3] * 5]), B, 0), jnp.int32)
-    op = S.shard_mapped_gla(mesh)
-    f = jax.jit(lambda *a: op(*a, segment_ids=seg, output_final_state=True, impl="chunk", chunk_size=16))
-    with jax.set_mesh(mesh):
-        o, s = f(q, k, v, g)
-    ro, rs = reference_gla(q, k, v, g, segment_ids=seg)
-    np.testing.assert_allclose(np.asarray(o), ro, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(s), rs, rtol=1e-4, atol=1e-4)
+    return q, k, v, g, s0, seg
+
+
+def test_kernel_is_shard_mapped_even_when_first_traced_outside_the_mesh(probe_backend):
+    """The old failure mode: a jitted function first traced outside the mesh kept the unsharded operator. Now gla
+    reads the mesh set by ``jax.set_mesh`` (jit's cache keys on it), so the call under the mesh runs the Triton kernels
+    (interpret mode) on local [B/4, T, H/2, K] blocks, and both calls agree with the float64 reference."""
+    from gla_jax.ops import gla
+
+    seen = probe_backend("triton")
+    q, k, v, g, s0, seg = _gla_inputs()
+    f = jax.jit(lambda q, k, v, g, s0: gla(q, k, v, g, initial_state=s0, segment_ids=seg, output_final_state=True,
+                                           impl="probe", interpret=True, chunk_size=16,
+                                           batch_axes=("data", "fsdp"), head_axes="tensor"))
+    outside = f(q, k, v, g, s0)
+    assert seen == [(8, 40, 4, 8)]
+    with jax.set_mesh(_mesh(2, 2, 2)):
+        inside = f(q, k, v, g, s0)
+    assert seen == [(8, 40, 4, 8), (2, 40, 2, 8)]
+    ro, rs = reference_gla(q, k, v, g, initial_state=s0, segment_ids=seg)
+    for o, s in (outside, inside):
+        np.testing.assert_allclose(np.asarray(o), ro, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(s), rs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape, local", [((2, 2, 2), (2, 2)), ((1, 2, 4), (4, 1)), ((8, 1, 1), (1, 4))])
+def test_gla_layer_passes_its_mesh_axes(probe_backend, shape, local):
+    """Under the trainer's mesh context the GLA layer hands the operator the mesh axes of "batch" and "heads", so a
+    kernel backend runs on local blocks (batch over data x fsdp, heads over tensor) and matches the unsharded layer."""
+    from flax import nnx
+
+    from gla_jax.layers.gla import GatedLinearAttention
+    from gla_jax.train.loop import mesh_context
+
+    seen = probe_backend("recurrent")
+    layer = GatedLinearAttention(32, num_heads=4, impl="probe", rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (8, 24, 32))
+    graph, state = nnx.split(layer)
+    f = jax.jit(lambda state, x: nnx.merge(graph, state)(x))
+    with mesh_context(_mesh(*shape)):
+        y = f(state, x)
+    assert seen[-1][0] == local[0] and seen[-1][2] == local[1]
+    with mesh_context(_mesh(1, 1, 1)):  # nothing to split: the kernel sees the whole batch
+        y1 = f(state, x)
+    assert seen[-1][0] == 8 and seen[-1][2] == 4
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y1), rtol=1e-5, atol=1e-5)
 
 
 def _run(extra):
@@ -127,15 +195,19 @@ def test_losses_agree_across_meshes_and_with_numpy(shape, accum):
 _MESH_LOSSES = {}
 
 
-def test_model_calls_gla_through_shard_map():
-    """Inside the trainer's mesh context the GLA layers run the operator under jax.shard_map (batch and heads split),
-    and outside it they call the plain operator again."""
+def test_model_calls_kernel_backends_through_shard_map(probe_backend):
+    """Inside the trainer's mesh context the GLA layers run a kernel backend under jax.shard_map (batch and heads
+    split), outside it the plain kernel; the pure-JAX chunk form is left to XLA's partitioner (no shard_map)."""
     from gla_jax.train import loop
 
-    cfg = C.load_config(None, TINY + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
-    tr = loop.Trainer(cfg, "/nonexistent-unused", log=lambda *_: None)
+    seen = probe_backend("recurrent")
     tok = jax.ShapeDtypeStruct((8, 64), jnp.int32)
-    with loop.mesh_context(tr.mesh):
-        inside = str(jax.make_jaxpr(tr._apply)(tr.abs_params, tok, tok))
-    outside = str(jax.make_jaxpr(tr._apply)(tr.abs_params, tok, tok))
-    assert "shard_map" in inside and "shard_map" not in outside
+    for impl, mapped in (("probe", True), ("chunk", False)):
+        cfg = C.load_config(None, TINY + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", f"model.impl={impl}"])
+        tr = loop.Trainer(cfg, "/nonexistent-unused", log=lambda *_: None)
+        with loop.mesh_context(tr.mesh):
+            inside = str(jax.make_jaxpr(tr._apply)(tr.abs_params, tok, tok))
+        outside = str(jax.make_jaxpr(tr._apply)(tr.abs_params, tok, tok))
+        assert ("shard_map" in inside) == mapped and "shard_map" not in outside
+    # (B, H) the kernel saw: local blocks under the 2x2x2 mesh (B 8 / data·fsdp, H 4 / tensor), then the whole problem
+    assert [(x[0], x[2]) for x in seen] == [(2, 2), (8, 4)]

@@ -10,11 +10,11 @@ from flax import nnx
 
 from gla_jax.layers.conv import ShortConvolution
 from gla_jax.layers.norm import RMSNorm, rms_norm
-from gla_jax.layers.sharding import GLA_OP_OVERRIDE, with_axes
+from gla_jax.layers.sharding import mesh_axes, with_axes
 from gla_jax.ops import gla as gla_op
+from gla_jax.ops import registry
 
 GATES = ("gla", "scalar", "fixed", "none")
-IMPLS = ("auto", "chunk", "pallas", "recurrent", "parallel")
 _FEATURE_MAPS = {
     "relu": jax.nn.relu,
     "sigmoid": jax.nn.sigmoid,
@@ -68,8 +68,7 @@ class GatedLinearAttention(nnx.Module):
                              f"num_kv_heads={num_kv_heads}")
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        registry.check_impl(impl)
         if feature_map is not None and feature_map not in _FEATURE_MAPS:
             raise ValueError(f"feature_map must be None or one of {sorted(_FEATURE_MAPS)}, got {feature_map!r}")
         if gate_fn not in _GATE_FNS:
@@ -199,9 +198,10 @@ class GatedLinearAttention(nnx.Module):
         if state is not None and x.shape[1] == 1 and impl == "recurrent":
             o, new_state = self._step(q, k, v, g, state)  # one decoding step: the recurrent update, no scan
         else:
-            op = GLA_OP_OVERRIDE.get() or gla_op
-            o, new_state = op(q, k, v, g, initial_state=state, output_final_state=return_cache,
-                                  segment_ids=segment_ids, impl=impl, chunk_size=self.chunk_size)
+            # Under a mesh with logical axis rules, kernel backends are shard-mapped over batch and heads.
+            o, new_state = gla_op(q, k, v, g, initial_state=state, output_final_state=return_cache,
+                                  segment_ids=segment_ids, impl=impl, chunk_size=self.chunk_size,
+                                  batch_axes=mesh_axes("batch"), head_axes=mesh_axes("heads"))
         w = self.g_norm.weight[...] if self.g_norm.weight is not None else None
         o = rms_norm(o, w, self.g_norm.eps)  # float32 [B, T, H, Dv/H]
         B, T = x.shape[:2]

@@ -10,12 +10,12 @@ training code maps them onto a device mesh with its own rules. Names used by the
 - ``vocab``: the vocabulary
 - ``None``: replicated (norm weights, conv taps, low-rank gate input side)
 
-Activations: ``batch``, ``seq``, ``embed`` (see :func:`constrain`).
+Activations: ``batch``, ``seq``, ``embed`` (see :func:`constrain`); the GLA layer also asks :func:`mesh_axes` for
+``batch`` and ``heads`` to pass to the operator, which shard-maps kernel backends over them.
 """
 
 from __future__ import annotations
 
-import contextvars
 from typing import Sequence
 
 import jax
@@ -25,12 +25,6 @@ from jax.sharding import PartitionSpec
 
 PARAM_AXES = ("embed", "heads", "kv", "mlp", "vocab")
 ACTIVATION_AXES = ("batch", "seq", "embed")
-
-# The GLA operator the layers call instead of ``gla_jax.ops.gla`` when set (same signature). The trainer sets a
-# shard-mapped operator here while tracing (gla_jax.train.sharding.use_sharded_gla): a Pallas call is not split
-# across a mesh by the compiler on its own.
-GLA_OP_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("gla_op_override", default=None)
-
 
 def with_axes(init, names: Sequence[str | None]):
     """Wraps an initializer so the created ``nnx.Param`` carries logical axis ``names`` (no eager sharding)."""
@@ -46,6 +40,19 @@ def logical_to_mesh(names: Sequence[str | None], rules) -> PartitionSpec:
     """Maps logical names to mesh axes with ``rules`` ((logical, mesh_axis_or_None), ...); unknown names -> None."""
     table = dict(rules)
     return PartitionSpec(*(table.get(n) if n is not None else None for n in names))
+
+
+def mesh_axes(name: str) -> tuple[str, ...] | None:
+    """Mesh axes that the active logical axis rules (``nnx.logical_axis_rules``) map logical ``name`` to, keeping
+    those of the current mesh (``jax.set_mesh``); None when no rules or no mesh are active, or nothing maps."""
+    rules = _spmd.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh is None or mesh.empty:
+        return None
+    axes = dict(rules).get(name)
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a in mesh.axis_names)
+    return axes or None
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

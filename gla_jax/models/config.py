@@ -105,10 +105,11 @@ class GLAConfig(_ConfigBase):
     defaults); ``attn_mode``, ``use_gk``, ``use_gv``, ``max_position_embeddings``, ``use_cache`` and the token ids are
     kept for round trips but do not change the math (fla's layer ignores use_gk/use_gv too).
 
-    gla-jax fields: ``gate`` ("gla" | "scalar" | "fixed" | "none", the paper's ablation), ``impl`` (operator form:
-    "auto" | "chunk" | "pallas" | "recurrent" | "parallel"), ``chunk_size``, ``gate_logit_normalizer`` and
-    ``gate_low_rank_dim`` (fixed at 16 in fla's models), ``conv_bias``, ``dtype`` (compute: "float32" |
-    "bfloat16"), ``param_dtype`` ("float32"), ``remat`` (rematerialise each block in the backward pass).
+    gla-jax fields: ``gate`` ("gla" | "scalar" | "fixed" | "none", the paper's ablation), ``impl`` (operator backend:
+    one of ``gla_jax.ops.registry.choices()``, e.g. "auto", "chunk", "triton"), ``chunk_size``,
+    ``gate_logit_normalizer`` and ``gate_low_rank_dim`` (fixed at 16 in fla's models), ``conv_bias``, ``dtype``
+    (compute: "float32" | "bfloat16"), ``param_dtype`` ("float32"), ``remat`` (rematerialise each block in the backward
+    pass).
     """
 
     model_type = "gla"
@@ -164,12 +165,12 @@ class GLAConfig(_ConfigBase):
         self._check_common()
         if self.attn is not None:
             raise ValueError("attn: hybrid softmax-attention layers are not supported (set attn to null)")
-        from gla_jax.layers.gla import GATES, IMPLS
+        from gla_jax.layers.gla import GATES
+        from gla_jax.ops import registry
 
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
-        if self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        registry.check_impl(self.impl)
         if self.attn_mode not in ("chunk", "fused_recurrent", "fused_chunk"):
             raise ValueError(f"attn_mode must be 'chunk', 'fused_recurrent' or 'fused_chunk', got {self.attn_mode!r}")
         H = self.num_heads

@@ -1,32 +1,75 @@
-"""The public GLA operator: one entry point over the recurrent, parallel, chunkwise and Pallas forms."""
+"""The public GLA operator: one entry point over the registered implementations (docs/design.md §5)."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from gla_jax.ops import registry
 from gla_jax.ops.checks import check_gla_inputs
-from gla_jax.ops.parallel import gla_parallel
-from gla_jax.ops.recurrent import gla_recurrent
 
 
-def _pallas_available() -> bool:
-    try:
-        from gla_jax.kernels import chunk_gla  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def resolve_impl(impl: str, *, platform: str | None = None, interpret: bool = False) -> str:
+    """The canonical name of the backend that ``impl`` selects on ``platform`` (default: jax's default backend);
+    ``"auto"`` picks the best validated native backend, else ``"chunk"`` (see ``gla_jax.ops.registry.resolve``)."""
+    platform = jax.default_backend() if platform is None else platform
+    return registry.resolve(impl, platform=platform, interpret=interpret).name
 
 
-def resolve_impl(impl: str) -> str:
-    """Maps ``"auto"`` to the form used on the current default backend (Pallas on GPU, else ``"chunk"``)."""
-    if impl != "auto":
-        return impl
-    return "pallas" if jax.default_backend() == "gpu" and _pallas_available() else "chunk"
+def _axes_tuple(axes, name: str) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    axes = (axes,) if isinstance(axes, str) else axes
+    if not isinstance(axes, (tuple, list)) or not all(isinstance(a, str) for a in axes):
+        raise ValueError(f"{name}: expected a mesh axis name, a tuple of them or None, got {axes!r}")
+    return tuple(axes)
+
+
+def _mesh_axes_for(axes: tuple[str, ...], size: int, mesh, used: set, name: str):
+    """The longest prefix of ``axes`` (minus size-1, manual and already used axes) whose sizes divide ``size``;
+    None for no sharding, a name for one axis, a tuple for several."""
+    manual = set(getattr(mesh, "manual_axes", ()) or ())
+    shape = dict(mesh.shape)
+    for a in axes:
+        if a not in shape:
+            raise ValueError(f"{name}: the mesh has no axis {a!r} (its axes: {', '.join(mesh.axis_names)})")
+    keep = tuple(a for a in axes if shape[a] > 1 and a not in manual and a not in used)
+    while keep and size % math.prod(shape[a] for a in keep):
+        keep = keep[:-1]
+    used.update(keep)
+    return None if not keep else keep[0] if len(keep) == 1 else keep
+
+
+def _shard_mapped(fn, mesh, b_ax, h_ax, has_init: bool, has_seg: bool, final: bool):
+    """``fn`` (a kernel function) run per shard with ``jax.shard_map``: batch over ``b_ax``, heads over ``h_ax``,
+    the rest replicated; ``final``: the final state is returned. Every (batch, head) pair is an independent GLA
+    problem, so no communication is needed."""
+    x_spec, s_spec = P(b_ax, None, h_ax, None), P(b_ax, h_ax, None, None)
+    in_specs = [x_spec] * 4 + ([s_spec] if has_init else []) + ([P(b_ax, None)] if has_seg else [])
+    out_specs = (x_spec, s_spec) if final else (x_spec,)
+
+    def run(q, k, v, g, *, initial_state, segment_ids, output_final_state, **kw):
+        assert output_final_state == final
+
+        def local(q, k, v, g, *rest):
+            rest = list(rest)
+            init = rest.pop(0) if has_init else None
+            seg = rest.pop(0) if has_seg else None
+            o, s = fn(q, k, v, g, initial_state=init, segment_ids=seg, output_final_state=final, **kw)
+            return (o, s) if final else (o,)
+
+        args = [q, k, v, g] + ([initial_state] if has_init else []) + ([segment_ids] if has_seg else [])
+        res = jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs, check_vma=False)(*args)
+        return (res[0], res[1]) if final else (res[0], None)
+
+    return run
 
 
 def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
-        impl="auto", chunk_size=64):
+        impl="auto", chunk_size=64, interpret=False, batch_axes=None, head_axes=None):
     """Gated linear attention: S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t,  o_t = (scale q_t) S_t.
 
     Args:
@@ -38,34 +81,38 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
       output_final_state: also return the state after position T-1 ([B, H, K, V] float32).
       segment_ids: [B, T] integer document ids of packed rows (documents contiguous); the state resets at each
         document start so nothing flows between documents.
-      impl: "auto" (Pallas on GPU, else "chunk"), "chunk", "recurrent", "parallel" or "pallas".
+      impl: a registered backend (``gla_jax.ops.registry.choices()``): "auto" (the best validated kernel native to
+        the platform, else "chunk"), "chunk" (alias "xla"), "recurrent", "parallel", "triton" (alias "pallas", GPU).
       chunk_size: chunk length of the chunkwise forms (power of two >= 16; sub-chunks are 16).
+      interpret: run a Pallas kernel backend in interpret mode (any platform; slow, for tests).
+      batch_axes, head_axes: mesh axis names (a name or a tuple) to split B and H over. Used only when a Pallas
+        kernel backend runs under a mesh (``jax.set_mesh``): the kernel is then wrapped in ``jax.shard_map`` (a
+        custom call the compiler cannot split). Axes that do not divide B or H are dropped. Pure-JAX backends are
+        partitioned by XLA and ignore them.
 
     Returns:
       (o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] float32 or None).
     """
-    check_gla_inputs(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids, impl=impl,
-                     chunk_size=chunk_size)
+    B, T, H, K, V = check_gla_inputs(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+                                     impl=impl, chunk_size=chunk_size)
+    batch_axes, head_axes = _axes_tuple(batch_axes, "batch_axes"), _axes_tuple(head_axes, "head_axes")
     out_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     if scale is None:
-        scale = q.shape[-1] ** -0.5
+        scale = K ** -0.5
     scale = float(scale)
-    impl = resolve_impl(impl)
-    if impl == "recurrent":
-        o, s = gla_recurrent(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids)
-    elif impl == "parallel":
-        o, s = gla_parallel(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids)
-    elif impl == "chunk":
-        from gla_jax.ops.chunk import gla_chunk
-
-        o, s = gla_chunk(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
-                         chunk_size=chunk_size)
-    else:  # pallas
-        if not _pallas_available():
-            raise NotImplementedError("impl='pallas': the Pallas kernel (gla_jax.kernels.chunk_gla) is not available")
-        from gla_jax.kernels import chunk_gla
-
-        o, s = chunk_gla(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=True,
-                         segment_ids=segment_ids, chunk_size=chunk_size,
-                         interpret=jax.default_backend() != "gpu")
+    platform = jax.default_backend()
+    problem = registry.Problem(B, T, H, K, V, jnp.dtype(out_dtype).name, chunk_size, segment_ids is not None,
+                               initial_state is not None, platform, bool(interpret))
+    backend = registry.resolve(impl, platform=platform, interpret=interpret, problem=problem)
+    fn = registry.kernel(backend)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not backend.pure_jax and mesh is not None and not mesh.empty and (batch_axes or head_axes):
+        used: set = set()
+        b_ax = _mesh_axes_for(batch_axes, B, mesh, used, "batch_axes")
+        h_ax = _mesh_axes_for(head_axes, H, mesh, used, "head_axes")
+        if b_ax is not None or h_ax is not None:
+            fn = _shard_mapped(fn, mesh, b_ax, h_ax, initial_state is not None, segment_ids is not None,
+                               bool(output_final_state))
+    o, s = fn(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=bool(output_final_state),
+              segment_ids=segment_ids, chunk_size=chunk_size, interpret=interpret)
     return o.astype(out_dtype), (s.astype(jnp.float32) if output_final_state else None)

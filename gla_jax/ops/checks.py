@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-IMPLS = ("auto", "chunk", "recurrent", "parallel", "pallas")
+from gla_jax.ops import registry
 
 
 def _is_float(x) -> bool:
@@ -54,8 +54,7 @@ def check_gla_inputs(q, k, v, g, *, scale, initial_state, segment_ids, impl, chu
             )
         if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
             raise ValueError(f"segment_ids: expected an integer dtype, got {segment_ids.dtype}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    registry.check_impl(impl)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size: expected a power of two >= 16, got {chunk_size!r}")
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):

@@ -50,9 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from gla_jax.ops.segments import segment_starts
+from gla_jax.ops.chunk_math import SUB_CHUNK, document_index
+from gla_jax.ops.chunk_math import cumsum_rows as _cumsum_rows
 
-SUB_CHUNK = 16
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
 
@@ -62,16 +62,6 @@ def _mm(spec, a, b, dtype=None):
     if dtype is None or dtype == _F32:
         return jnp.einsum(spec, a.astype(_F32), b.astype(_F32), precision=_HI, preferred_element_type=_F32)
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=_F32)
-
-
-def _cumsum_rows(x, mode="inclusive"):
-    """Cumulative sum over the chunk axis (-2) of x [..., C, D] as one matmul with a triangular 0/1 matrix (XLA's
-    CPU cumsum is slow). mode: "inclusive" (sum_{s<=t}), "exclusive" (sum_{s<t}) or "reverse" (sum_{s>=t})."""
-    C = x.shape[-2]
-    tri = {"inclusive": np.tril(np.ones((C, C), np.float32)),
-           "exclusive": np.tril(np.ones((C, C), np.float32), -1),
-           "reverse": np.triu(np.ones((C, C), np.float32))}[mode]
-    return jnp.einsum("ts,...sd->...td", jnp.asarray(tri), x, precision=_HI, preferred_element_type=_F32)
 
 
 def _masks(doc):
@@ -363,7 +353,7 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_
     s0 = jnp.zeros((B, H, K, V), _F32) if initial_state is None else initial_state.astype(_F32)
     doc = None
     if segment_ids is not None:
-        doc = jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1)
+        doc = document_index(segment_ids)
         if pad:
             doc = jnp.pad(doc, ((0, 0), (0, pad)), mode="edge")
         doc = doc.reshape(B, n, C)

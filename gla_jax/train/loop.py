@@ -125,16 +125,16 @@ def _position_nll(logits, tokens, segment_ids):
     return nll * mask, mask
 
 
-ACT_RULES = (("batch", ("data", "fsdp")), ("seq", None), ("embed", None))
+# Activations; "heads" is what the GLA layer passes to the operator, which shard-maps kernel backends over it.
+ACT_RULES = (("batch", ("data", "fsdp")), ("seq", None), ("embed", None), ("heads", "tensor"))
 
 
 @contextlib.contextmanager
 def mesh_context(mesh):
-    """Mesh + logical activation rules + the shard-mapped GLA operator (all act while tracing)."""
+    """Mesh + logical activation rules (both act while tracing, and jit's cache keys on the mesh)."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(jax.set_mesh(mesh))
         stack.enter_context(nnx.logical_axis_rules(ACT_RULES))
-        stack.enter_context(shard_lib.use_sharded_gla(mesh))
         yield
 
 

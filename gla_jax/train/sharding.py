@@ -1,4 +1,4 @@
-"""Device mesh (``data`` x ``fsdp`` x ``tensor``), logical-axis rules, and the shard-mapped GLA operator.
+"""Device mesh (``data`` x ``fsdp`` x ``tensor``) and logical-axis rules.
 
 Parameters carry logical axis names (``embed``, ``heads``, ``kv``, ``mlp``, ``vocab``) in their flax NNX sharding
 metadata; activations use ``batch``, ``seq``, ``embed``. The rules map them onto mesh axes:
@@ -6,13 +6,13 @@ metadata; activations use ``batch``, ``seq``, ``embed``. The rules map them onto
     batch -> (data, fsdp)        embed (parameters) -> fsdp        heads, kv, mlp, vocab -> tensor
 
 A mesh axis of size 1 is dropped from a spec, a mesh axis is used at most once per spec, and a dimension that the
-mesh axes do not divide evenly is left replicated (so odd sizes never fail, they just shard less).
+mesh axes do not divide evenly is left replicated (so odd sizes never fail, they just shard less). The GLA operator
+shard-maps kernel backends itself over the mesh axes of ``batch`` and ``heads`` (``gla_jax.ops.gla``, docs/design.md
+§5); nothing here is read at trace time.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 
 import jax
@@ -123,90 +123,3 @@ def batch_spec(mesh: Mesh, batch: int, ndim: int = 2) -> P:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the GLA operator under shard_map
-
-_shard_map = getattr(jax, "shard_map", None)
-if _shard_map is None:  # pragma: no cover - older jax
-    from jax.experimental.shard_map import shard_map as _shard_map
-
-
-def shard_mapped_gla(mesh: Mesh, op=None):
-    """``gla``-compatible function that runs ``op`` (default ``gla_jax.ops.gla``) per shard with ``jax.shard_map``:
-    batch over (data, fsdp), heads over tensor. Each shard is an independent GLA problem (the recurrence never mixes
-    batch elements or heads), so no communication is needed; a Pallas custom call, which the compiler cannot split
-    on its own, then runs on local blocks. Falls back to ``op`` when a size does not divide the mesh.
-
-    Arguments as ``gla(q, k, v, g, *, scale, initial_state, output_final_state, segment_ids, impl, chunk_size)``.
-    """
-    if op is None:
-        from gla_jax.ops import gla as op
-
-    def wrapped(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None, **kw):
-        B, _, H, K = q.shape
-        bspec = logical_to_spec(("batch",), (B,), mesh, ACTIVATION_RULES)
-        hspec = logical_to_spec(("heads",), (H,), mesh, ACTIVATION_RULES)
-        if k.shape[2] != H or v.shape[2] != H or g.shape[2] != H:  # grouped heads: do not split heads
-            hspec = P()
-        b_ax = bspec[0] if len(bspec) else None
-        h_ax = hspec[0] if len(hspec) else None
-        if b_ax is None and h_ax is None:
-            return op(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                      segment_ids=segment_ids, **kw)
-        if scale is None:
-            scale = K ** -0.5
-        x_spec = P(b_ax, None, h_ax, None)
-        s_spec = P(b_ax, h_ax, None, None)
-        args = [q, k, v, g]
-        specs = [x_spec] * 4
-        has_init = initial_state is not None
-        has_seg = segment_ids is not None
-        if has_init:
-            args.append(initial_state)
-            specs.append(s_spec)
-        if has_seg:
-            args.append(segment_ids)
-            specs.append(P(b_ax, None))
-
-        def local(*a):
-            qq, kk, vv, gg = a[:4]
-            rest = list(a[4:])
-            init = rest.pop(0) if has_init else None
-            seg = rest.pop(0) if has_seg else None
-            o, s = op(qq, kk, vv, gg, scale=scale, initial_state=init, output_final_state=output_final_state,
-                      segment_ids=seg, **kw)
-            return (o, s) if output_final_state else (o,)
-
-        out_specs = (x_spec, s_spec) if output_final_state else (x_spec,)
-        fn = _shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs, check_vma=False) \
-            if _accepts_check_vma() else _shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs)
-        res = fn(*args)
-        return (res[0], res[1]) if output_final_state else (res[0], None)
-
-    return wrapped
-
-
-@functools.lru_cache(None)
-def _accepts_check_vma() -> bool:
-    import inspect
-
-    try:
-        return "check_vma" in inspect.signature(_shard_map).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-@contextlib.contextmanager
-def use_sharded_gla(mesh: Mesh):
-    """Within this context the GLA layers call the shard-mapped operator for ``mesh`` (enter it around the first
-    call of a jitted function: it acts at trace time), through the layers' ``GLA_OP_OVERRIDE`` context variable."""
-    from gla_jax.layers.sharding import GLA_OP_OVERRIDE
-
-    op = shard_mapped_gla(mesh)
-    token = GLA_OP_OVERRIDE.set(op)
-    try:
-        yield op
-    finally:
-        GLA_OP_OVERRIDE.reset(token)

@@ -140,7 +140,7 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
       (o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] float32 or None). Differentiable in q, k, v,
       g and initial_state.
     """
-    check_gla_inputs(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids, impl="pallas",
+    check_gla_inputs(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids, impl="mosaic_gpu",
                      chunk_size=chunk_size)
     if chunk_size != CHUNK:
         raise ValueError(f"chunk_size: the Mosaic GPU kernels use chunks of {CHUNK} (one wgmma tile), got "

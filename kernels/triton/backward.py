@@ -32,8 +32,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .forward import F32, _split, chunk_cumsum, state_pass
-from .tiling import SQUEEZED as SQ, SUB_CHUNK, Tiling, dot, launch
+from gla_jax.ops.chunk_math import SUB_CHUNK, chunk_cumsum, cumsum_rows  # shared pure-jnp pieces
+
+from .forward import F32, _split, state_pass
+from .tiling import SQUEEZED as SQ, Tiling, dot, launch
 
 # ----------------------------------------------------------------------------------------------------- kernels
 
@@ -262,16 +264,13 @@ def gate_grad(q, k, dq, dk, edge, rel, chunk_size: int):
     B, T, H, K = q.shape
     C = chunk_size
     NT = T // C
-    w = (q.astype(F32) * dq - k.astype(F32) * dk).reshape(B, NT, C, H, K)
+    w = (q.astype(F32) * dq - k.astype(F32) * dk).reshape(B, NT, C, H * K)  # rows are axis -2
     term = edge[:, :, None]  # [B, NT, 1, H, K]
-    t = jnp.arange(C)
-    later = t[None, :] >= t[:, None]  # [t, s]: s >= t
-    hi = lax.Precision.HIGHEST
     if rel is None:
-        return (jnp.einsum("ts,bnshk->bnthk", later.astype(F32), w, precision=hi) + term).reshape(B, T, H, K)
+        return (cumsum_rows(w, "reverse").reshape(B, NT, C, H, K) + term).reshape(B, T, H, K)
     r = rel.reshape(B, NT, C)
-    same = later & (r[:, :, None, :] == r[:, :, :, None])  # [B, NT, t, s]
-    dg = jnp.einsum("bnts,bnshk->bnthk", same.astype(F32), w, precision=hi)
+    same = r[:, :, :, None] == r[:, :, None, :]  # [B, NT, t, s]
+    dg = cumsum_rows(w, "reverse", same).reshape(B, NT, C, H, K)
     dg += jnp.where((r == r[:, :, -1:])[..., None, None], term, 0.0)  # the state leaving carries the last document
     start = r != jnp.pad(r[:, :, :-1], ((0, 0), (0, 0), (1, 0)))  # a document start: its gate multiplies a dropped
     return jnp.where(start[..., None, None], 0.0, dg).reshape(B, T, H, K)  # state

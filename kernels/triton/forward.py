@@ -3,7 +3,7 @@
 All arrays here are already padded: T a multiple of the chunk size C, K and V powers of two >= 16. Layouts are
 the operator's: q, k, g [B, T, H, K], v [B, T, H, V]; the kernels index them through BlockSpecs, no transposes.
 
-Passes (DESIGN.md §1, chunkwise form):
+Passes (docs/design.md §1, chunkwise form):
   1. ``chunk_cumsum``: b, the inclusive cumulative gate from each chunk start (float32, plain jnp).
   2. ``state_pass``: per (batch, head, K tile, V tile) a sequential loop over chunks that writes the state entering
      every chunk (``hs`` [B, NT, H, K, V]) and the final state.
@@ -13,10 +13,10 @@ Passes (DESIGN.md §1, chunkwise form):
      space, a column at a time.
   4. ``output``: o = (scale q ⊙ e^b) S + A v per (chunk, V tile).
 
-Packed documents are handled with ``rel`` [B, T] int32: the number of document starts from the chunk start up
-to and including each position. Inside a chunk two positions see each other only when their ``rel`` agree, the
-incoming state reaches only positions with ``rel == 0``, and the state survives the chunk only when the last
-position has ``rel == 0``.
+Packed documents are handled with ``rel`` [B, T] int32 (``gla_jax.ops.chunk_math.chunk_relative``): the number of
+document starts from the chunk start up to and including each position. Inside a chunk two positions see each other
+only when their ``rel`` agree, the incoming state reaches only positions with ``rel == 0``, and the state survives
+the chunk only when the last position has ``rel == 0``.
 """
 
 from __future__ import annotations
@@ -27,25 +27,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from .tiling import SQUEEZED as SQ, SUB_CHUNK, Tiling, dot, launch
+from gla_jax.ops.chunk_math import SUB_CHUNK, chunk_cumsum  # shared pure-jnp pieces (a jax-only leaf module)
+
+from .tiling import SQUEEZED as SQ, Tiling, dot, launch
 
 F32 = jnp.float32
-
-
-def chunk_cumsum(g, chunk_size: int):
-    """[B, T, H, K] -> float32 inclusive cumulative sum of g restarted at every chunk start."""
-    B, T, H, K = g.shape
-    gc = jnp.cumsum(g.astype(F32).reshape(B, T // chunk_size, chunk_size, H, K), axis=2)
-    return gc.reshape(B, T, H, K)
-
-
-def chunk_rel(segment_ids, chunk_size: int):
-    """[B, T] int32: document starts counted from each chunk start up to and including t (0 = the chunk's first
-    document; position 0 of the sequence is never a start)."""
-    B, T = segment_ids.shape
-    prev = jnp.concatenate([segment_ids[:, :1], segment_ids[:, :-1]], axis=1)
-    starts = (segment_ids != prev).astype(jnp.int32)
-    return jnp.cumsum(starts.reshape(B, T // chunk_size, chunk_size), axis=2).reshape(B, T)
 
 
 def _split(rest, has_seg):

@@ -17,11 +17,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from gla_jax.ops.chunk_math import SUB_CHUNK
+
 #: Marks a block dimension of size one that the kernel does not see (``None`` in older jax).
 SQUEEZED = getattr(pl, "squeezed", None)
 
-#: The sub-chunk (secondary chunk) length: off-diagonal sub-blocks are matmuls, diagonal ones elementwise.
-SUB_CHUNK = 16
 
 
 #: True while ``launch`` traces a kernel for Pallas interpret mode (XLA on the CPU, which lacks the TF32 algorithms).

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from gla_jax.ops.checks import check_gla_inputs  # the operator's input contract (a jax-only leaf module)
+from gla_jax.ops.chunk_math import chunk_relative, document_index
 
 from .backward import backward
-from .forward import chunk_rel, forward
+from .forward import forward
 from .tiling import Tiling, padded_width
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
@@ -53,8 +54,8 @@ def _chunk_gla(q, k, v, g, initial_state, segment_ids, *, scale, output_final_st
         h0 = jnp.pad(initial_state.astype(jnp.float32), ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
     rel = None
     if segment_ids is not None:  # padding continues the last document
-        seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, Tp - T)), mode="edge")
-        rel = chunk_rel(seg, C)
+        doc = jnp.pad(document_index(segment_ids), ((0, 0), (0, Tp - T)), mode="edge")
+        rel = chunk_relative(doc, C)
     tiling = tiling.resolve(Kp, Vp)
     o, ht = _gla_core(q_, k_, v_, g_, h0, rel, scale, tiling, interpret)
     o = o[:, :T, :, :V].astype(jnp.result_type(q.dtype, k.dtype, v.dtype))
@@ -89,7 +90,7 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
       (o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] float32 or None). Differentiable in q, k, v,
       g and initial_state.
     """
-    check_gla_inputs(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids, impl="pallas",
+    check_gla_inputs(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids, impl="triton",
                      chunk_size=chunk_size)
     if scale is None:
         scale = q.shape[-1] ** -0.5

@@ -1,0 +1,76 @@
+"""Pure-jnp pieces every chunkwise GLA backend needs: the sub-chunk size, chunk-local cumulative sums of the gates
+(and the reverse sums of dg), and the document encoding of packed rows (docs/design.md §1, §7).
+
+A jax-only leaf module: the kernel packages import it without pulling in flax, optax or the layers.
+
+Document encoding. ``document_index(segment_ids)`` numbers the documents of each row 0, 1, 2, ... (position 0 is
+always in document 0: the initial state belongs to it). ``chunk_relative(doc, C)`` re-bases that number at every
+chunk: ``rel[t] = doc[t] - doc[entering]``, the number of document starts between the state entering t's chunk and t.
+Inside a chunk two positions see each other only when their numbers agree, the entering state reaches only
+``rel == 0``, and the state survives the chunk only when its last position has ``rel == 0``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from gla_jax.ops.segments import segment_starts
+
+#: The sub-chunk (secondary chunk) length: off-diagonal sub-blocks are matmuls, diagonal ones elementwise float32.
+SUB_CHUNK = 16
+
+_F32 = jnp.float32
+_MODES = ("inclusive", "exclusive", "reverse")
+
+
+@functools.lru_cache(maxsize=None)
+def triangle(C: int, mode: str = "inclusive") -> np.ndarray:
+    """[C, C] float32 0/1 matrix M[t, s] selecting s <= t ("inclusive"), s < t ("exclusive") or s >= t ("reverse")."""
+    if mode not in _MODES:
+        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+    ones = np.ones((C, C), np.float32)
+    out = {"inclusive": np.tril(ones), "exclusive": np.tril(ones, -1), "reverse": np.triu(ones)}[mode]
+    out.setflags(write=False)
+    return out
+
+
+def cumsum_rows(x, mode: str = "inclusive", same=None):
+    """Cumulative sum over the row axis (-2) of x [..., C, D] as one float32 matmul with a 0/1 triangle.
+
+    mode: "inclusive" (Σ_{s<=t}), "exclusive" (Σ_{s<t}) or "reverse" (Σ_{s>=t}: dg's chunk-local identity).
+    same: optional [..., C, C] 0/1 mask (rows t and s in the same document) multiplied into the triangle.
+    A matmul rather than ``jnp.cumsum``: XLA's CPU cumsum is slow, and the sum never leaves the chunk.
+    Returns float32 [..., C, D].
+    """
+    tri = jnp.asarray(triangle(x.shape[-2], mode))
+    hi = lax.Precision.HIGHEST
+    if same is None:
+        return jnp.einsum("ts,...sd->...td", tri, x.astype(_F32), precision=hi, preferred_element_type=_F32)
+    return jnp.einsum("...ts,...sd->...td", tri * same.astype(_F32), x.astype(_F32), precision=hi,
+                      preferred_element_type=_F32)
+
+
+def chunk_cumsum(g, chunk_size: int):
+    """b: g [B, T, H, K] (T a multiple of ``chunk_size``) -> float32 inclusive cumulative sum restarted at every chunk
+    start (the chunk-local cumulative gate)."""
+    B, T, H, K = g.shape
+    rows = g.reshape(B, T // chunk_size, chunk_size, H * K)  # a free reshape: rows are axis -2
+    return cumsum_rows(rows).reshape(B, T, H, K)
+
+
+def document_index(segment_ids):
+    """[B, T] integer document ids -> [B, T] int32 running document number of each position (0 at position 0)."""
+    return jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1)
+
+
+def chunk_relative(doc, chunk_size: int):
+    """[B, T] running document numbers (T a multiple of ``chunk_size``) -> [B, T] int32 document starts between the
+    state entering each position's chunk and the position (0 = the entering state's document)."""
+    B, T = doc.shape
+    d = doc.astype(jnp.int32).reshape(B, T // chunk_size, chunk_size)
+    entering = jnp.concatenate([d[:, :1, :1], d[:, :-1, -1:]], axis=1)  # [B, N, 1]: last number of the chunk before
+    return (d - entering).reshape(B, T)
