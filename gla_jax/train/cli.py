@@ -86,8 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gla-jax train: error: {e}", file=sys.stderr)
         return 2
     is_main = jax.process_index() == 0
+    from gla_jax.errors import UserError
+    from gla_jax.train import run_dir
+
+    try:  # one run per workdir: a resume must keep the saved settings; nothing is written before this passes
+        run_dir.prepare_run_dir(workdir, cfg, trainer.mcfg.to_dict(), is_main=is_main)
+    except UserError as e:
+        print(f"gla-jax train: error: {e}", file=sys.stderr)
+        return 2
     if is_main:
-        loop.save_resolved_config(cfg, workdir, trainer.mcfg)
         print(f"workdir: {workdir}  (metrics.jsonl, tensorboard/, checkpoints/, config.yaml)", flush=True)
     try:
         out = trainer.run()
