@@ -139,3 +139,15 @@ def test_model_calls_gla_through_shard_map():
         inside = str(jax.make_jaxpr(tr._apply)(tr.abs_params, tok, tok))
     outside = str(jax.make_jaxpr(tr._apply)(tr.abs_params, tok, tok))
     assert "shard_map" in inside and "shard_map" not in outside
+
+
+def test_mesh_that_leaves_devices_idle_warns(capfd):
+    n = len(jax.devices())
+    if n < 2:
+        pytest.skip("needs several devices")
+    mesh = _mesh(n - 1, 1, 1)
+    assert mesh.devices.size == n - 1
+    err = capfd.readouterr().err
+    assert f"uses {n - 1} of the {n} devices" in err and err.strip().count("\n") == 0
+    _mesh(-1, 1, 1)
+    assert "idle" not in capfd.readouterr().err

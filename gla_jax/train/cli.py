@@ -49,7 +49,9 @@ def _is_user_error(e: Exception) -> bool:
     """A ValueError about the configuration or data (its message starts with the key it names)."""
     import re
 
-    return bool(re.match(r"^-?-?[A-Za-z_]+(\.[A-Za-z_]+)*[:\s]", str(e)))
+    from gla_jax.errors import UserError
+
+    return isinstance(e, UserError) or bool(re.match(r"^-?-?[A-Za-z_]+(\.[A-Za-z_]+)*[:\s]", str(e)))
 
 
 def main(argv: list[str] | None = None) -> int:
