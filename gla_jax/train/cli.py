@@ -98,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if is_main:
         print(f"workdir: {workdir}  (metrics.jsonl, tensorboard/, checkpoints/, config.yaml)", flush=True)
+    from gla_jax.train import watchdog
+
     try:
-        out = trainer.run()
+        out = watchdog.run_guarded(trainer.run)  # a peer lost mid-collective: one line naming it, not a traceback
     except loop.TrainingError as e:
         print(f"gla-jax train: error: {e}", file=sys.stderr)
         return 1
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run in {workdir} already finished at step {out['start_step']} (train.steps={cfg.train.steps}); "
                   "pass train.steps=N to train longer or use another --workdir", flush=True)
     if out["stopped_by_signal"]:
+        watchdog.finished()  # peers stop watching this process
         return 0
     if cfg.train.sample_tokens > 0:
         text = loop.sample(trainer, out["params"], cfg.train.sample_prompt, cfg.train.sample_tokens,
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--- sample ({cfg.train.sample_tokens} tokens, temperature {cfg.train.sample_temperature}) ---")
             print(cfg.train.sample_prompt + text)
             print("---", flush=True)
+    watchdog.finished()
     return 0
 
 

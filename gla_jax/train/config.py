@@ -130,6 +130,8 @@ class DistributedSection:
     num_processes: int = 0
     process_id: int = -1
     local_device_ids: str = ""  # comma-separated
+    # a peer silent (hung, stopped, dead) this long ends every process with one line naming it (watchdog); 0: off
+    timeout_s: float = 300.0
 
 
 @dataclass
@@ -382,6 +384,8 @@ def validate(cfg: Config) -> None:
     ds = cfg.distributed
     need(ds.mode in ("auto", "on", "off"), "distributed.mode", f"expected auto/on/off, got {ds.mode!r}")
     need(ds.num_processes >= 0, "distributed.num_processes", "must be >= 0")
+    need(ds.timeout_s >= 0 and math.isfinite(ds.timeout_s), "distributed.timeout_s",
+         f"must be >= 0 seconds (0: no watchdog), got {ds.timeout_s}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
