@@ -56,6 +56,7 @@ def test_model_config_json_is_compared_too(tmp_path):
     wd = tmp_path / "run"
     cfg = C.load_config(None, TINY)
     R.prepare_run_dir(wd, cfg, {"hidden_size": 32, "remat": False, "rope_theta": 10000.0})
+    (wd / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')  # the run made progress
     # a preset/model-code change that gives another model for the same config keys
     with pytest.raises(UserError, match="rope_theta"):
         R.prepare_run_dir(wd, cfg, {"hidden_size": 32, "remat": False, "rope_theta": 500000.0})
@@ -67,6 +68,15 @@ def test_checkpoints_without_config_are_refused(tmp_path):
     (wd / "checkpoints" / "10").mkdir(parents=True)
     with pytest.raises(UserError, match="no config.yaml"):
         R.prepare_run_dir(wd, C.load_config(None, TINY))
+
+
+def test_a_run_that_never_started_may_be_taken_over(tmp_path):
+    """Only config files (the run stopped on a data error before step 1): nothing to protect, new settings pass."""
+    wd = tmp_path / "run"
+    R.prepare_run_dir(wd, C.load_config(None, TINY), {"hidden_size": 32})
+    other = C.load_config(None, TINY + ["model.hidden_size=64"])
+    assert R.prepare_run_dir(wd, other, {"hidden_size": 64}) is False
+    assert C.load_config(wd / "config.yaml").model.overrides["hidden_size"] == 64
 
 
 def test_workdir_that_is_a_file(tmp_path):

@@ -3,8 +3,7 @@
 ``prepare_run_dir`` is called once per process before training starts. It refuses, with one ``UserError`` line:
   - a workdir that is a file, or that cannot be created or written (nothing is left behind);
   - a data source that names no files;
-  - resuming (the workdir already holds ``config.yaml``, ``model_config.json`` or checkpoints) with settings that
-    differ from the saved ones in a key outside ``MAY_CHANGE_ON_RESUME`` -- such a change would alter the parameter
+  - resuming (the workdir holds checkpoints or metrics of a run, see ``holds_run``) with settings that differ from the saved ones in a key outside ``MAY_CHANGE_ON_RESUME`` -- such a change would alter the parameter
     shapes, the optimizer's trajectory or the order of the data, so the checkpoints would no longer belong to the run.
 Only when every check passes does the main process write ``config.yaml`` and ``model_config.json`` (atomically:
 a temporary file renamed into place). See docs/design.md §6.
@@ -68,11 +67,16 @@ def flatten(mapping: dict, prefix: str = "") -> dict:
 
 
 def holds_run(workdir: Path) -> bool:
-    """True if ``workdir`` already holds a run (its config or a checkpoint step)."""
-    if any((workdir / f).exists() for f in RUN_FILES):
+    """True if ``workdir`` holds a run that made progress: a checkpoint step (also a damaged one set aside) or
+    logged metrics. A workdir with only ``config.yaml``/``model_config.json`` (a run that stopped before its first
+    step, e.g. on a data error) holds nothing to protect: a new run may take it over."""
+    metrics = workdir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
         return True
     ck = workdir / "checkpoints"
-    return ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir())
+    if not ck.is_dir():
+        return False
+    return any(p.name.isdigit() for p in ck.iterdir()) or (ck / "damaged").is_dir()
 
 
 def config_differences(saved: dict, requested: dict) -> list[str]:
@@ -123,7 +127,7 @@ def check_resume(workdir: Path, cfg, model_config: dict | None = None) -> bool:
         return False
     saved = _saved_config(workdir)
     if saved is None:
-        raise UserError(f"--workdir {workdir}: holds checkpoints but no config.yaml, so a resume cannot be checked; "
+        raise UserError(f"--workdir {workdir}: holds a run but no config.yaml, so a resume cannot be checked; "
                         "use another --workdir (train.init_from=<that workdir> starts a new run from its parameters)")
     diffs = config_differences(saved, config_lib.to_dict(cfg))
     saved_model = _saved_model_config(workdir)
