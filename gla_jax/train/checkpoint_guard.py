@@ -113,12 +113,12 @@ def shape_differences(saved: dict, expected: dict, limit: int = 3) -> list[str]:
 
 
 def check_params_match(params_dir: str | Path, abstract_params, what: str) -> None:
-    """UserError (one line, starting with ``what``) if the parameters saved in ``params_dir`` have other names,
+    """UserError (one line, starting with ``what`` when given) if the parameters saved in ``params_dir`` have other names,
     shapes or dtypes than ``abstract_params``. Unreadable metadata raises the underlying error (damage)."""
     diffs = shape_differences(saved_param_shapes(params_dir), shape_table(abstract_params))
     if diffs:
-        raise UserError(f"{what}: the saved parameters belong to another model ({'; '.join(diffs)}); "
-                        "the model config must match the one they were saved with")
+        msg = f"the saved parameters belong to another model ({'; '.join(diffs)})"
+        raise UserError(f"{what}: {msg}; the model config must match the one they were saved with" if what else msg)
 
 
 def move_aside(ckpt_dir: Path, step: int, reason: str) -> Path:
@@ -139,45 +139,72 @@ def move_aside(ckpt_dir: Path, step: int, reason: str) -> Path:
     return dest
 
 
+def _try_step(checkpointer, step, abstract_params, abstract_opt_state, data_keys, verify):
+    """``(restored, None)`` or ``(None, (error, details))`` for one step; UserError for another model's step."""
+    step_dir = Path(checkpointer.directory) / str(step)
+    try:
+        check_params_match(step_dir / "params", abstract_params, f"checkpoint {step_dir}")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - unreadable metadata: damage
+        return None, (e, traceback.format_exc())
+    with captured_noise() as noise:
+        try:
+            restored = (step, *checkpointer.restore(step, abstract_params, abstract_opt_state, data_keys))
+            if verify is not None:
+                verify(restored)
+            return restored, None
+        except Exception as e:  # noqa: BLE001 - a damaged step
+            failure = (e, traceback.format_exc())
+    return None, (failure[0], failure[1] + "\n--- captured output ---\n" + noise.getvalue())
+
+
+def _agree_on_step(step: int) -> int:
+    """The smallest of every process's newest good step (-1: none), so all processes resume from the same one."""
+    if jax.process_count() == 1:
+        return step
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(np.min(multihost_utils.process_allgather(np.asarray([step], np.int64))))
+
+
 def restore_newest_good(checkpointer, abstract_params, abstract_opt_state, data_keys=(), *, verify=None,
                         log=None, is_main: bool | None = None):
     """``(step, params, opt_state, meta, data_state)`` of the newest checkpoint that restores and passes ``verify``
-    (a callable taking that tuple; raising means the step is damaged), or None when there is none.
+    (a callable taking that tuple; raising means the step is damaged) on every process, or None when there is none.
 
-    ``checkpointer``: a ``gla_jax.train.checkpoint.Checkpointer``. Damaged steps are moved aside by the main
-    process (``is_main``; default: process 0) with one line each through ``log`` (default: print). A step whose
-    parameters have other shapes than ``abstract_params`` raises ``UserError`` instead (another model's run)."""
+    ``checkpointer``: a ``gla_jax.train.checkpoint.Checkpointer``. The processes agree on the step (the oldest of
+    their newest good ones); every newer step is moved aside by the main process (``is_main``; default: process 0)
+    with one line each through ``log`` (default: print). A step whose parameters have other shapes than
+    ``abstract_params`` raises ``UserError`` instead (another model's run)."""
     log = log or (lambda msg: print(msg, flush=True))
     is_main = jax.process_index() == 0 if is_main is None else is_main
     directory = Path(checkpointer.directory)
-    for step in reversed(checkpointer.all_steps()):
-        step_dir = directory / str(step)
-        try:
-            check_params_match(step_dir / "params", abstract_params, f"checkpoint {step_dir}")
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - unreadable metadata: damage, handled below
-            err, details = e, traceback.format_exc()
-        else:
-            err = None
-        if err is None:
-            with captured_noise() as noise:
-                try:
-                    restored = (step, *checkpointer.restore(step, abstract_params, abstract_opt_state, data_keys))
-                    if verify is not None:
-                        verify(restored)
-                    return restored
-                except Exception as e:  # noqa: BLE001 - a damaged step: set aside, try the previous one
-                    err, details = e, traceback.format_exc()
-            details += "\n--- captured output ---\n" + noise.getvalue()
-        if is_main:
+    steps = checkpointer.all_steps()
+    failures, restored = {}, None
+    for step in reversed(steps):
+        restored, failure = _try_step(checkpointer, step, abstract_params, abstract_opt_state, data_keys, verify)
+        if restored is not None:
+            break
+        failures[step] = failure
+    agreed = _agree_on_step(restored[0] if restored is not None else -1)
+    if restored is not None and restored[0] != agreed:  # another process could not use this step
+        restored = None
+        if agreed >= 0:
+            restored, failure = _try_step(checkpointer, agreed, abstract_params, abstract_opt_state, data_keys, verify)
+            if restored is None:
+                raise RuntimeError(f"checkpoint step {agreed} restored on another process but not on this one "
+                                   f"({first_line(failure[0])})")
+    if is_main:
+        for step in (s for s in reversed(steps) if s > agreed):
+            err, details = failures.get(step, (RuntimeError("it did not restore on another process"), ""))
             dest = move_aside(directory, step, f"{first_line(err, 2000)}\n\n{details}")
             log(f"warning: checkpoint step {step} is damaged ({first_line(err)}); moved it to {dest} and "
-                "resuming from the previous one")
-        else:
-            log(f"warning: checkpoint step {step} is damaged ({first_line(err)}); resuming from the previous one")
+                f"{'resuming from step %d' % agreed if agreed >= 0 else 'starting from scratch'}")
+    if any(s > agreed for s in steps):
         _forget_step(checkpointer)
-    return None
+    return restored
 
 
 def _forget_step(checkpointer) -> None:
