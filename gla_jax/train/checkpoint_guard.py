@@ -182,6 +182,8 @@ def restore_newest_good(checkpointer, abstract_params, abstract_opt_state, data_
     is_main = jax.process_index() == 0 if is_main is None else is_main
     directory = Path(checkpointer.directory)
     steps = checkpointer.all_steps()
+    if not steps:  # every process sees the same (empty) folder: nothing to agree on
+        return None
     failures, restored = {}, None
     for step in reversed(steps):
         restored, failure = _try_step(checkpointer, step, abstract_params, abstract_opt_state, data_keys, verify)
