@@ -112,7 +112,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
     tensors: dict[str, np.ndarray] = {}
     for file in files:
-        with safe_open(str(file), framework="numpy") as f:
+        with _open_safetensors(safe_open, file) as f:
             for name in f.keys():
                 if name in tensors:
                     raise ValueError(f"{name}: tensor stored twice (second copy in {file.name})")
@@ -125,6 +125,15 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if absent:
             raise ValueError(f"{absent[0]}: listed in {INDEX_NAME} but not found in {weight_map[absent[0]]}")
     return tensors
+
+
+def _open_safetensors(safe_open, file: Path):
+    """``safe_open(file)``; a file that is not safetensors (truncated, another format) is one ValueError line."""
+    try:
+        return safe_open(str(file), framework="numpy")
+    except Exception as e:  # noqa: BLE001 - SafetensorError and OSError: say which file, in one line
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"path: {file} is not a readable safetensors file ({why})") from None
 
 
 def write_safetensors(tensors: dict[str, np.ndarray], file: str | os.PathLike) -> None:

@@ -76,6 +76,9 @@ def to_fla(ckpt: str | Path, out: str | Path, *, dtype: str | None = None) -> Pa
     ckpt = Path(ckpt)
     if not ckpt.exists():
         raise ValueError(f"--to-fla: no such path {ckpt}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out: {out} already exists and is not an empty directory; choose a new directory")
     config = GLAConfig.from_dict(_find_model_config(ckpt.absolute()))
     model = nnx.eval_shape(lambda r: GLAForCausalLM(config, rngs=r), nnx.Rngs(0))
     state = nnx.state(model, nnx.Param)

@@ -295,3 +295,32 @@ def test_cli_to_fla_from_training_checkpoint(saved, tmp_path):
     assert gla_main(["convert", "--to-fla", str(work), "--out", str(out), "--dtype", "float32"]) == 0
     a, b = read_safetensors(d), read_safetensors(out)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_garbage_safetensors_is_one_line(saved, tmp_path):
+    _, _, d = saved
+    bad = _copy_with(d, tmp_path / "garbage")
+    (bad / "model.safetensors").write_bytes(b"this is not a safetensors file at all" * 3)
+    msg = _one_line_error(lambda: load_fla(bad), "model.safetensors is not a readable safetensors file")
+    assert msg.startswith("path:")
+    raw = (d / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(raw[: len(raw) // 2])  # truncated
+    _one_line_error(lambda: load_fla(bad), "not a readable safetensors file")
+
+
+def test_cli_to_fla_refuses_a_non_empty_output(saved, tmp_path, capsys):
+    from gla_jax.cli import main as gla_main
+
+    _, _, d = saved
+    ck, out = tmp_path / "ck", tmp_path / "out"
+    assert gla_main(["convert", "--from-fla", str(d), "--out", str(ck)]) == 0
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert gla_main(["convert", "--to-fla", str(ck), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--out" in err and "not an empty directory" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert gla_main(["convert", "--to-fla", str(ck), "--out", str(empty)]) == 0  # an empty folder is fine

@@ -1,6 +1,8 @@
 """grain data pipeline: sources, tokenizers, packing with segment_ids, determinism, resumable state, sharding."""
 
+import hashlib
 import json
+import shutil
 import sysconfig
 
 import numpy as np
@@ -89,9 +91,10 @@ def test_packing_rows_and_segments(tmp_path):
     for b in batches:
         seg = b["segment_ids"]
         assert (seg[:, 0] == 1).all() and (np.diff(seg, axis=1) >= 0).all() and (np.diff(seg, axis=1) <= 1).all()
-    # concatenating the segments gives the documents (with EOS) in order: nothing lost, nothing mixed
+    # concatenating the segments gives the documents (with EOS) in content-key order: nothing lost, nothing mixed
     stream = np.concatenate(_unpack(batches))
-    want = np.concatenate([np.append(np.frombuffer(t.encode(), np.uint8), 256) for t in texts]).astype(np.int32)
+    ordered = sorted(texts, key=lambda t: hashlib.blake2b(t.encode(), digest_size=8).hexdigest())
+    want = np.concatenate([np.append(np.frombuffer(t.encode(), np.uint8), 256) for t in ordered]).astype(np.int32)
     assert np.array_equal(stream, want[: len(stream)]) and len(want) - len(stream) < 4 * 32
     # each EOS ends its segment (a segment never continues across a document end)
     for s in _unpack(batches):
@@ -158,14 +161,14 @@ def test_jsonl_and_npy_sources(tmp_path):
     cfg = _cfg(source=str(tmp_path / "a.jsonl"), val_fraction=0)
     tr, _ = D.list_documents(cfg, ByteTokenizer())
     assert len(tr) == 10
-    assert ByteTokenizer().decode(tr[4][:-1]) == "document number 4"
+    assert sorted(ByteTokenizer().decode(tr[i][:-1]) for i in range(10)) == sorted(x["text"] for x in lines)
     with pytest.raises(ValueError, match="^data.text_field"):
         D.list_documents(_cfg(source=str(tmp_path / "a.jsonl"), val_fraction=0, text_field="body"),
                          ByteTokenizer())[0][0]
     stream = np.array([5, 6, 256, 7, 256, 8, 9, 10, 256], np.int32)
     np.save(tmp_path / "t.npy", stream)
     tr, _ = D.list_documents(_cfg(source=str(tmp_path / "t.npy"), val_fraction=0), ByteTokenizer())
-    assert [list(tr[i]) for i in range(len(tr))] == [[5, 6, 256], [7, 256], [8, 9, 10, 256]]
+    assert sorted(list(tr[i]) for i in range(len(tr))) == [[5, 6, 256], [7, 256], [8, 9, 10, 256]]
     with pytest.raises(ValueError, match="^data.source"):
         D.list_documents(_cfg(source=str(tmp_path / "nothing*.txt")), ByteTokenizer())
 
@@ -177,7 +180,7 @@ def test_large_text_file_is_cut_at_line_ends(tmp_path, monkeypatch):
     tr, _ = D.list_documents(_cfg(source=str(tmp_path / "big.txt"), val_fraction=0), ByteTokenizer())
     assert len(tr) > 5
     pieces = [ByteTokenizer().decode(tr[i][:-1]) for i in range(len(tr))]
-    assert "".join(pieces) == text and all(p.endswith("\n") for p in pieces)
+    assert "".join(sorted(pieces, key=text.index)) == text and all(p.endswith("\n") for p in pieces)
 
 
 def test_arrayrecord_source(tmp_path):
@@ -188,4 +191,67 @@ def test_arrayrecord_source(tmp_path):
         w.write(d.tobytes())
     w.close()
     tr, _ = D.list_documents(_cfg(source=str(tmp_path / "d.array_record"), val_fraction=0), ByteTokenizer())
-    assert [list(tr[i]) for i in range(len(tr))] == [[1, 2, 3, 256], [4, 5, 256]]
+    assert sorted(list(tr[i]) for i in range(len(tr))) == [[1, 2, 3, 256], [4, 5, 256]]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# content-keyed split and order; inputs that are too small or not text
+
+
+def _blake64(raw: bytes) -> int:
+    return int(hashlib.blake2b(raw, digest_size=8).hexdigest(), 16)
+
+
+def test_split_and_batches_follow_content_not_location(tmp_path):
+    (tmp_path / "a").mkdir()
+    texts = _docs(tmp_path / "a", 60)
+    other = tmp_path / "elsewhere" / "deeper"
+    other.mkdir(parents=True)
+    for i, p in enumerate(sorted((tmp_path / "a").iterdir())):  # copied and renamed (other listing order)
+        shutil.copy(p, other / f"{1000 - i}-{p.stem}.txt")
+    runs = []
+    for src in (tmp_path / "a" / "*.txt", other / "*.txt"):
+        cfg = _cfg(source=str(src), seq_len=16, batch_size=4, val_fraction=0.2)
+        tr, va = D.list_documents(cfg, ByteTokenizer())
+        it = D.make_batches(cfg, tr)
+        runs.append(([tuple(tr[i]) for i in range(len(tr))], [tuple(va[i]) for i in range(len(va))],
+                     [next(it)["tokens"] for _ in range(6)]))
+    (tr_a, va_a, b_a), (tr_b, va_b, b_b) = runs
+    assert tr_a == tr_b and va_a == va_b and all(np.array_equal(x, y) for x, y in zip(b_a, b_b))
+    # the held-out documents are those whose content hash falls under the fraction
+    want_val = sorted(t for t in texts if _blake64(t.encode()) % 100_000 < 0.2 * 100_000)
+    assert sorted(ByteTokenizer().decode(np.asarray(v[:-1])) for v in va_a) == want_val and want_val
+
+
+def test_single_or_empty_file_says_so(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="^data.source: no documents"):
+        D.list_documents(_cfg(source=str(tmp_path / "empty.txt")), ByteTokenizer())
+    (tmp_path / "one.txt").write_text("hello world\n")
+    with pytest.raises(ValueError, match="^data.source: .*single document.*data.val_fraction=0"):
+        D.list_documents(_cfg(source=str(tmp_path / "one.txt")), ByteTokenizer())
+    tr, va = D.list_documents(_cfg(source=str(tmp_path / "one.txt"), val_fraction=0), ByteTokenizer())
+    assert len(tr) == 1 and len(va) == 0
+
+
+def test_non_utf8_text_is_refused_or_replaced_with_a_count(tmp_path, capsys):
+    (tmp_path / "good.txt").write_text("plain text\n")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="^data.source: .*latin1.txt is not UTF-8.*data.errors=replace") as e:
+        D.list_documents(_cfg(source=str(tmp_path / "*.txt"), val_fraction=0), ByteTokenizer())
+    assert "\n" not in str(e.value)
+    (tmp_path / "latin1.txt").unlink()
+    (tmp_path / "blob.txt").write_bytes(b"PK\x03\x04\x00\x00\x00binary")
+    with pytest.raises(ValueError, match="blob.txt looks binary"):
+        D.list_documents(_cfg(source=str(tmp_path / "*.txt"), val_fraction=0), ByteTokenizer())
+    (tmp_path / "blob.txt").unlink()
+    (tmp_path / "a.txt").write_bytes(b"ok \xff\xfe here\n")
+    (tmp_path / "b.txt").write_bytes(b"\xe9t\xe9\n")
+    tr, _ = D.list_documents(_cfg(source=str(tmp_path / "*.txt"), val_fraction=0, errors="replace"),
+                             ByteTokenizer())
+    out = capsys.readouterr().out
+    assert "2 document(s) in 2 file(s)" in out and out.count("\n") == 1
+    texts = sorted(ByteTokenizer().decode(tr[i][:-1]) for i in range(len(tr)))
+    assert "ok \ufffd\ufffd here\n" in texts and "\ufffdt\ufffd\n" in texts
+    with pytest.raises(ValueError, match="^data.errors"):
+        _cfg(errors="ignore")

@@ -211,3 +211,15 @@ def test_model_calls_kernel_backends_through_shard_map(probe_backend):
         assert ("shard_map" in inside) == mapped and "shard_map" not in outside
     # (B, H) the kernel saw: local blocks under the 2x2x2 mesh (B 8 / data·fsdp, H 4 / tensor), then the whole problem
     assert [(x[0], x[2]) for x in seen] == [(2, 2), (8, 4)]
+
+
+def test_mesh_that_leaves_devices_idle_warns(capfd):
+    n = len(jax.devices())
+    if n < 2:
+        pytest.skip("needs several devices")
+    mesh = _mesh(n - 1, 1, 1)
+    assert mesh.devices.size == n - 1
+    err = capfd.readouterr().err
+    assert f"uses {n - 1} of the {n} devices" in err and err.strip().count("\n") == 0
+    _mesh(-1, 1, 1)
+    assert "idle" not in capfd.readouterr().err

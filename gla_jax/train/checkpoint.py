@@ -6,8 +6,9 @@ A training checkpoint (``<workdir>/checkpoints/<step>/``) holds four items:
   ``meta``       JSON: step, RNG key data, tokens seen, number of data shards,
   ``data``       the grain iterator state, one JSON file per data shard (written by the process that owns it).
 Orbax writes each step into a temporary directory and renames it when every process has finished, so a partially
-written checkpoint (a killed run, a full disk) is never listed; if the newest listed step still fails to load, the
-previous one is used.
+written checkpoint (a killed run, a full disk) is never listed; a listed step that has the expected parameter
+shapes but still fails to load is moved aside to ``checkpoints/damaged/`` and the previous one is used
+(``checkpoint_guard``).
 """
 
 from __future__ import annotations
@@ -117,18 +118,12 @@ class Checkpointer:
             meta=ocp.args.JsonRestore(), data=DataStateRestore(tuple(data_keys))))
         return res.params, res.opt_state, res.meta, res.data
 
-    def restore_latest(self, abstract_params, abstract_opt_state, data_keys=()):
-        """The newest step that loads (older ones are tried if the newest is damaged); None if there is none."""
-        steps = self.all_steps()
-        for step in reversed(steps):
-            try:
-                return (step, *self.restore(step, abstract_params, abstract_opt_state, data_keys))
-            except Exception as e:  # noqa: BLE001 - a damaged step: say so and try the previous one
-                log.warning("checkpoint step %d could not be restored (%s: %s); trying an older one",
-                            step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                print(f"warning: checkpoint step {step} in {self.directory} could not be restored "
-                      f"({type(e).__name__}); trying an older one", flush=True)
-        return None
+    def restore_latest(self, abstract_params, abstract_opt_state, data_keys=(), verify=None):
+        """The newest step that loads and passes ``verify`` (damaged ones are moved aside to ``damaged/``, see
+        ``checkpoint_guard``); None if there is none. UserError if the saved parameters belong to another model."""
+        from gla_jax.train.checkpoint_guard import restore_newest_good
+
+        return restore_newest_good(self, abstract_params, abstract_opt_state, data_keys, verify=verify)
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -168,11 +163,15 @@ def load_params(checkpoint_dir: str | Path, target=None, *, as_numpy: bool = Fal
     """
     pdir = _find_params_dir(Path(checkpoint_dir)).absolute()
     if target is not None:
-        ckptr = ocp.StandardCheckpointer()
-        try:
-            return ckptr.restore(pdir, _abstract(target))
-        finally:
-            ckptr.close()
+        from gla_jax.train import checkpoint_guard as guard
+
+        guard.check_params_match(pdir, target, "")  # another model: one line (the caller names the path)
+        with guard.captured_noise():
+            ckptr = ocp.StandardCheckpointer()
+            try:
+                return ckptr.restore(pdir, _abstract(target))
+            finally:
+                ckptr.close()
     ckptr = ocp.PyTreeCheckpointer()
     try:
         meta = ckptr.metadata(pdir)

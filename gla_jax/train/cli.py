@@ -49,7 +49,9 @@ def _is_user_error(e: Exception) -> bool:
     """A ValueError about the configuration or data (its message starts with the key it names)."""
     import re
 
-    return bool(re.match(r"^-?-?[A-Za-z_]+(\.[A-Za-z_]+)*[:\s]", str(e)))
+    from gla_jax.errors import UserError
+
+    return isinstance(e, UserError) or bool(re.match(r"^-?-?[A-Za-z_]+(\.[A-Za-z_]+)*[:\s]", str(e)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,11 +88,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gla-jax train: error: {e}", file=sys.stderr)
         return 2
     is_main = jax.process_index() == 0
+    from gla_jax.errors import UserError
+    from gla_jax.train import run_dir
+
+    try:  # one run per workdir: a resume must keep the saved settings; nothing is written before this passes
+        run_dir.prepare_run_dir(workdir, cfg, trainer.mcfg.to_dict(), is_main=is_main)
+    except UserError as e:
+        print(f"gla-jax train: error: {e}", file=sys.stderr)
+        return 2
     if is_main:
-        loop.save_resolved_config(cfg, workdir, trainer.mcfg)
         print(f"workdir: {workdir}  (metrics.jsonl, tensorboard/, checkpoints/, config.yaml)", flush=True)
+    from gla_jax.train import watchdog
+
     try:
-        out = trainer.run()
+        out = watchdog.run_guarded(trainer.run)  # a peer lost mid-collective: one line naming it, not a traceback
     except loop.TrainingError as e:
         print(f"gla-jax train: error: {e}", file=sys.stderr)
         return 1
@@ -114,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run in {workdir} already finished at step {out['start_step']} (train.steps={cfg.train.steps}); "
                   "pass train.steps=N to train longer or use another --workdir", flush=True)
     if out["stopped_by_signal"]:
+        watchdog.finished()  # peers stop watching this process
         return 0
     if cfg.train.sample_tokens > 0:
         text = loop.sample(trainer, out["params"], cfg.train.sample_prompt, cfg.train.sample_tokens,
@@ -122,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--- sample ({cfg.train.sample_tokens} tokens, temperature {cfg.train.sample_temperature}) ---")
             print(cfg.train.sample_prompt + text)
             print("---", flush=True)
+    watchdog.finished()
     return 0
 
 

@@ -61,6 +61,7 @@ class DataSection:
     shuffle_window: int = 1024  # packed rows shuffled within windows of this many rows (0/1: off)
     read_threads: int = 2
     prefetch: int = 64
+    errors: str = "strict"  # text that is not UTF-8: "strict" refuses the file, "replace" reads U+FFFD and warns
 
 
 @dataclass
@@ -129,6 +130,8 @@ class DistributedSection:
     num_processes: int = 0
     process_id: int = -1
     local_device_ids: str = ""  # comma-separated
+    # a peer silent (hung, stopped, dead) this long ends every process with one line naming it (watchdog); 0: off
+    timeout_s: float = 300.0
 
 
 @dataclass
@@ -347,6 +350,7 @@ def validate(cfg: Config) -> None:
     need(d.read_threads >= 0, "data.read_threads", "must be >= 0")
     need(d.prefetch >= 0, "data.prefetch", "must be >= 0")
     need(d.shuffle_window >= 0, "data.shuffle_window", "must be >= 0")
+    need(d.errors in ("strict", "replace"), "data.errors", f"expected strict or replace, got {d.errors!r}")
     o = cfg.optim
     need(o.lr > 0 and math.isfinite(o.lr), "optim.lr", f"must be a positive number, got {o.lr}")
     need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -380,6 +384,8 @@ def validate(cfg: Config) -> None:
     ds = cfg.distributed
     need(ds.mode in ("auto", "on", "off"), "distributed.mode", f"expected auto/on/off, got {ds.mode!r}")
     need(ds.num_processes >= 0, "distributed.num_processes", "must be >= 0")
+    need(ds.timeout_s >= 0 and math.isfinite(ds.timeout_s), "distributed.timeout_s",
+         f"must be >= 0 seconds (0: no watchdog), got {ds.timeout_s}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

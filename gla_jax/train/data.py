@@ -6,7 +6,8 @@ pieces at line ends), JSONL (one document per line, ``data.text_field``), pre-to
 split after each EOS, or 2-D rows, one document each) and ArrayRecord (each record the int32 tokens of one document;
 needs ``array_record``).
 
-The document list is split deterministically into train and held-out parts by a hash of each document's name, then
+The document list is ordered and split into train and held-out parts by a hash of each document's content
+(``doc_keys``: the same data anywhere gives the same split and batches; text must be UTF-8), then
 into ``S`` data shards (``data.num_shards``; default one per process). Each shard is its own grain pipeline: seeded
 shuffle (reshuffled every epoch), repeat, tokenize (thread pool read-ahead), concat-then-split packing into rows of
 ``seq_len`` tokens with ``segment_ids`` (1, 2, ... per row; equal ids = same document), a seeded window shuffle of
@@ -21,11 +22,12 @@ import glob
 import json
 import os
 import sysconfig
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from gla_jax.train import doc_keys
 
 PIECE_BYTES = 1 << 20
 
@@ -39,7 +41,8 @@ class _Doc:
     path: str
     start: int
     end: int
-    name: str      # stable name for the train/held-out split
+    name: str      # a readable name (error messages)
+    key: str = ""  # content hash: the train/held-out split and the order (doc_keys)
 
 
 def stdlib_files() -> tuple[Path, list[str]]:
@@ -176,10 +179,6 @@ class DocumentSource:
         return np.concatenate([np.frombuffer(raw, dtype=np.int32), eos])
 
 
-def _held_out(name: str, fraction: float) -> bool:
-    return (zlib.crc32(name.encode()) % 100_000) < fraction * 100_000
-
-
 def list_documents(data_cfg, tokenizer) -> tuple[DocumentSource, DocumentSource]:
     """(train, held-out) document sources for a ``DataSection``; deterministic for a given source."""
     if data_cfg.source == "stdlib":
@@ -198,17 +197,14 @@ def list_documents(data_cfg, tokenizer) -> tuple[DocumentSource, DocumentSource]
                 docs += _npy_docs(f, tokenizer.eos_id)
             else:
                 docs += _arrayrecord_docs(f)
+    # split and order by content, not by path (doc_keys); the standard library's few non-UTF-8 test files are
+    # read with U+FFFD as before
+    docs = [d for d in docs if d.end > d.start]
+    docs = doc_keys.key_documents(docs, errors="replace" if data_cfg.source == "stdlib" else data_cfg.errors,
+                                  warn=print if data_cfg.source != "stdlib" else (lambda *_: None))
     if data_cfg.max_docs:
         docs = docs[: data_cfg.max_docs]
-    if not docs:
-        raise ValueError(f"data.source: no documents in {data_cfg.source!r}")
-    val = [d for d in docs if _held_out(d.name, data_cfg.val_fraction)]
-    train = [d for d in docs if not _held_out(d.name, data_cfg.val_fraction)]
-    if data_cfg.val_fraction > 0 and not val:
-        val = train[-1:]
-        train = train[:-1]
-    if not train:
-        raise ValueError(f"data.val_fraction: leaves no training documents in {data_cfg.source!r}")
+    train, val = doc_keys.split(docs, data_cfg.val_fraction, data_cfg.source)
     return (DocumentSource(train, tokenizer, data_cfg.text_field),
             DocumentSource(val, tokenizer, data_cfg.text_field))
 

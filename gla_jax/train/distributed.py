@@ -7,7 +7,8 @@
   "auto" initialize when the config names a coordinator, when ``JAX_COORDINATOR_ADDRESS`` is set, or when a
          multi-task SLURM job or Open MPI launch is detected.
 Environment fallbacks: ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``. On CPU, collectives
-across processes use gloo.
+across processes use gloo. ``distributed.timeout_s`` bounds start-up and shutdown and arms the peer watchdog
+(``watchdog``): a peer silent that long ends every process with one line naming it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def initialize(dist_cfg) -> bool:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         except Exception:  # noqa: BLE001 - older/newer jax without the option
             pass
+    if dist_cfg.timeout_s > 0:  # bound start-up and shutdown waits by the same timeout as the watchdog
+        kwargs["initialization_timeout"] = kwargs["shutdown_timeout_seconds"] = max(1, int(dist_cfg.timeout_s))
     jax.distributed.initialize(**kwargs)
     _initialized = True
+    from gla_jax.train import watchdog
+
+    watchdog.start(dist_cfg.timeout_s, coordinator=coordinator)  # a hung or dead peer ends every process
     return True

@@ -311,7 +311,8 @@ class Trainer:
         if ckptr is not None:
             with mesh_context(self.mesh):
                 restored = ckptr.restore_latest(self.abs_params, self.abs_opt,
-                                                data_keys=[f"shard_{s}" for s in it.shards])
+                                                data_keys=[f"shard_{s}" for s in it.shards],
+                                                verify=lambda r: it.set_state(r[4]))  # bad data state = damaged
         if restored is not None:
             start_step, params, opt_state, meta, data_state = restored
             it.set_state(data_state)

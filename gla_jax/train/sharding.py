@@ -61,6 +61,12 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     n = math.prod(shape)
     if n < len(devices) and jax.process_count() > 1:
         raise ValueError(f"mesh: a multi-process run must use all {len(devices)} devices, got {shape}")
+    if n < len(devices):
+        import sys
+
+        print(f"warning: mesh: data*fsdp*tensor = {n} uses {n} of the {len(devices)} devices; "
+              f"{len(devices) - n} stay idle (make the product {len(devices)}, or set one axis to -1)",
+              file=sys.stderr, flush=True)
     try:
         from jax.experimental import mesh_utils
 
