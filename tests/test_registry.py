@@ -151,3 +151,36 @@ def test_parallel_memory_guard():
     ok = jax.ShapeDtypeStruct((1, T, 8, 64), jnp.float32)
     assert jax.eval_shape(lambda q: gla(q, q, q, q, impl="parallel"), ok)[0].shape == (1, T, 8, 64)
     assert jax.eval_shape(lambda q: gla(q, q, q, q, impl="chunk"), big)[0].shape == (1, 4096, 8, 64)
+
+
+@pytest.mark.parametrize("impl", ["mosaic_tpu", "mosaic_gpu"])
+def test_mosaic_backends_through_gla_in_interpret_mode(impl):
+    """The registered Mosaic backends, reached through ``gla(impl=..., interpret=True)`` with documents and an initial
+    state, match the float64 recurrence on the bf16-rounded inputs (output and final state)."""
+    q, k, v, g = _inputs(B=1, T=40, H=2, K=16, V=16, seed=3)
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    s0 = jax.random.normal(jax.random.key(9), (1, 2, 16, 16))
+    seg = jnp.asarray([[0] * 13 + [1] * 27], jnp.int32)
+    o, s = gla(q, k, v, g, impl=impl, interpret=True, initial_state=s0, segment_ids=seg, output_final_state=True)
+    f64 = lambda x: np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    o_ref, s_ref = reference_gla(*map(f64, (q, k, v, g)), initial_state=f64(s0), segment_ids=np.asarray(seg))
+    assert o.dtype == jnp.bfloat16 and rel_err(o, o_ref) < 4e-3 and rel_err(s, s_ref) < 4e-3
+
+
+def test_mosaic_backends_refuse_what_they_cannot_run():
+    q, k, v, g = _inputs()
+    with pytest.raises(ValueError, match=r"^impl: 'mosaic_gpu' cannot run this call: .*bfloat16/float16"):
+        gla(q, k, v, g, impl="mosaic_gpu", interpret=True)  # float32 inputs: wgmma takes 16-bit operands
+    with pytest.raises(ValueError, match=r"^impl: 'mosaic_gpu' cannot run this call: .*chunks of 64"):
+        gla(*(x.astype(jnp.bfloat16) for x in (q, k, v)), g, impl="mosaic_gpu", interpret=True, chunk_size=128)
+    if jax.default_backend() != "tpu":
+        with pytest.raises(ValueError, match=r"^impl: 'mosaic_tpu' runs on tpu, not "):
+            gla(q, k, v, g, impl="mosaic_tpu")
+
+
+def test_tpu_generation_from_device_kind():
+    from gla_jax.ops.backends import tpu_generation
+
+    kinds = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5p": "v5p", "TPU v5": "v5p",
+             "TPU v6 lite": "v6e", "TPU v6e": "v6e", "TPU v7x": "v5e"}
+    assert {k: tpu_generation(k) for k in kinds} == kinds

@@ -180,11 +180,13 @@ def resolve(impl: str, *, platform: str, interpret: bool = False, problem: Probl
         for b in native:
             if b.validated and _reason(b, problem) is None:
                 return b
-        unvalidated = [b.name for b in native if not b.validated]
+        unvalidated = [b.name for b in native if not b.validated and _reason(b, problem) is None]
         if unvalidated and (platform, unvalidated[0]) not in _WARNED:
             _WARNED.add((platform, unvalidated[0]))
-            warnings.warn(f"impl='auto' runs {FALLBACK!r} on {platform}: the {unvalidated[0]!r} kernels have not been "
-                          f"validated on this hardware; pass impl={unvalidated[0]!r} to opt in", stacklevel=3)
+            names = ", ".join(repr(n) for n in unvalidated)
+            opt_in = " or ".join(f"impl={n!r}" for n in unvalidated)
+            warnings.warn(f"impl='auto' runs {FALLBACK!r} on {platform}: the {names} kernels have not been validated "
+                          f"on this hardware; pass {opt_in} to opt in", stacklevel=3)
         return get(FALLBACK)
     backend = get(impl)
     if interpret and backend.pure_jax:
