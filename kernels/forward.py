@@ -13,6 +13,11 @@ Passes (DESIGN.md §1, chunkwise form):
      space, a column at a time.
   4. ``output``: o = (scale q ⊙ e^b) S + A v per (chunk, V tile).
 
+Zero gates (α = 0, g = −inf or <= ``gla_jax.ops.gates.ZERO_LOG_GATE``) never enter gc: they count as 0 there and
+separately, exactly, in zc [B, T, H, K] float32 (multiples of −256 from the chunk start), and every exponent is
+(gc_x − gc_y) + (zc_x − zc_y): unchanged between positions with no zero gate between them, <= −256 (a factor of
+exactly 0) across one (docs/design.md §2).
+
 Packed documents are handled with ``rel`` [B, T] int32: the number of document starts from the chunk start up
 to and including each position. Inside a chunk two positions see each other only when their ``rel`` agree, the
 incoming state reaches only positions with ``rel == 0``, and the state survives the chunk only when the last
@@ -27,16 +32,19 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from gla_jax.ops.gates import finite_gates, zero_steps  # a jax-only leaf module
+
 from .tiling import SQUEEZED as SQ, SUB_CHUNK, Tiling, dot, launch
 
 F32 = jnp.float32
 
 
 def chunk_cumsum(g, chunk_size: int):
-    """[B, T, H, K] -> float32 inclusive cumulative sum of g restarted at every chunk start."""
+    """[B, T, H, K] -> (gc, zc) float32, inclusive cumulative sums restarted at every chunk start of the finite
+    gates (zero gates counted as 0) and of the zero-gate steps (``gla_jax.ops.gates``; exact multiples of −256)."""
     B, T, H, K = g.shape
-    gc = jnp.cumsum(g.astype(F32).reshape(B, T // chunk_size, chunk_size, H, K), axis=2)
-    return gc.reshape(B, T, H, K)
+    csum = lambda x: jnp.cumsum(x.reshape(B, T // chunk_size, chunk_size, H, K), axis=2).reshape(B, T, H, K)
+    return csum(finite_gates(g)), csum(zero_steps(g))
 
 
 def chunk_rel(segment_ids, chunk_size: int):
@@ -55,17 +63,17 @@ def _split(rest, has_seg):
 # ----------------------------------------------------------------------------------------------------- kernels
 
 
-def _state_kernel(k_ref, v_ref, g_ref, h0_ref, *rest, C, NT, has_seg, dt):
+def _state_kernel(k_ref, v_ref, g_ref, z_ref, h0_ref, *rest, C, NT, has_seg, dt):
     """One (b, h, K tile, V tile): walk the chunks, store the state entering each one, then the final state."""
     rel_ref, (hs_ref, ht_ref) = _split(rest, has_seg)
 
     def body(n, s):
         t0 = pl.multiple_of(n * C, C)
         hs_ref[n] = s.astype(hs_ref.dtype)
-        gb = g_ref[pl.ds(t0, C), :]
-        gl = g_ref[pl.ds(t0 + C - 1, 1), :]  # [1, BK] gate sum over the whole chunk
-        kk = k_ref[pl.ds(t0, C), :].astype(F32) * jnp.exp(gl - gb)  # exponents <= 0
-        decay = jnp.exp(gl)
+        gb, zb = g_ref[pl.ds(t0, C), :], z_ref[pl.ds(t0, C), :]
+        gl, zl = g_ref[pl.ds(t0 + C - 1, 1), :], z_ref[pl.ds(t0 + C - 1, 1), :]  # [1, BK] sums over the chunk
+        kk = k_ref[pl.ds(t0, C), :].astype(F32) * jnp.exp((gl - gb) + (zl - zb))  # exponents <= 0
+        decay = jnp.exp(gl + zl)
         if has_seg:
             rb = rel_ref[pl.ds(t0, C)]
             rl = rel_ref[pl.ds(t0 + C - 1, 1)]  # [1]
@@ -77,7 +85,7 @@ def _state_kernel(k_ref, v_ref, g_ref, h0_ref, *rest, C, NT, has_seg, dt):
     ht_ref[...] = lax.fori_loop(0, NT, body, h0_ref[...].astype(F32))
 
 
-def _intra_kernel(q_ref, k_ref, g_ref, *rest, C, NK, BK, scale, has_seg, dt):
+def _intra_kernel(q_ref, k_ref, g_ref, z_ref, *rest, C, NK, BK, scale, has_seg, dt):
     """One (b, h, chunk): A of the chunk, one sub-chunk I (16 rows of A) per loop step, zeros above the diagonal.
 
     Loops (``fori_loop``) rather than Python unrolling keep the compiled kernel small: a few thousand lines of PTX
@@ -94,19 +102,21 @@ def _intra_kernel(q_ref, k_ref, g_ref, *rest, C, NK, BK, scale, has_seg, dt):
         a = jnp.zeros((c, C), F32)
         for kt in range(NK):
             ks = pl.ds(kt * BK, BK)
-            g_i = g_ref[rows_i, ks]
+            g_i, z_i = g_ref[rows_i, ks], z_ref[rows_i, ks]
             # Off-diagonal: I against every column before it, one matmul relative to I's first-row gate r (the
             # columns before I have gates >= r, I's rows <= r: both exponents <= 0). Zero for the first sub-chunk.
-            r = g_ref[pl.ds(s0, 1), ks]
+            r, rz = g_ref[pl.ds(s0, 1), ks], z_ref[pl.ds(s0, 1), ks]
             q_i = q_ref[rows_i, ks].astype(F32)
-            k_decayed = k_ref[:, ks].astype(F32) * jnp.exp(jnp.minimum(r - g_ref[:, ks], 0.0))
+            k_decayed = k_ref[:, ks].astype(F32) * jnp.exp(
+                jnp.minimum((r - g_ref[:, ks]) + (rz - z_ref[:, ks]), 0.0))
             k_before = jnp.where(rows_all < s0, k_decayed, 0.0)
-            a += dot((q_i * jnp.exp(g_i - r)).astype(dt), k_before.astype(dt), trans_b=True)
+            a += dot((q_i * jnp.exp((g_i - r) + (z_i - rz))).astype(dt), k_before.astype(dt), trans_b=True)
             # Diagonal sub-block, elementwise in float32 log space, one column j at a time.
 
             def column(j, a):
                 k_j = k_ref[pl.ds(s0 + j, 1), ks].astype(F32)
-                e = jnp.exp(jnp.minimum(g_i - g_ref[pl.ds(s0 + j, 1), ks], 0.0))  # rows >= j are kept: exponent <= 0
+                gap = (g_i - g_ref[pl.ds(s0 + j, 1), ks]) + (z_i - z_ref[pl.ds(s0 + j, 1), ks])
+                e = jnp.exp(jnp.minimum(gap, 0.0))  # rows >= j are kept: exponent <= 0
                 col = jnp.sum(q_i * k_j * e, axis=1, keepdims=True)  # [c, 1]
                 return jnp.where((cols == s0 + j) & (rows >= j), a + col, a)
 
@@ -119,13 +129,13 @@ def _intra_kernel(q_ref, k_ref, g_ref, *rest, C, NK, BK, scale, has_seg, dt):
     lax.fori_loop(0, C // c, sub_chunk, 0)
 
 
-def _output_kernel(q_ref, g_ref, v_ref, a_ref, hs_ref, *rest, NK, BK, scale, has_seg, dt):
+def _output_kernel(q_ref, g_ref, z_ref, v_ref, a_ref, hs_ref, *rest, NK, BK, scale, has_seg, dt):
     """One (b, h, chunk, V tile): o = A v + (scale q ⊙ e^b) S."""
     rel_ref, (o_ref,) = _split(rest, has_seg)
     o = dot(a_ref[...].astype(dt), v_ref[...].astype(dt))
     for kt in range(NK):
         ks = pl.ds(kt * BK, BK)
-        qe = q_ref[:, ks].astype(F32) * (jnp.exp(g_ref[:, ks]) * scale)
+        qe = q_ref[:, ks].astype(F32) * (jnp.exp(g_ref[:, ks] + z_ref[:, ks]) * scale)
         if has_seg:
             qe = jnp.where((rel_ref[...] == 0)[:, None], qe, 0.0)
         o += dot(qe.astype(dt), hs_ref[ks, :].astype(dt))
@@ -135,7 +145,7 @@ def _output_kernel(q_ref, g_ref, v_ref, a_ref, hs_ref, *rest, NK, BK, scale, has
 # ----------------------------------------------------------------------------------------------------- launchers
 
 
-def state_pass(k, v, gc, h0, rel, *, tiling: Tiling, interpret: bool, state_dtype):
+def state_pass(k, v, gc, zc, h0, rel, *, tiling: Tiling, interpret: bool, state_dtype):
     """Chunk-start states hs [B, NT, H, K, V] (``state_dtype``) and the final state [B, H, K, V] float32."""
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -147,10 +157,11 @@ def state_pass(k, v, gc, h0, rel, *, tiling: Tiling, interpret: bool, state_dtyp
         pl.BlockSpec((SQ, T, SQ, BK), kmap),
         pl.BlockSpec((SQ, T, SQ, BV), lambda b, h, i, j: (b, 0, h, j)),
         pl.BlockSpec((SQ, T, SQ, BK), kmap),
+        pl.BlockSpec((SQ, T, SQ, BK), kmap),
         pl.BlockSpec((SQ, SQ, BK, BV), smap),
     ]
     return launch(
-        _state_kernel, [k, v, gc, h0], in_specs, rel=rel,
+        _state_kernel, [k, v, gc, zc, h0], in_specs, rel=rel,
         rel_spec=pl.BlockSpec((SQ, T), lambda b, h, i, j: (b, 0)),
         grid=(B, H, K // BK, V // BV),
         out_specs=[pl.BlockSpec((SQ, NT, SQ, BK, BV), lambda b, h, i, j: (b, 0, h, i, j)),
@@ -161,14 +172,14 @@ def state_pass(k, v, gc, h0, rel, *, tiling: Tiling, interpret: bool, state_dtyp
     )
 
 
-def intra_chunk(q, k, gc, rel, *, scale: float, tiling: Tiling, interpret: bool):
+def intra_chunk(q, k, gc, zc, rel, *, scale: float, tiling: Tiling, interpret: bool):
     """A [B, T, H, C] float32: A[t, j] = scale Σ_d q_td k_sd e^{b_td - b_sd} for s = chunk_start + j <= t (same
     document), else 0."""
     B, T, H, K = q.shape
     C, BK = tiling.chunk_size, tiling.block_k
     cmap = lambda b, h, n: (b, n, h, 0)
     return launch(
-        _intra_kernel, [q, k, gc], [pl.BlockSpec((SQ, C, SQ, K), cmap)] * 3, rel=rel,
+        _intra_kernel, [q, k, gc, zc], [pl.BlockSpec((SQ, C, SQ, K), cmap)] * 4, rel=rel,
         rel_spec=pl.BlockSpec((SQ, C), lambda b, h, n: (b, n)),
         grid=(B, H, T // C),
         out_specs=pl.BlockSpec((SQ, C, SQ, C), cmap),
@@ -178,7 +189,7 @@ def intra_chunk(q, k, gc, rel, *, scale: float, tiling: Tiling, interpret: bool)
     )
 
 
-def output(q, gc, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret: bool):
+def output(q, gc, zc, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret: bool):
     """o [B, T, H, V] in v's dtype from A, the chunk-start states and the queries."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -188,12 +199,13 @@ def output(q, gc, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret: boo
     in_specs = [
         pl.BlockSpec((SQ, C, SQ, K), cmap),
         pl.BlockSpec((SQ, C, SQ, K), cmap),
+        pl.BlockSpec((SQ, C, SQ, K), cmap),
         pl.BlockSpec((SQ, C, SQ, BV), vmap),
         pl.BlockSpec((SQ, C, SQ, C), cmap),
         pl.BlockSpec((SQ, SQ, SQ, K, BV), lambda b, h, n, j: (b, n, h, 0, j)),
     ]
     return launch(
-        _output_kernel, [q, gc, v, a, hs], in_specs, rel=rel,
+        _output_kernel, [q, gc, zc, v, a, hs], in_specs, rel=rel,
         rel_spec=pl.BlockSpec((SQ, C), lambda b, h, n, j: (b, n)),
         grid=(B, H, T // C, V // BV),
         out_specs=pl.BlockSpec((SQ, C, SQ, BV), vmap),
@@ -205,8 +217,8 @@ def output(q, gc, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret: boo
 
 def forward(q, k, v, g, h0, rel, *, scale: float, tiling: Tiling, interpret: bool):
     """Padded inputs -> (o [B, T, H, V], final state [B, H, K, V] float32, A [B, T, H, C] float32)."""
-    gc = chunk_cumsum(g, tiling.chunk_size)
-    hs, ht = state_pass(k, v, gc, h0, rel, tiling=tiling, interpret=interpret, state_dtype=q.dtype)
-    a = intra_chunk(q, k, gc, rel, scale=scale, tiling=tiling, interpret=interpret)
-    o = output(q, gc, v, a, hs, rel, scale=scale, tiling=tiling, interpret=interpret)
+    gc, zc = chunk_cumsum(g, tiling.chunk_size)
+    hs, ht = state_pass(k, v, gc, zc, h0, rel, tiling=tiling, interpret=interpret, state_dtype=q.dtype)
+    a = intra_chunk(q, k, gc, zc, rel, scale=scale, tiling=tiling, interpret=interpret)
+    o = output(q, gc, zc, v, a, hs, rel, scale=scale, tiling=tiling, interpret=interpret)
     return o, ht, a
