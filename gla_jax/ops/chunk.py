@@ -19,6 +19,12 @@ matmul dtype (the input dtype on accelerators, see ``default_matmul_dtype``) wit
 block I at a time against all J < I; the diagonal 16x16 blocks are formed elementwise in float32 log space, only
 j <= i, walked by the offset i - j in a ``lax.scan`` (exponents b_i - b_{i-off} <= 0).
 
+Zero gates (α = 0: g = -inf or <= ``gates.ZERO_LOG_GATE``) never enter b: they count as 0 there and separately, as
+exact multiples of -256, in a second cumulative sum z; every exponent below is (b_x - b_y) + (z_x - z_y), unchanged
+where no zero gate lies between x and y and <= -256 (a factor of exactly 0) where one does (``gates.py``). A finite
+stand-in for -inf inside b would instead push the later cumulative gates to |b| >= 104, where float32 rounds small
+gates to ~1e-5. dg is 0 at a zero gate (the limit g -> -inf).
+
 Packed documents (``segment_ids``) are handled with constant masks, never with -inf gates (which would poison the
 cumulative sums): ``A_ij`` only within one document, the inter-chunk term only for rows of the document that the
 incoming state belongs to (``m_in``), the state update only from the chunk's last document (``m_out``), and the
