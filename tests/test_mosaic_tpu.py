@@ -130,6 +130,26 @@ def test_zero_gates_bfloat16_and_strong_gates():
            seed=12, zeros="chunk_boundary")
 
 
+@pytest.mark.parametrize("name", ["v", "g"])
+def test_non_finite_input_reach(name):
+    """The operator's contract (gla's docstring): a NaN at position t = 150 poisons its row and head from the start of
+    its chunk (128) on; earlier positions, other rows and heads are bit-for-bit as without it."""
+    q, k, v, g, h0, _, _, _ = _inputs(2, 200, 2, 16, 16, jnp.float32, 13)
+    x = dict(q=q, k=k, v=v, g=g)
+    run = lambda x: np.asarray(chunk_gla(*(jnp.asarray(x[n]) for n in "qkvg"), initial_state=jnp.asarray(h0),
+                                         interpret=True)[0])
+    o_clean = run(x)
+    x[name] = x[name].copy()
+    x[name][0, 150, 0, 3] = np.nan
+    o = run(x)
+    np.testing.assert_array_equal(o[1], o_clean[1])
+    np.testing.assert_array_equal(o[0, :, 1], o_clean[0, :, 1])
+    np.testing.assert_array_equal(o[0, :128, 0], o_clean[0, :128, 0])
+    assert not np.isfinite(o[0, 150:, 0]).all(axis=-1).any()
+    if name == "v":
+        assert not np.isfinite(o[0, 128, 0]).all()
+
+
 @pytest.mark.slow
 def test_chunk_256_sub_chunk_32():
     """The v6e-sized chunk (256, one MXU tile) with 32-row sub-chunks: same results."""
