@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from gla_jax.ops.checks import check_gla_inputs  # the operator's input contract (a jax-only leaf module)
-from gla_jax.ops.gates import finite_gates, is_zero_gate, zero_steps  # zero gates (alpha = 0), also a jax-only leaf module
+from gla_jax.ops.gates import finite_gates, is_zero_gate, zero_steps  # zero gates (alpha = 0): jax-only too
 
 from .backward import backward
 from .forward import chunk_states, forward
