@@ -35,13 +35,13 @@ from jax.experimental import pallas as pl
 
 from gla_jax.ops.gates import is_zero_gate  # a jax-only leaf module
 
-from .forward import F32, _split, chunk_cumsum, state_pass
+from .forward import F32, _split, chunk_cumsum, one_sided, state_pass
 from .tiling import SQUEEZED as SQ, SUB_CHUNK, Tiling, dot, launch
 
 # ----------------------------------------------------------------------------------------------------- kernels
 
 
-def _dstate_kernel(q_ref, g_ref, z_ref, do_ref, dht_ref, *rest, C, NT, scale, has_seg, dt):
+def _dstate_kernel(q_ref, gs_ref, do_ref, dht_ref, *rest, C, NT, scale, has_seg, dt):
     """One (b, h, K tile, V tile): walk the chunks backwards; store the gradient of each chunk's end state."""
     rel_ref, (dhs_ref, dh0_ref) = _split(rest, has_seg)
 
@@ -49,8 +49,8 @@ def _dstate_kernel(q_ref, g_ref, z_ref, do_ref, dht_ref, *rest, C, NT, scale, ha
         n = NT - 1 - it
         t0 = pl.multiple_of(n * C, C)
         dhs_ref[n] = ds.astype(dhs_ref.dtype)
-        gb = g_ref[pl.ds(t0, C), :] + z_ref[pl.ds(t0, C), :]  # only exponents from the chunk start: one sum
-        gl = g_ref[pl.ds(t0 + C - 1, 1), :] + z_ref[pl.ds(t0 + C - 1, 1), :]
+        gb = gs_ref[pl.ds(t0, C), :]  # exponents from the chunk start (forward.one_sided)
+        gl = gs_ref[pl.ds(t0 + C - 1, 1), :]
         qe = q_ref[pl.ds(t0, C), :].astype(F32) * (jnp.exp(gb) * scale)
         decay = jnp.exp(gl)
         if has_seg:
@@ -79,14 +79,13 @@ def _attn_grad_kernel(do_ref, v_ref, *rest, C, NV, BV, has_seg, dt):
     da_ref[...] = jnp.where(mask, da, 0.0)
 
 
-def _dv_kernel(a_ref, do_ref, k_ref, g_ref, z_ref, dhs_ref, *rest, C, NK, BK, has_seg, dt):
+def _dv_kernel(a_ref, do_ref, k_ref, ge_ref, dhs_ref, *rest, C, NK, BK, has_seg, dt):
     """One (b, h, chunk, V tile): dv = Aᵀ do + (k ⊙ e^{b_C - b}) dS."""
     rel_ref, (dv_ref,) = _split(rest, has_seg)
     dv = dot(a_ref[...].astype(dt), do_ref[...].astype(dt), trans_a=True)
     for kt in range(NK):
         ks = pl.ds(kt * BK, BK)
-        ke = k_ref[:, ks].astype(F32) * jnp.exp((g_ref[pl.ds(C - 1, 1), ks] - g_ref[:, ks])
-                                                + (z_ref[pl.ds(C - 1, 1), ks] - z_ref[:, ks]))
+        ke = k_ref[:, ks].astype(F32) * jnp.exp(ge_ref[:, ks])  # exponents to the chunk end (forward.one_sided)
         if has_seg:
             rel = rel_ref[...]
             ke = jnp.where((rel == rel_ref[pl.ds(C - 1, 1)])[:, None], ke, 0.0)
@@ -169,7 +168,7 @@ def _dqk_kernel(q_ref, k_ref, g_ref, z_ref, do_ref, v_ref, hs_ref, dhs_ref, da_r
 # ----------------------------------------------------------------------------------------------------- launchers
 
 
-def dstate_pass(q, gc, zc, do, dht, rel, *, scale: float, tiling: Tiling, interpret: bool, state_dtype):
+def dstate_pass(q, gs, do, dht, rel, *, scale: float, tiling: Tiling, interpret: bool, state_dtype):
     """Gradients of each chunk's end state dhs [B, NT, H, K, V] (``state_dtype``) and of the initial state
     [B, H, K, V] float32."""
     B, T, H, K = q.shape
@@ -181,12 +180,11 @@ def dstate_pass(q, gc, zc, do, dht, rel, *, scale: float, tiling: Tiling, interp
     in_specs = [
         pl.BlockSpec((SQ, T, SQ, BK), kmap),
         pl.BlockSpec((SQ, T, SQ, BK), kmap),
-        pl.BlockSpec((SQ, T, SQ, BK), kmap),
         pl.BlockSpec((SQ, T, SQ, BV), lambda b, h, i, j: (b, 0, h, j)),
         pl.BlockSpec((SQ, SQ, BK, BV), smap),
     ]
     return launch(
-        _dstate_kernel, [q, gc, zc, do, dht], in_specs, rel=rel,
+        _dstate_kernel, [q, gs, do, dht], in_specs, rel=rel,
         rel_spec=pl.BlockSpec((SQ, T), lambda b, h, i, j: (b, 0)),
         grid=(B, H, K // BK, V // BV),
         out_specs=[pl.BlockSpec((SQ, NT, SQ, BK, BV), lambda b, h, i, j: (b, 0, h, i, j)),
@@ -213,7 +211,7 @@ def attn_grad(do, v, rel, *, tiling: Tiling, interpret: bool):
     )
 
 
-def value_grad(a, do, k, gc, zc, dhs, rel, *, tiling: Tiling, interpret: bool):
+def value_grad(a, do, k, ge, dhs, rel, *, tiling: Tiling, interpret: bool):
     """dv [B, T, H, V] float32."""
     B, T, H, K = k.shape
     V = do.shape[-1]
@@ -225,11 +223,10 @@ def value_grad(a, do, k, gc, zc, dhs, rel, *, tiling: Tiling, interpret: bool):
         pl.BlockSpec((SQ, C, SQ, BV), vmap),
         pl.BlockSpec((SQ, C, SQ, K), cmap),
         pl.BlockSpec((SQ, C, SQ, K), cmap),
-        pl.BlockSpec((SQ, C, SQ, K), cmap),
         pl.BlockSpec((SQ, SQ, SQ, K, BV), lambda b, h, n, j: (b, n, h, 0, j)),
     ]
     return launch(
-        _dv_kernel, [a, do, k, gc, zc, dhs], in_specs, rel=rel,
+        _dv_kernel, [a, do, k, ge, dhs], in_specs, rel=rel,
         rel_spec=pl.BlockSpec((SQ, C), lambda b, h, n, j: (b, n)),
         grid=(B, H, T // C, V // BV),
         out_specs=pl.BlockSpec((SQ, C, SQ, BV), vmap),
@@ -290,13 +287,14 @@ def gate_grad(q, k, dq, dk, edge, rel, chunk_size: int):
 def backward(q, k, v, g, h0, rel, a, do, dht, *, scale: float, tiling: Tiling, interpret: bool):
     """Padded inputs and cotangents (do, dht) -> (dq, dk, dv, dg, dh0), all float32."""
     gc, zc = chunk_cumsum(g, tiling.chunk_size)
+    gs, ge = one_sided(gc, zc, tiling.chunk_size)
     do = do.astype(q.dtype)
     dht = dht.astype(F32)
-    hs, _ = state_pass(k, v, gc, zc, h0, rel, tiling=tiling, interpret=interpret, state_dtype=q.dtype)
-    dhs, dh0 = dstate_pass(q, gc, zc, do, dht, rel, scale=scale, tiling=tiling, interpret=interpret,
+    hs, _ = state_pass(k, v, gs, ge, h0, rel, tiling=tiling, interpret=interpret, state_dtype=q.dtype)
+    dhs, dh0 = dstate_pass(q, gs, do, dht, rel, scale=scale, tiling=tiling, interpret=interpret,
                            state_dtype=q.dtype)
     da = attn_grad(do, v, rel, tiling=tiling, interpret=interpret)
-    dv = value_grad(a, do, k, gc, zc, dhs, rel, tiling=tiling, interpret=interpret)
+    dv = value_grad(a, do, k, ge, dhs, rel, tiling=tiling, interpret=interpret)
     dq, dk, edge = query_key_grad(q, k, gc, zc, do, v, hs, dhs, da, rel, scale=scale, tiling=tiling,
                                   interpret=interpret)
     dg = gate_grad(q, k, dq, dk, edge, rel, tiling.chunk_size)

@@ -16,7 +16,9 @@ Passes (DESIGN.md §1, chunkwise form):
 Zero gates (α = 0, g = −inf or <= ``gla_jax.ops.gates.ZERO_LOG_GATE``) never enter gc: they count as 0 there and
 separately, exactly, in zc [B, T, H, K] float32 (multiples of −256 from the chunk start), and every exponent is
 (gc_x − gc_y) + (zc_x − zc_y): unchanged between positions with no zero gate between them, <= −256 (a factor of
-exactly 0) across one (docs/design.md §2).
+exactly 0) across one (docs/design.md §2). Kernels that only need exponents from the chunk start or to the chunk
+end get them summed in advance (``one_sided``: gs = gc + zc, ge = (gc_C − gc) + (zc_C − zc), both exact in that
+sense), so they load one gate array as before; only the pairwise kernels (intra-chunk, dq/dk) load both.
 
 Packed documents are handled with ``rel`` [B, T] int32: the number of document starts from the chunk start up
 to and including each position. Inside a chunk two positions see each other only when their ``rel`` agree, the
@@ -47,6 +49,15 @@ def chunk_cumsum(g, chunk_size: int):
     return csum(finite_gates(g)), csum(zero_steps(g))
 
 
+def one_sided(gc, zc, chunk_size: int):
+    """(gs, ge) [B, T, H, K] float32: the exponents from the chunk start, gc + zc, and to the chunk end,
+    (gc_C - gc) + (zc_C - zc) (gc_C: the chunk's last row). Each is the plain gate sum where no zero gate lies in
+    between and <= -256 (e^x exactly 0) where one does."""
+    B, T, H, K = gc.shape
+    last = lambda x: jnp.repeat(x[:, chunk_size - 1::chunk_size], chunk_size, axis=1)
+    return gc + zc, (last(gc) - gc) + (last(zc) - zc)
+
+
 def chunk_rel(segment_ids, chunk_size: int):
     """[B, T] int32: document starts counted from each chunk start up to and including t (0 = the chunk's first
     document; position 0 of the sequence is never a start)."""
@@ -63,17 +74,15 @@ def _split(rest, has_seg):
 # ----------------------------------------------------------------------------------------------------- kernels
 
 
-def _state_kernel(k_ref, v_ref, g_ref, z_ref, h0_ref, *rest, C, NT, has_seg, dt):
+def _state_kernel(k_ref, v_ref, ge_ref, gs_ref, h0_ref, *rest, C, NT, has_seg, dt):
     """One (b, h, K tile, V tile): walk the chunks, store the state entering each one, then the final state."""
     rel_ref, (hs_ref, ht_ref) = _split(rest, has_seg)
 
     def body(n, s):
         t0 = pl.multiple_of(n * C, C)
         hs_ref[n] = s.astype(hs_ref.dtype)
-        gb, zb = g_ref[pl.ds(t0, C), :], z_ref[pl.ds(t0, C), :]
-        gl, zl = g_ref[pl.ds(t0 + C - 1, 1), :], z_ref[pl.ds(t0 + C - 1, 1), :]  # [1, BK] sums over the chunk
-        kk = k_ref[pl.ds(t0, C), :].astype(F32) * jnp.exp((gl - gb) + (zl - zb))  # exponents <= 0
-        decay = jnp.exp(gl + zl)
+        kk = k_ref[pl.ds(t0, C), :].astype(F32) * jnp.exp(ge_ref[pl.ds(t0, C), :])  # exponents <= 0
+        decay = jnp.exp(gs_ref[pl.ds(t0 + C - 1, 1), :])  # [1, BK]: the whole chunk
         if has_seg:
             rb = rel_ref[pl.ds(t0, C)]
             rl = rel_ref[pl.ds(t0 + C - 1, 1)]  # [1]
@@ -129,13 +138,13 @@ def _intra_kernel(q_ref, k_ref, g_ref, z_ref, *rest, C, NK, BK, scale, has_seg, 
     lax.fori_loop(0, C // c, sub_chunk, 0)
 
 
-def _output_kernel(q_ref, g_ref, z_ref, v_ref, a_ref, hs_ref, *rest, NK, BK, scale, has_seg, dt):
+def _output_kernel(q_ref, gs_ref, v_ref, a_ref, hs_ref, *rest, NK, BK, scale, has_seg, dt):
     """One (b, h, chunk, V tile): o = A v + (scale q ⊙ e^b) S."""
     rel_ref, (o_ref,) = _split(rest, has_seg)
     o = dot(a_ref[...].astype(dt), v_ref[...].astype(dt))
     for kt in range(NK):
         ks = pl.ds(kt * BK, BK)
-        qe = q_ref[:, ks].astype(F32) * (jnp.exp(g_ref[:, ks] + z_ref[:, ks]) * scale)
+        qe = q_ref[:, ks].astype(F32) * (jnp.exp(gs_ref[:, ks]) * scale)
         if has_seg:
             qe = jnp.where((rel_ref[...] == 0)[:, None], qe, 0.0)
         o += dot(qe.astype(dt), hs_ref[ks, :].astype(dt))
@@ -145,8 +154,9 @@ def _output_kernel(q_ref, g_ref, z_ref, v_ref, a_ref, hs_ref, *rest, NK, BK, sca
 # ----------------------------------------------------------------------------------------------------- launchers
 
 
-def state_pass(k, v, gc, zc, h0, rel, *, tiling: Tiling, interpret: bool, state_dtype):
-    """Chunk-start states hs [B, NT, H, K, V] (``state_dtype``) and the final state [B, H, K, V] float32."""
+def state_pass(k, v, gs, ge, h0, rel, *, tiling: Tiling, interpret: bool, state_dtype):
+    """Chunk-start states hs [B, NT, H, K, V] (``state_dtype``) and the final state [B, H, K, V] float32; gs, ge
+    from ``one_sided``."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     C, BK, BV = tiling.chunk_size, tiling.block_k, tiling.block_v
@@ -161,7 +171,7 @@ def state_pass(k, v, gc, zc, h0, rel, *, tiling: Tiling, interpret: bool, state_
         pl.BlockSpec((SQ, SQ, BK, BV), smap),
     ]
     return launch(
-        _state_kernel, [k, v, gc, zc, h0], in_specs, rel=rel,
+        _state_kernel, [k, v, ge, gs, h0], in_specs, rel=rel,
         rel_spec=pl.BlockSpec((SQ, T), lambda b, h, i, j: (b, 0)),
         grid=(B, H, K // BK, V // BV),
         out_specs=[pl.BlockSpec((SQ, NT, SQ, BK, BV), lambda b, h, i, j: (b, 0, h, i, j)),
@@ -189,7 +199,7 @@ def intra_chunk(q, k, gc, zc, rel, *, scale: float, tiling: Tiling, interpret: b
     )
 
 
-def output(q, gc, zc, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret: bool):
+def output(q, gs, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret: bool):
     """o [B, T, H, V] in v's dtype from A, the chunk-start states and the queries."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -199,13 +209,12 @@ def output(q, gc, zc, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret:
     in_specs = [
         pl.BlockSpec((SQ, C, SQ, K), cmap),
         pl.BlockSpec((SQ, C, SQ, K), cmap),
-        pl.BlockSpec((SQ, C, SQ, K), cmap),
         pl.BlockSpec((SQ, C, SQ, BV), vmap),
         pl.BlockSpec((SQ, C, SQ, C), cmap),
         pl.BlockSpec((SQ, SQ, SQ, K, BV), lambda b, h, n, j: (b, n, h, 0, j)),
     ]
     return launch(
-        _output_kernel, [q, gc, zc, v, a, hs], in_specs, rel=rel,
+        _output_kernel, [q, gs, v, a, hs], in_specs, rel=rel,
         rel_spec=pl.BlockSpec((SQ, C), lambda b, h, n, j: (b, n)),
         grid=(B, H, T // C, V // BV),
         out_specs=pl.BlockSpec((SQ, C, SQ, BV), vmap),
@@ -218,7 +227,8 @@ def output(q, gc, zc, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret:
 def forward(q, k, v, g, h0, rel, *, scale: float, tiling: Tiling, interpret: bool):
     """Padded inputs -> (o [B, T, H, V], final state [B, H, K, V] float32, A [B, T, H, C] float32)."""
     gc, zc = chunk_cumsum(g, tiling.chunk_size)
-    hs, ht = state_pass(k, v, gc, zc, h0, rel, tiling=tiling, interpret=interpret, state_dtype=q.dtype)
+    gs, ge = one_sided(gc, zc, tiling.chunk_size)
+    hs, ht = state_pass(k, v, gs, ge, h0, rel, tiling=tiling, interpret=interpret, state_dtype=q.dtype)
     a = intra_chunk(q, k, gc, zc, rel, scale=scale, tiling=tiling, interpret=interpret)
-    o = output(q, gc, zc, v, a, hs, rel, scale=scale, tiling=tiling, interpret=interpret)
+    o = output(q, gs, v, a, hs, rel, scale=scale, tiling=tiling, interpret=interpret)
     return o, ht, a
