@@ -13,6 +13,7 @@ from gla_jax.kernels import chunk_gla
 from gla_jax.kernels.triton.lowering import lower_for_cuda, triton_kernel_count
 from gla_jax.kernels.triton.tiling import compiler_params
 from reference import reference_gla, rel_err
+from zero_gates import PATTERNS, place_zero_gates
 
 F32_TOL = 1e-4
 BF16_TOL = 3e-3
@@ -61,8 +62,12 @@ def _run(q, k, v, g, h0, seg, do, dst, dtype, *, with_state, final_state, **kw):
     return go(cast(q), cast(k), cast(v), cast(g), jnp.asarray(h0))
 
 
-def _check(case, dtype, *, with_state, final_state, segments, gate="layer", seed=0, **kw):
+def _check(case, dtype, *, with_state, final_state, segments, gate="layer", seed=0, zeros=None, **kw):
+    """Kernel vs float64 recurrence, forward and every gradient; ``zeros``: a ``zero_gates.PATTERNS`` placement of
+    zero gates (then dg must also be exactly 0 at each of them)."""
     q, k, v, g, h0, seg, do, dst = _inputs(*case, dtype, seed, gate=gate, segments=segments)
+    if zeros is not None:
+        g = place_zero_gates(g, zeros, seed=seed)
     o, s, grads = _run(q, k, v, g, h0, seg, do, dst, dtype, with_state=with_state, final_state=final_state, **kw)
     assert o.dtype == dtype and o.shape == v.shape
     ro, rs, rgrads = reference_gla(q, k, v, g, initial_state=h0 if with_state else None, segment_ids=seg, do=do,
@@ -80,6 +85,8 @@ def _check(case, dtype, *, with_state, final_state, segments, gate="layer", seed
         errs[name] = rel_err(x, ref)
     for name, err in errs.items():
         assert err <= tol, f"{name}: rel err {err:.3g} > {tol:g} (all: {errs})"
+    if zeros is not None:
+        assert np.all(np.asarray(grads[3])[g <= -104.0] == 0.0), "dg != 0 at a zero gate"
     return errs
 
 
@@ -113,6 +120,41 @@ def test_bfloat16_inputs_float32_matmuls():
 def test_strong_gates_stay_exact():
     """Per-step gates down to -20: nothing overflows, still float32-exact."""
     _check((1, 80, 1, 32, 32), jnp.float32, with_state=True, final_state=True, segments=False, gate="strong")
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_zero_gates_match_reference(pattern):
+    """alpha = 0 (g = -inf or far below the floor) clears the state exactly as the recurrence does: forward and
+    every gradient finite and float32-exact, with packed documents and an initial state."""
+    _check((1, 150, 2, 32, 32), jnp.float32, with_state=True, final_state=True, segments=True, seed=7,
+           zeros=pattern)
+
+
+def test_zero_gates_bfloat16_and_strong_gates():
+    _check((1, 150, 1, 32, 32), jnp.bfloat16, with_state=True, final_state=True, segments=True, seed=8,
+           zeros="several_in_chunk")
+    _check((1, 150, 1, 32, 32), jnp.float32, with_state=True, final_state=True, segments=False, gate="strong",
+           seed=9, zeros="chunk_boundary")
+
+
+@pytest.mark.parametrize("name", ["v", "g"])
+def test_non_finite_input_reach(name):
+    """The operator's contract (gla's docstring): a NaN at position t = 100 poisons its row and head from the start of
+    its chunk (64) on; earlier positions, other rows and heads are bit-for-bit as without it."""
+    q, k, v, g, h0, _, _, _ = _inputs(2, 200, 2, 16, 16, jnp.float32, 13)
+    x = dict(q=q, k=k, v=v, g=g)
+    run = lambda x: np.asarray(chunk_gla(*(jnp.asarray(x[n]) for n in "qkvg"), initial_state=jnp.asarray(h0),
+                                         interpret=True)[0])
+    o_clean = run(x)
+    x[name] = x[name].copy()
+    x[name][0, 100, 0, 3] = np.nan
+    o = run(x)
+    np.testing.assert_array_equal(o[1], o_clean[1])
+    np.testing.assert_array_equal(o[0, :, 1], o_clean[0, :, 1])
+    np.testing.assert_array_equal(o[0, :64, 0], o_clean[0, :64, 0])
+    assert not np.isfinite(o[0, 100:, 0]).all(axis=-1).any()
+    if name == "v":
+        assert not np.isfinite(o[0, 64, 0]).all()
 
 
 def test_large_heads_small_t():

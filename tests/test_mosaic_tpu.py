@@ -16,6 +16,7 @@ from gla_jax.kernels.mosaic_tpu import Tiling, check_vmem, chunk_gla, vmem_bytes
 from gla_jax.kernels.mosaic_tpu import forward as tpu_forward
 from gla_jax.kernels.mosaic_tpu.tiling import SCOPED_VMEM_BYTES
 from reference import reference_gla, rel_err
+from zero_gates import PATTERNS, place_zero_gates
 
 F32_TOL = 1e-4
 BF16_TOL = 4e-3  # fla's own bound for bf16 chunk vs naive is 4e-3..5e-3
@@ -53,8 +54,12 @@ def _inputs(B, T, H, K, V, dtype, seed, *, gate="layer", segments=False):
     return q, k, v, g, h0, seg, do, dst
 
 
-def _check(case, dtype, *, with_state, final_state, segments, gate="layer", seed=0, **kw):
+def _check(case, dtype, *, with_state, final_state, segments, gate="layer", seed=0, zeros=None, **kw):
+    """Kernels (interpret mode) vs float64 recurrence, forward and every gradient; ``zeros``: a
+    ``zero_gates.PATTERNS`` placement of zero gates (then dg must also be exactly 0 at each of them)."""
     q, k, v, g, h0, seg, do, dst = _inputs(*case, dtype, seed, gate=gate, segments=segments)
+    if zeros is not None:
+        g = place_zero_gates(g, zeros, seed=seed)
     seg_j = None if seg is None else jnp.asarray(seg)
 
     def f(q, k, v, g, h0):
@@ -80,6 +85,8 @@ def _check(case, dtype, *, with_state, final_state, segments, gate="layer", seed
     for name, err in errs.items():
         assert err <= tol, f"{name}: rel err {err:.3g} > {tol:g} (all: {errs})"
     assert not _races_found()
+    if zeros is not None:
+        assert np.all(np.asarray(grads[3])[g <= -104.0] == 0.0), "dg != 0 at a zero gate"
     return errs
 
 
@@ -106,6 +113,41 @@ def test_strong_gates_stay_exact():
     """Per-step gates down to -20: every exponent stays <= 0, nothing overflows, still float32-exact."""
     _check((1, 160, 1, 16, 16), jnp.float32, with_state=True, final_state=True, segments=True, gate="strong",
            seed=4)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_zero_gates_match_reference(pattern):
+    """alpha = 0 (g = -inf or far below the floor) clears the state exactly as the recurrence does (chunk 128:
+    the "chunk_boundary" pattern puts zero gates at 127 and 128), forward and every gradient finite and exact."""
+    _check((1, 150, 2, 16, 16), jnp.float32, with_state=True, final_state=True, segments=True, seed=10,
+           zeros=pattern)
+
+
+def test_zero_gates_bfloat16_and_strong_gates():
+    _check((1, 150, 1, 16, 16), jnp.bfloat16, with_state=True, final_state=True, segments=True, seed=11,
+           zeros="several_in_chunk")
+    _check((1, 150, 1, 16, 16), jnp.float32, with_state=True, final_state=True, segments=False, gate="strong",
+           seed=12, zeros="chunk_boundary")
+
+
+@pytest.mark.parametrize("name", ["v", "g"])
+def test_non_finite_input_reach(name):
+    """The operator's contract (gla's docstring): a NaN at position t = 150 poisons its row and head from the start of
+    its chunk (128) on; earlier positions, other rows and heads are bit-for-bit as without it."""
+    q, k, v, g, h0, _, _, _ = _inputs(2, 200, 2, 16, 16, jnp.float32, 13)
+    x = dict(q=q, k=k, v=v, g=g)
+    run = lambda x: np.asarray(chunk_gla(*(jnp.asarray(x[n]) for n in "qkvg"), initial_state=jnp.asarray(h0),
+                                         interpret=True)[0])
+    o_clean = run(x)
+    x[name] = x[name].copy()
+    x[name][0, 150, 0, 3] = np.nan
+    o = run(x)
+    np.testing.assert_array_equal(o[1], o_clean[1])
+    np.testing.assert_array_equal(o[0, :, 1], o_clean[0, :, 1])
+    np.testing.assert_array_equal(o[0, :128, 0], o_clean[0, :128, 0])
+    assert not np.isfinite(o[0, 150:, 0]).all(axis=-1).any()
+    if name == "v":
+        assert not np.isfinite(o[0, 128, 0]).all()
 
 
 @pytest.mark.slow
@@ -172,15 +214,17 @@ def test_export_rejects_a_bad_block_shape():
     B, T, H, K, V = 1, 256, 2, 64, 128
     sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
 
-    def f(q, k, v, gc, decay, h0):
-        return tpu_forward.forward(q, k, v, gc, decay, h0, None, H=H, scale=0.1, tiling=Tiling(), interpret=False)
+    def f(q, k, v, gc, zc, decay, h0):
+        return tpu_forward.forward(q, k, v, gc, zc, decay, h0, None, H=H, scale=0.1, tiling=Tiling(),
+                                   interpret=False)
 
     args = (sd(B, T, H * K), sd(B, T, H * K), sd(B, T, H * V), sd(B, T, H * K, dt=jnp.float32),
-            sd(B, T // 128, H * K, 1, dt=jnp.float32), sd(B, H, K, V, dt=jnp.float32))
+            sd(B, T, H * K, dt=jnp.float32), sd(B, T // 128, H * K, 1, dt=jnp.float32), sd(B, H, K, V, dt=jnp.float32))
     with pytest.raises(ValueError, match="divisible by 8 and 128"):
         jax.export.export(jax.jit(f), platforms=["tpu"])(*args)
     good = (sd(B, T, H * 128), sd(B, T, H * 128), *args[2:3], sd(B, T, H * 128, dt=jnp.float32),
-            sd(B, T // 128, H * 128, 1, dt=jnp.float32), sd(B, H, 128, V, dt=jnp.float32))
+            sd(B, T, H * 128, dt=jnp.float32), sd(B, T // 128, H * 128, 1, dt=jnp.float32),
+            sd(B, H, 128, V, dt=jnp.float32))
     jax.export.export(jax.jit(f), platforms=["tpu"])(*good)  # the same call padded to 128 exports
 
 

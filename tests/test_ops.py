@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from gla_jax.ops import gla, registry
 from gla_jax.ops.chunk import gla_chunk
 from reference import reference_gla, rel_err
+from zero_gates import PATTERNS, place_zero_gates
 
 IMPLS = [n for n in registry.names() if registry.get(n).pure_jax]  # every pure-JAX backend (runs on any platform)
 F32_TOL = 1e-5
@@ -163,6 +164,91 @@ def test_stability_long_sequence():
     x["g"][:, : 16384 // 2] = -20.0
     x["g"][:, 16384 // 2:] *= 0.05
     assert_close("chunk", x, F32_TOL)
+
+
+def _zero_gate_inputs(pattern, dtype=jnp.float32, T=150):
+    x = make_inputs(1, T, 2, 16, 8, seed=21, docs=3, dtype=dtype)
+    x["g"] = place_zero_gates(x["g"], pattern, seed=21)
+    return x
+
+
+def _assert_zero_gate_gradients_vanish(impl, x, **kw):
+    """dg is exactly 0 at every zero gate (the limit g -> -inf), as in the float64 recurrence's autodiff (which
+    gives 0 at -inf and ~e^g, e.g. 1e-87 at g = -200, at finite gates below the floor)."""
+    _, _, grads = run_impl(impl, x, **kw)
+    zero = x["g"] <= -104.0
+    assert zero.any()
+    assert np.all(np.asarray(grads[3])[zero] == 0.0), f"{impl}: dg != 0 at a zero gate"
+    assert np.all(np.abs(reference(x)[2][3][zero]) < 1e-40)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_zero_gates_match_float64(impl, pattern):
+    # alpha = 0 (g = -inf, or finite far below the floor): the state is cleared exactly as in the recurrence,
+    # forward and every gradient finite and float32-exact, with packed documents and an initial state.
+    x = _zero_gate_inputs(pattern)
+    assert_close(impl, x, F32_TOL)
+    _assert_zero_gate_gradients_vanish(impl, x)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_gates_bfloat16(impl):
+    assert_close(impl, _zero_gate_inputs("several_in_chunk", jnp.bfloat16), BF16_TOL, dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 128])
+def test_chunk_zero_gates_other_chunk_sizes(chunk_size):
+    # chunk 16: the chunk is one sub-chunk; 128: zero gates on both sides of the inner 64 boundary.
+    x = _zero_gate_inputs("chunk_boundary")
+    assert_close("chunk", x, F32_TOL, chunk_size=chunk_size)
+    _assert_zero_gate_gradients_vanish("chunk", x, chunk_size=chunk_size)
+
+
+def test_chunk_zero_gates_keep_small_gates_exact():
+    # Tiny gates (1e-3 per step) after a zero gate: a finite stand-in for -inf in the cumulative sum (|b| >= 104)
+    # would round them to float32's spacing there (~1e-5) and miss this bound; the separate count keeps them exact.
+    x = make_inputs(1, 128, 1, 16, 16, seed=22, gate_scale=1e-3)
+    x["g"][:, 3] = -np.inf
+    x["g"][:, 70] = -np.inf
+    errs = assert_close("chunk", x, 1e-6, tol_g=1e-5)
+    assert errs["o"] < 1e-6
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_gates_with_strong_gates(impl):
+    # Zero gates among log alpha = -20 per step: exponents stay <= 0 and exact.
+    x = make_inputs(1, 150, 1, 16, 16, seed=23, docs=2)
+    x["g"] = place_zero_gates(np.full_like(x["g"], -20.0), "several_in_chunk", seed=23)
+    assert_close(impl, x, F32_TOL)
+
+
+# Where a non-finite input at position t poisons the outputs (the contract in gla's docstring): the first position
+# that may be non-finite, P, for t = 100 and chunk 64. Before P (and in other rows and heads) the outputs are
+# bit-for-bit those without it; from t on they are non-finite; for v the reach is really all of [P, t).
+NAN_REACH = {"recurrent": 100, "chunk": 64, "parallel": 0}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["v", "g", "k"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_input_reach(impl, name, bad):
+    x = make_inputs(2, 200, 2, 16, 8, seed=24)
+    clean = [jnp.asarray(x[n]) for n in "qkvg"]
+    args = list(clean)
+    i = "qkvg".index(name)
+    args[i] = args[i].at[0, 100, 0, 3].set(bad)
+    run = lambda a: np.asarray(gla(*a, impl=impl, initial_state=jnp.asarray(x["s0"]))[0])
+    o, o_clean = run(args), run(clean)
+    first = NAN_REACH[impl]
+    # Unaffected: other batch rows, other heads, and positions before ``first`` (finite and as without it).
+    np.testing.assert_array_equal(o[1], o_clean[1])
+    np.testing.assert_array_equal(o[0, :, 1], o_clean[0, :, 1])
+    np.testing.assert_array_equal(o[0, :first, 0], o_clean[0, :first, 0])
+    # Poisoned: every position from t on (the state carries it), and for v the whole reach is really used.
+    assert not np.isfinite(o[0, 100:, 0]).all(axis=-1).any()
+    if name == "v":
+        assert not np.isfinite(o[0, first, 0]).all()
 
 
 @pytest.mark.parametrize("impl", ["chunk", "recurrent"])

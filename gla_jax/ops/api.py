@@ -75,7 +75,9 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
     Args:
       q, k: [B, T, H, K] queries and keys (float32/bfloat16/float16).
       v: [B, T, H, V] values.
-      g: [B, T, H, K] log forget gates; must be <= 0 (not checked: values are unknown under jit).
+      g: [B, T, H, K] log forget gates; must be <= 0 (not checked: values are unknown under jit). g = -inf (any
+        g <= ``gates.ZERO_LOG_GATE`` = -104) is a zero gate, α = 0: that channel's past is forgotten exactly as in
+        the recurrence, in every impl; outputs and gradients stay finite, and dg there is 0 (the limit g -> -inf).
       scale: query scale, default K ** -0.5.
       initial_state: [B, H, K, V] state before position 0 (float32 recommended); it belongs to the first document.
       output_final_state: also return the state after position T-1 ([B, H, K, V] float32).
@@ -92,6 +94,13 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
 
     Returns:
       (o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] float32 or None).
+
+    Non-finite inputs: a NaN in q, k, v or g, or an infinity in q, k or v (or g = +inf, against the contract), at
+    position t of batch row b and head h makes the outputs of that row and head non-finite from position P on (at
+    the latest from t) and leaves every earlier position, every other row and head bit-for-bit as without it: P = t for "recurrent", P = floor(t / C) * C (the start of t's chunk,
+    C = ``chunk_size``; the Mosaic TPU kernels use C = 128) for "chunk" and "pallas", P = 0 for "parallel" (its
+    quadratic products mix every position). Gradients: a non-finite input may make every gradient of the call
+    non-finite (autodiff through the recurrence does the same: 0 * NaN is NaN).
     """
     B, T, H, K, V = check_gla_inputs(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
                                      impl=impl, chunk_size=chunk_size)

@@ -19,6 +19,12 @@ matmul dtype (the input dtype on accelerators, see ``default_matmul_dtype``) wit
 block I at a time against all J < I; the diagonal 16x16 blocks are formed elementwise in float32 log space, only
 j <= i, walked by the offset i - j in a ``lax.scan`` (exponents b_i - b_{i-off} <= 0).
 
+Zero gates (α = 0: g = -inf or <= ``gates.ZERO_LOG_GATE``) never enter b: they count as 0 there and separately, as
+exact multiples of -256, in a second cumulative sum z; every exponent below is (b_x - b_y) + (z_x - z_y), unchanged
+where no zero gate lies between x and y and <= -256 (a factor of exactly 0) where one does (``gates.py``). A finite
+stand-in for -inf inside b would instead push the later cumulative gates to |b| >= 104, where float32 rounds small
+gates to ~1e-5. dg is 0 at a zero gate (the limit g -> -inf).
+
 Packed documents (``segment_ids``) are handled with constant masks, never with -inf gates (which would poison the
 cumulative sums): ``A_ij`` only within one document, the inter-chunk term only for rows of the document that the
 incoming state belongs to (``m_in``), the state update only from the chunk's last document (``m_out``), and the
@@ -52,6 +58,7 @@ from jax import lax
 
 from gla_jax.ops.chunk_math import SUB_CHUNK, document_index
 from gla_jax.ops.chunk_math import cumsum_rows as _cumsum_rows
+from gla_jax.ops.gates import finite_gates, zero_steps
 
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
@@ -85,7 +92,8 @@ def _masks(doc):
 class _Factors(NamedTuple):
     """Gate-derived float32 factors of one call, shared by forward and backward (saved as residuals)."""
 
-    b6: jax.Array  # [B, H, N, ns, c, K] chunk-local inclusive cumulative gate
+    b6: jax.Array  # [B, H, N, ns, c, K] chunk-local inclusive cumulative gate (zero gates counted as 0)
+    z6: jax.Array  # [B, H, N, ns, c, K] chunk-local inclusive cumulative zero steps (gla_jax.ops.gates)
     eq: jax.Array  # [B, H, N, C, K] e^{b}: query-side decay from the chunk start (* m_in)
     ek: jax.Array  # [B, H, N, C, K] e^{b_C - b}: key-side decay to the chunk end (* m_out)
     a: jax.Array  # [B, H, N, K] e^{b_C}: whole-chunk decay of the carried state (* keep)
@@ -95,26 +103,37 @@ class _Factors(NamedTuple):
 
 
 def _factors(g, doc, c):
-    """Cumulative gates and every decay factor (all exponents <= 0), plus the document masks (or None)."""
+    """Cumulative gates and every decay factor (all exponents <= 0), plus the document masks (or None).
+
+    Zero gates (α = 0, ``gla_jax.ops.gates``) enter as a separate, exactly summed cumulative count: every exponent
+    below is (b_x - b_y) + (z_x - z_y), which is the plain gate difference when no zero gate lies between the two
+    positions and <= -256 (a factor of exactly 0) when one does."""
     B, H, N, C, K = g.shape
     ns = C // c
-    b = _cumsum_rows(g.astype(_F32))  # [B, H, N, C, K]
-    bC = b[:, :, :, -1, :]
-    eq = jnp.exp(b)
-    ek = jnp.exp(bC[:, :, :, None, :] - b)
-    a = jnp.exp(bC)
+    b = _cumsum_rows(finite_gates(g))  # [B, H, N, C, K]
+    z = _cumsum_rows(zero_steps(g))  # multiples of ZERO_GATE_STEP: exact
+    bC, zC = b[:, :, :, -1, :], z[:, :, :, -1, :]
+    eq = jnp.exp(b + z)
+    ek = jnp.exp((bC[:, :, :, None, :] - b) + (zC[:, :, :, None, :] - z))
+    a = jnp.exp(bC + zC)
     masks = None
     if doc is not None:
         m_in, m_out, keep, same = _masks(doc)
         eq, ek, a = eq * m_in, ek * m_out, a * keep
         masks = (m_in, m_out, keep, same)
-    b6 = b.reshape(B, H, N, ns, c, K)
-    r = b6[..., 0, :]  # [B, H, N, ns, K]: b at the first row of each sub-chunk
-    e = b6[..., -1, :]  # b at the last row
-    eqs = jnp.exp(b6 - r[..., None, :])
-    eks = jnp.exp(e[..., None, :] - b6)
-    rho = jnp.exp(jnp.minimum(r[..., :, None, :] - e[..., None, :, :], 0.0))
-    return _Factors(b6, eq, ek, a, eqs, eks, rho), masks
+    b6, z6 = b.reshape(B, H, N, ns, c, K), z.reshape(B, H, N, ns, c, K)
+    r, rz = b6[..., 0, :], z6[..., 0, :]  # [B, H, N, ns, K]: at the first row of each sub-chunk
+    e, ez = b6[..., -1, :], z6[..., -1, :]  # at the last row
+    eqs = jnp.exp((b6 - r[..., None, :]) + (z6 - rz[..., None, :]))
+    eks = jnp.exp((e[..., None, :] - b6) + (ez[..., None, :] - z6))
+    rho = jnp.exp(jnp.minimum((r[..., :, None, :] - e[..., None, :, :]) + (rz[..., :, None, :] - ez[..., None, :, :]),
+                              0.0))
+    return _Factors(b6, z6, eq, ek, a, eqs, eks, rho), masks
+
+
+def _gap(b6, z6, off):
+    """min((b_i - b_{i-off}) + (z_i - z_{i-off}), 0) along the sub-chunk rows (rows i < off: garbage, masked)."""
+    return jnp.minimum((b6 - _shift_rows(b6, off)) + (z6 - _shift_rows(z6, off)), 0.0)
 
 
 def _khat(kt, rho, I):
@@ -129,7 +148,7 @@ def _shift_rows(x, off):
     return jnp.roll(x, off, axis=-2)
 
 
-def _diag_blocks(q6, k6, b6):
+def _diag_blocks(q6, k6, b6, z6):
     """The diagonal sub-blocks D[.., I, i, j] = sum_d q_id k_jd e^{b_id - b_jd} for j <= i (0 above), float32.
 
     Elementwise in log space, walked by the offset i - j (a ``lax.scan`` over offsets, so the program stays
@@ -140,7 +159,7 @@ def _diag_blocks(q6, k6, b6):
     rows_i = jnp.arange(c)[:, None]
 
     def body(_, off):
-        p = q6 * _shift_rows(k6, off) * jnp.exp(jnp.minimum(b6 - _shift_rows(b6, off), 0.0))
+        p = q6 * _shift_rows(k6, off) * jnp.exp(_gap(b6, z6, off))
         p = jnp.where(rows_i >= off, p, 0.0)
         return None, jnp.einsum("...d,d->...", p, ones, precision=_HI)  # [.., ns, c]: D[i, i - off]
 
@@ -160,7 +179,7 @@ def _offset_index(c):
     return idx
 
 
-def _diag_grads(q6, k6, b6, d_blk):
+def _diag_grads(q6, k6, b6, z6, d_blk):
     """Gradients through the strictly-lower part of the diagonal sub-blocks, given dD = d_blk [.., ns, c, c]:
     dq[i] = sum_{j<i} dD_ij k_j e^{b_i - b_j},  dk[j] = sum_{i>j} dD_ij q_i e^{b_i - b_j}  (elementwise, float32)."""
     c = q6.shape[-2]
@@ -177,7 +196,7 @@ def _diag_grads(q6, k6, b6, d_blk):
     def body(carry, x):
         dq, dk = carry
         off, w = x  # w[i] = dD[i, i - off]
-        e = jnp.exp(jnp.minimum(b6 - _shift_rows(b6, off), 0.0))
+        e = jnp.exp(_gap(b6, z6, off))
         dq = dq + w * _shift_rows(k6, off) * e
         dk = dk + _shift_rows(w * q6 * e, -off)  # row j receives from row i = j + off
         return (dq, dk), None
@@ -194,7 +213,7 @@ def _intra_matrix(q6, k6, F, cdt, same):
     """
     B, H, N, ns, c, K = q6.shape
     qhat, kt = q6 * F.eqs, k6 * F.eks
-    d = _diag_blocks(q6, k6, F.b6)  # [B, H, N, ns, c, c]
+    d = _diag_blocks(q6, k6, F.b6, F.z6)  # [B, H, N, ns, c, c]
     rows = []
     for I in range(ns):
         parts = []
@@ -289,7 +308,7 @@ def _chunk_op_bwd(cfg, res, cts):
     dk_off = dk_off * F.eks
     # Diagonal sub-blocks, strictly below the diagonal (the i == j terms are added afterwards).
     d_blk = jnp.stack([dA[:, :, :, I * c:(I + 1) * c, I * c:(I + 1) * c] for I in range(ns)], axis=3)
-    dq_diag, dk_diag = _diag_grads(q6, k6, F.b6, d_blk)
+    dq_diag, dk_diag = _diag_grads(q6, k6, F.b6, F.z6, d_blk)
     d_self = jnp.diagonal(d_blk, axis1=-2, axis2=-1)[..., None]  # [B, H, N, ns, c, 1]
 
     dq_intra = (dq_off + dq_diag).reshape(B, H, N, C, K)
@@ -300,6 +319,9 @@ def _chunk_op_bwd(cfg, res, cts):
     y = kf * dk_state
     carried = jnp.sum(dh * F.a[..., None] * starts, axis=-1)  # [B, H, N, K]
     dg = _cumsum_rows(x, "reverse") + _cumsum_rows(y, "exclusive") + carried[:, :, :, None, :]
+    # At a zero gate dg is 0 (the limit g -> -inf; the identity gives 0 there only up to rounding).
+    z = F.z6.reshape(B, H, N, C, K)
+    dg = jnp.where(z != jnp.pad(z[:, :, :, :-1], ((0, 0),) * 3 + ((1, 0), (0, 0))), 0.0, dg)
 
     dq = dq + (d_self * k6).reshape(B, H, N, C, K)
     dk = dk_intra + dk_state + (d_self * q6).reshape(B, H, N, C, K)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from gla_jax.ops.gates import finite_gates, zero_steps
 from gla_jax.ops.segments import segment_starts
 
 #: The sub-chunk (secondary chunk) length: off-diagonal sub-blocks are matmuls, diagonal ones elementwise float32.
@@ -55,11 +56,12 @@ def cumsum_rows(x, mode: str = "inclusive", same=None):
 
 
 def chunk_cumsum(g, chunk_size: int):
-    """b: g [B, T, H, K] (T a multiple of ``chunk_size``) -> float32 inclusive cumulative sum restarted at every chunk
-    start (the chunk-local cumulative gate)."""
+    """g [B, T, H, K] (T a multiple of ``chunk_size``) -> (gc, zc) float32 [B, T, H, K]: inclusive cumulative sums
+    restarted at every chunk start of the finite gates (zero gates counted as 0) and of the zero-gate steps (exact
+    multiples of ``gates.ZERO_GATE_STEP``); every decay exponent is (gc_x - gc_y) + (zc_x - zc_y) (docs/design.md §2)."""
     B, T, H, K = g.shape
-    rows = g.reshape(B, T // chunk_size, chunk_size, H * K)  # a free reshape: rows are axis -2
-    return cumsum_rows(rows).reshape(B, T, H, K)
+    rows = lambda x: cumsum_rows(x.reshape(B, T // chunk_size, chunk_size, H * K)).reshape(B, T, H, K)
+    return rows(finite_gates(g)), rows(zero_steps(g))  # a free reshape: rows are axis -2
 
 
 def document_index(segment_ids):

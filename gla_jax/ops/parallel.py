@@ -8,6 +8,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gla_jax.ops.gates import finite_gates, zero_steps
+
 
 @jax.custom_vjp
 def _pairwise_gate_sums(g):
@@ -41,12 +43,17 @@ def gla_parallel(q, k, v, g, *, scale, initial_state=None, segment_ids=None):
     """o_t = sum_{s<=t, same document} (q_t * exp(G_t - G_s)) . k_s v_s  (+ (q_t * exp(G_t)) S_0 for the first document).
 
     G is the inclusive cumulative sum of g (float32). The difference G_t - G_s <= 0 is formed before exp, so nothing
-    overflows. Shapes as ``gla_recurrent``; returns (o [B, T, H, V] float32, final_state [B, H, K, V] float32).
+    overflows. Zero gates (g <= ``gates.ZERO_LOG_GATE``, −inf included) count as 0 in G and, through their own
+    exact cumulative count Z, zero every decay that crosses them: exp((G_t - G_s) + (Z_t - Z_s)).
+    Shapes as ``gla_recurrent``; returns (o [B, T, H, V] float32, final_state [B, H, K, V] float32).
     """
     f32 = jnp.float32
     B, T, H, K = q.shape
     q = q.astype(f32) * scale
-    k, v, g = k.astype(f32), v.astype(f32), g.astype(f32)
+    k, v = k.astype(f32), v.astype(f32)
+    # Zero gates: the exact count of them, Z (multiples of -256), is added to every gate difference (gates.py).
+    g, z = finite_gates(g), jnp.cumsum(zero_steps(g), axis=1)
+    Z = jax.lax.stop_gradient(z[:, :, None] - z[:, None, :])  # [B, Tq, Ts, H, K]
     causal = jnp.tril(jnp.ones((T, T), bool))
     if segment_ids is None:
         same = jnp.broadcast_to(causal, (B, T, T))
@@ -56,7 +63,7 @@ def gla_parallel(q, k, v, g, *, scale, initial_state=None, segment_ids=None):
         same = causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
         first_doc = segment_ids == segment_ids[:, :1]
         last_doc = segment_ids == segment_ids[:, -1:]
-    D = _pairwise_gate_sums(g)  # [B, Tq, Ts, H, K]
+    D = _pairwise_gate_sums(g) + Z  # [B, Tq, Ts, H, K]
     decay = jnp.exp(jnp.where(same[..., None, None], D, -jnp.inf))
     a = jnp.einsum("bthk,bshk,btshk->bhts", q, k, decay)
     o = jnp.einsum("bhts,bshv->bthv", a, v)
@@ -65,7 +72,7 @@ def gla_parallel(q, k, v, g, *, scale, initial_state=None, segment_ids=None):
     s_final = jnp.einsum("bshk,bshv->bhkv", kd, v)
     if initial_state is not None:
         s0 = initial_state.astype(f32)
-        G = jnp.cumsum(g, axis=1)
+        G = jnp.cumsum(g, axis=1) + z
         qd = jnp.where(first_doc[..., None, None], q * jnp.exp(G), 0.0)
         o = o + jnp.einsum("bthk,bhkv->bthv", qd, s0)
         carry = jnp.all(first_doc, axis=1)[:, None, None, None]  # the first document runs to the end

@@ -173,7 +173,7 @@ def resolve(impl: str, *, platform: str, interpret: bool = False, problem: Probl
     if impl == AUTO:
         if interpret:
             raise ValueError("interpret: Pallas interpret mode needs a kernel backend named explicitly "
-                             f"(impl='triton', ...), got impl='auto'")
+                             "(impl='triton', ...), got impl='auto'")
         _ensure_builtins()
         native = [b for b in _BACKENDS.values() if b.native(platform) and not b.pure_jax]
         native.sort(key=lambda b: (-b.priority, b.name))

@@ -51,7 +51,7 @@ def qkg_grads(q, k, v, do, F, same, starts, dh, *, scale: float, c: int, cdt):
     dq_off = jnp.stack(dq_rows, axis=3) * F.eqs
     dk_off = dk_off * F.eks
     d_blk = jnp.stack([dA[:, :, :, I * c:(I + 1) * c, I * c:(I + 1) * c] for I in range(ns)], axis=3)
-    dq_diag, dk_diag = xla_chunk._diag_grads(q6, k6, F.b6, d_blk)
+    dq_diag, dk_diag = xla_chunk._diag_grads(q6, k6, F.b6, F.z6, d_blk)
     d_self = jnp.diagonal(d_blk, axis1=-2, axis2=-1)[..., None]
 
     dq = dq_inter + (dq_off + dq_diag).reshape(B, H, N, C, K)

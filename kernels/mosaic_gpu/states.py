@@ -27,10 +27,7 @@ buffer instead, and adds a zero-initialised wgmma accumulator to it: the same ar
 
 from __future__ import annotations
 
-import functools
-
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu

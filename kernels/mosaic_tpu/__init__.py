@@ -27,6 +27,10 @@ first row, and only the 16x16 diagonal blocks are elementwise (float32, log spac
 ~C·K·(C/c + c) exponentials, minimal near c = √C ≈ 11; c = 16 is the nearest size that is a whole bfloat16
 vector tile (16 sublanes), so every strip slice is tile-aligned.
 
+Zero gates (α = 0, g = −inf): the gates arrive as two float32 cumulative sums, of the finite gates and of
+exact −256 steps at zero gates (``gla_jax.ops.gates``), and every exponent is their summed difference
+(``blocks.gap``), so a zero gate zeroes exactly the decays that cross it and nothing else.
+
 Stability (log α down to −20 per step). Gates are float32 chunk-local cumulative sums; every exponential has an
 exponent ≤ 0 (strips are taken relative to a reference inside the strip's range, diagonal entries are
 e^{g_i − g_j} with i ≥ j, masked entries are clamped to ≤ 0 before the mask), so values underflow to 0 at worst
@@ -39,8 +43,8 @@ export cannot check (Mosaic's layout passes run only on a TPU).
 
 VMEM (``tiling.py``): a per-kernel estimate (double-buffered blocks in (8, 128)/(16, 128) tiles, scratch, and
 the live float32 temporaries), checked against the generation's default scoped limit (16 MiB v4/v5e/v5p, 32 MiB
-v6e): bf16 at K=128/V=256 needs ~2.3 / 1.5 / 3.6 MiB (forward / states / backward), at K=256/V=512 ~5.8 / 4.3 /
-9.0 MiB.
+v6e): bf16 at K=128/V=256 needs ~2.5 / 1.6 / 3.8 MiB (forward / states / backward), at K=256/V=512 ~6.1 / 4.5 /
+9.4 MiB.
 """
 
 from .chunk_gla import chunk_gla

@@ -30,13 +30,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .blocks import F32, doc_masks, dot, gated_future, gated_past, intra_attention, iota
+from .blocks import F32, doc_masks, dot, gap, gated_future, gated_past, intra_attention, iota
 from .forward import _seg_args, chunk_specs, compiler_params
 from .tiling import SUBLANE, Tiling
 
 
-def _backward_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, hs_ref, decay_ref, dht_ref, *rest, NT, scale, c, dt,
-                     has_seg):
+def _backward_kernel(q_ref, k_ref, g_ref, z_ref, v_ref, do_ref, hs_ref, decay_ref, dht_ref, *rest, NT, scale, c,
+                     dt, has_seg):
     if has_seg:
         relc_ref, relr_ref, *rest = rest
     dq_ref, dk_ref, dg_ref, dv_ref, dh0_ref, ds_scr, a_scr, dq_scr, dk_scr = rest
@@ -54,15 +54,15 @@ def _backward_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, hs_ref, decay_ref, dht_
         same, first, last, start = doc_masks(relc_ref, relr_ref, C)
         mask, later = mask & same, later & same
     ds = ds_scr[...]
-    g = g_ref[...]
-    eg = jnp.exp(g)
-    e_out = jnp.exp(g[C - 1:C, :] - g)  # e^{g_C - g} <= 1
+    g, z = g_ref[...], z_ref[...]
+    eg = jnp.exp(g + z)
+    e_out = jnp.exp(gap(g[C - 1:C, :], z[C - 1:C, :], g, z))  # e^{g_C - g} <= 1
     q = q_ref[...].astype(F32)
     k = k_ref[...].astype(F32)
     do = do_ref[...]
     v = v_ref[...]
 
-    intra_attention(q_ref, k_ref, g_ref, a_scr, c=c, dt=dt)
+    intra_attention(q_ref, k_ref, g_ref, z_ref, a_scr, c=c, dt=dt)
     a = jnp.where(mask, a_scr[...], 0.0) * scale
     w = jnp.where(mask, dot(do, v, dt=dt, trans_b=True), 0.0) * scale  # scale dA, [t, s]
 
@@ -75,8 +75,8 @@ def _backward_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, hs_ref, decay_ref, dht_
         dk_state = jnp.where(last, dk_state, 0.0)  # only the last one leaves the chunk
     dv_ref[...] = (dot(a.T, do, dt=dt) + dot(ke, ds, dt=dt)).astype(dv_ref.dtype)
 
-    gated_past(w, k_ref, g_ref, dq_scr, c=c)
-    gated_future(w.T, q_ref, g_ref, dk_scr, c=c)
+    gated_past(w, k_ref, g_ref, z_ref, dq_scr, c=c)
+    gated_future(w.T, q_ref, g_ref, z_ref, dk_scr, c=c)
     dq = dq_scr[...] + dq_state
     dk = dk_scr[...] + dk_state
     dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -92,7 +92,7 @@ def _backward_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, hs_ref, decay_ref, dht_
         dg = jnp.where(start, 0.0, dg)  # a start's gate multiplies a dropped state
     else:
         dg = dg + edge
-    dg_ref[...] = dg
+    dg_ref[...] = dg  # at zero gates chunk_gla sets it to 0 (the limit g -> -inf)
 
     qe = q * (eg * scale)
     if has_seg:
@@ -104,7 +104,7 @@ def _backward_kernel(q_ref, k_ref, g_ref, v_ref, do_ref, hs_ref, decay_ref, dht_
         dh0_ref[...] = ds_scr[...]
 
 
-def backward(q, k, v, gc, decay, hs, do, dht, seg, *, H, scale: float, tiling: Tiling, interpret):
+def backward(q, k, v, gc, zc, decay, hs, do, dht, seg, *, H, scale: float, tiling: Tiling, interpret):
     """(dq, dk [B, T, H·K] in q's dtype, dg [B, T, H·K] float32, dv [B, T, H·V] in v's dtype, dh0 [B, H, K, V]
     float32). hs: chunk-start states [B, NT, H, K, V]; do: [B, T, H·V]; dht: [B, H, K, V] float32."""
     B, T, HK = q.shape
@@ -113,7 +113,7 @@ def backward(q, k, v, gc, decay, hs, do, dht, seg, *, H, scale: float, tiling: T
     NT = T // C
     sp = chunk_specs(C, K, V, NT, reverse=True)
     has_seg = seg is not None
-    in_specs = [sp["k"], sp["k"], sp["k"], sp["v"], sp["v"], sp["states"], sp["decay"], sp["state"]]
+    in_specs = [sp["k"], sp["k"], sp["k"], sp["k"], sp["v"], sp["v"], sp["states"], sp["decay"], sp["state"]]
     if has_seg:
         in_specs += [sp["relc"], sp["relr"]]
     kernel = functools.partial(_backward_kernel, NT=NT, scale=scale, c=tiling.sub_chunk, dt=q.dtype,
@@ -131,4 +131,4 @@ def backward(q, k, v, gc, decay, hs, do, dht, seg, *, H, scale: float, tiling: T
         compiler_params=compiler_params(),
         interpret=interpret,
         name="gla_tpu_bwd",
-    )(q, k, gc, v, do, hs, decay, dht, *_seg_args(seg))
+    )(q, k, gc, zc, v, do, hs, decay, dht, *_seg_args(seg))

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
 from gla_jax.ops.checks import check_gla_inputs  # the operator's input contract (a jax-only leaf module)
+from gla_jax.ops.chunk_math import chunk_cumsum  # shared pure-jnp pieces (jax-only)
+from gla_jax.ops.gates import is_zero_gate  # zero gates (alpha = 0): jax-only too
 
 from .backward import backward
 from .forward import chunk_states, forward
@@ -30,12 +32,6 @@ def interpret_params(interpret):
     raise ValueError(f"interpret: expected a bool or pltpu.InterpretParams, got {interpret!r}")
 
 
-def chunk_cumsum(g, C):
-    """[B, T, H, K] -> float32 inclusive cumulative sum of g restarted at every chunk start."""
-    B, T, H, K = g.shape
-    return jnp.cumsum(g.astype(F32).reshape(B, T // C, C, H, K), axis=2).reshape(B, T, H, K)
-
-
 def document_codes(segment_ids, C):
     """[B, T] ids -> (relc [B, T, 1], relr [B, 1, T]) int32 codes 2 rel + start: start = 1 at a document's first
     position (never at position 0), rel = starts from the chunk start up to and including the position."""
@@ -47,12 +43,13 @@ def document_codes(segment_ids, C):
     return code[:, :, None], code[:, None, :]
 
 
-def chunk_decay(gc, seg, C):
-    """[B, T, H, K] chunk-local cumulative gates -> [B, NT, H·K, 1] float32 e^{gate sum of each chunk}, 0 where a
-    document starts inside the chunk (the incoming state does not survive it). A column per head, so the kernels
+def chunk_decay(gc, zc, seg, C):
+    """[B, T, H, K] chunk-local cumulative gates and zero-gate steps -> [B, NT, H·K, 1] float32 e^{gate sum of each
+    chunk} (0 in a channel with a zero gate in the chunk), 0 where a document starts inside the chunk (the incoming
+    state does not survive it). A column per head, so the kernels
     scale the [K, V] state's rows without moving the gates from lanes to sublanes."""
     B, T, H, K = gc.shape
-    decay = jnp.exp(gc[:, C - 1::C])  # [B, NT, H, K]
+    decay = jnp.exp(gc[:, C - 1::C] + zc[:, C - 1::C])  # [B, NT, H, K]
     if seg is not None:
         relc = seg[0][:, C - 1::C, 0] >> 1  # [B, NT]: starts inside each chunk
         decay = jnp.where((relc == 0)[:, :, None, None], decay, 0.0)
@@ -61,15 +58,14 @@ def chunk_decay(gc, seg, C):
 
 def _prepare(g, seg, C):
     B, T, H, K = g.shape
-    gc = chunk_cumsum(g, C)
-    return gc.reshape(B, T, H * K), chunk_decay(gc, seg, C)
+    gc, zc = chunk_cumsum(g, C)
+    return gc.reshape(B, T, H * K), zc.reshape(B, T, H * K), chunk_decay(gc, zc, seg, C)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def _gla_core(q, k, v, g, h0, seg, H, scale, tiling, interpret):
-    gc, decay = _prepare(g, seg, tiling.chunk_size)
-    B, T, _ = q.shape
-    return forward(q, k, v, gc, decay, h0, seg, H=H, scale=scale, tiling=tiling, interpret=interpret)
+    gc, zc, decay = _prepare(g, seg, tiling.chunk_size)
+    return forward(q, k, v, gc, zc, decay, h0, seg, H=H, scale=scale, tiling=tiling, interpret=interpret)
 
 
 def _gla_core_fwd(q, k, v, g, h0, seg, H, scale, tiling, interpret):
@@ -80,11 +76,12 @@ def _gla_core_fwd(q, k, v, g, h0, seg, H, scale, tiling, interpret):
 def _gla_core_bwd(H, scale, tiling, interpret, res, cotangents):
     q, k, v, g, h0, seg = res
     do, dht = cotangents
-    gc, decay = _prepare(g, seg, tiling.chunk_size)
-    hs = chunk_states(k, v, gc, decay, h0, seg, H=H, tiling=tiling, interpret=interpret)
-    dq, dk, dg, dv, dh0 = backward(q, k, v, gc, decay, hs, do.astype(v.dtype), dht.astype(F32), seg, H=H,
+    gc, zc, decay = _prepare(g, seg, tiling.chunk_size)
+    hs = chunk_states(k, v, gc, zc, decay, h0, seg, H=H, tiling=tiling, interpret=interpret)
+    dq, dk, dg, dv, dh0 = backward(q, k, v, gc, zc, decay, hs, do.astype(v.dtype), dht.astype(F32), seg, H=H,
                                    scale=scale, tiling=tiling, interpret=interpret)
-    return dq, dk, dv, dg.reshape(g.shape), dh0, None
+    dg = jnp.where(is_zero_gate(g), 0.0, dg.reshape(g.shape))  # at a zero gate: 0, the limit g -> -inf
+    return dq, dk, dv, dg, dh0, None
 
 
 _gla_core.defvjp(_gla_core_fwd, _gla_core_bwd)

@@ -2,7 +2,8 @@
 output) and the state pass that the backward uses to recompute chunk-start states.
 
 Inputs are padded and laid out by ``chunk_gla.py``: q, k [B, T, H·K] and v [B, T, H·V] in the matmul dtype, gc
-[B, T, H·K] float32 chunk-local cumulative gates, decay [B, NT, H·K, 1] float32 (e^{gate sum of the chunk}, zeroed
+[B, T, H·K] float32 chunk-local cumulative gates, zc [B, T, H·K] float32 chunk-local cumulative zero-gate steps
+(``blocks.gap``), decay [B, NT, H·K, 1] float32 (e^{gate sum of the chunk}, zeroed
 where a document starts inside the chunk), h0 [B, H, K, V] float32, optional document codes relc [B, T, 1] and
 relr [B, 1, T] int32. T is a multiple of the chunk C and K, V multiples of 128, so a head's [C, K] slab is the
 block (b, chunk n, head h) of the [B, T, H·K] array: no transposes around the kernels.
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .blocks import F32, doc_masks, dot, intra_attention, iota
+from .blocks import F32, doc_masks, dot, gap, intra_attention, iota
 from .tiling import Tiling
 
 SQ = getattr(pl, "squeezed", None)  # a block dimension of size one that the kernel does not see
@@ -48,7 +49,7 @@ def chunk_specs(C, K, V, NT, *, reverse=False):
 # ----------------------------------------------------------------------------------------------------- kernels
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, g_ref, decay_ref, h0_ref, *rest, NT, scale, c, dt, has_seg):
+def _forward_kernel(q_ref, k_ref, v_ref, g_ref, z_ref, decay_ref, h0_ref, *rest, NT, scale, c, dt, has_seg):
     """One chunk of one (b, h): o = A v + (scale q ⊙ e^{g}) S, then S <- diag(decay) S + (k ⊙ e^{g_C - g})ᵀ v."""
     if has_seg:
         relc_ref, relr_ref, o_ref, ht_ref, s_scr, a_scr = rest
@@ -65,12 +66,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, decay_ref, h0_ref, *rest, NT, sc
     if has_seg:
         same, first, last, _ = doc_masks(relc_ref, relr_ref, C)
         mask = mask & same
-    intra_attention(q_ref, k_ref, g_ref, a_scr, c=c, dt=dt)
+    intra_attention(q_ref, k_ref, g_ref, z_ref, a_scr, c=c, dt=dt)
     a = jnp.where(mask, a_scr[...], 0.0) * scale
-    g = g_ref[...]
+    g, z = g_ref[...], z_ref[...]
     s = s_scr[...]
-    qe = q_ref[...].astype(F32) * (jnp.exp(g) * scale)  # exponents <= 0
-    ke = k_ref[...].astype(F32) * jnp.exp(g[C - 1:C, :] - g)
+    qe = q_ref[...].astype(F32) * (jnp.exp(g + z) * scale)  # exponents <= 0
+    ke = k_ref[...].astype(F32) * jnp.exp(gap(g[C - 1:C, :], z[C - 1:C, :], g, z))
     if has_seg:
         qe = jnp.where(first, qe, 0.0)  # only the chunk's first document sees the incoming state
         ke = jnp.where(last, ke, 0.0)  # only its last document reaches the next chunk
@@ -83,7 +84,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, g_ref, decay_ref, h0_ref, *rest, NT, sc
         ht_ref[...] = s_scr[...]
 
 
-def _states_kernel(k_ref, v_ref, g_ref, decay_ref, h0_ref, *rest, NT, dt, has_seg):
+def _states_kernel(k_ref, v_ref, g_ref, z_ref, decay_ref, h0_ref, *rest, NT, dt, has_seg):
     """One chunk of one (b, h): store the state entering the chunk (``dt``), then advance it."""
     if has_seg:
         relc_ref, relr_ref, hs_ref, s_scr = rest
@@ -98,8 +99,8 @@ def _states_kernel(k_ref, v_ref, g_ref, decay_ref, h0_ref, *rest, NT, dt, has_se
 
     s = s_scr[...]
     hs_ref[...] = s.astype(hs_ref.dtype)
-    g = g_ref[...]
-    ke = k_ref[...].astype(F32) * jnp.exp(g[C - 1:C, :] - g)
+    g, z = g_ref[...], z_ref[...]
+    ke = k_ref[...].astype(F32) * jnp.exp(gap(g[C - 1:C, :], z[C - 1:C, :], g, z))
     if has_seg:
         _, _, last, _ = doc_masks(relc_ref, relr_ref, C)
         ke = jnp.where(last, ke, 0.0)
@@ -113,7 +114,7 @@ def _seg_args(seg):
     return [] if seg is None else list(seg)
 
 
-def forward(q, k, v, gc, decay, h0, seg, *, H, scale: float, tiling: Tiling, interpret):
+def forward(q, k, v, gc, zc, decay, h0, seg, *, H, scale: float, tiling: Tiling, interpret):
     """o [B, T, H·V] (v's dtype) and the final state [B, H, K, V] float32. ``seg`` is None or (relc, relr)."""
     B, T, HK = q.shape
     K, V = HK // H, v.shape[-1] // H
@@ -121,7 +122,7 @@ def forward(q, k, v, gc, decay, h0, seg, *, H, scale: float, tiling: Tiling, int
     NT = T // C
     sp = chunk_specs(C, K, V, NT)
     has_seg = seg is not None
-    in_specs = [sp["k"], sp["k"], sp["v"], sp["k"], sp["decay"], sp["state"]]
+    in_specs = [sp["k"], sp["k"], sp["v"], sp["k"], sp["k"], sp["decay"], sp["state"]]
     if has_seg:
         in_specs += [sp["relc"], sp["relr"]]
     kernel = functools.partial(_forward_kernel, NT=NT, scale=scale, c=tiling.sub_chunk, dt=q.dtype,
@@ -136,10 +137,10 @@ def forward(q, k, v, gc, decay, h0, seg, *, H, scale: float, tiling: Tiling, int
         compiler_params=compiler_params(),
         interpret=interpret,
         name="gla_tpu_fwd",
-    )(q, k, v, gc, decay, h0, *_seg_args(seg))
+    )(q, k, v, gc, zc, decay, h0, *_seg_args(seg))
 
 
-def chunk_states(k, v, gc, decay, h0, seg, *, H, tiling: Tiling, interpret):
+def chunk_states(k, v, gc, zc, decay, h0, seg, *, H, tiling: Tiling, interpret):
     """States entering every chunk, hs [B, NT, H, K, V] in k's dtype."""
     B, T, HK = k.shape
     K, V = HK // H, v.shape[-1] // H
@@ -147,7 +148,7 @@ def chunk_states(k, v, gc, decay, h0, seg, *, H, tiling: Tiling, interpret):
     NT = T // C
     sp = chunk_specs(C, K, V, NT)
     has_seg = seg is not None
-    in_specs = [sp["k"], sp["v"], sp["k"], sp["decay"], sp["state"]]
+    in_specs = [sp["k"], sp["v"], sp["k"], sp["k"], sp["decay"], sp["state"]]
     if has_seg:
         in_specs += [sp["relc"], sp["relr"]]
     kernel = functools.partial(_states_kernel, NT=NT, dt=k.dtype, has_seg=has_seg)
@@ -161,4 +162,4 @@ def chunk_states(k, v, gc, decay, h0, seg, *, H, tiling: Tiling, interpret):
         compiler_params=compiler_params(),
         interpret=interpret,
         name="gla_tpu_states",
-    )(k, v, gc, decay, h0, *_seg_args(seg))
+    )(k, v, gc, zc, decay, h0, *_seg_args(seg))

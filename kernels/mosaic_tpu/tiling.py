@@ -101,20 +101,21 @@ def vmem_bytes(kernel: str, tiling: Tiling, K: int, V: int, dtype, *, has_seg: b
     seg = [((C, 1), I32), ((1, C), I32)] if has_seg else []
     state_f32 = ((K, V), F32)
     if kernel == "forward":
-        blocks = [((C, K), dt), ((C, K), dt), ((C, V), dt), ((C, K), F32), ((K, 1), F32), state_f32, *seg,
-                  ((C, V), dt), state_f32]
+        blocks = [((C, K), dt), ((C, K), dt), ((C, V), dt), ((C, K), F32), ((C, K), F32), ((K, 1), F32), state_f32,
+                  *seg, ((C, V), dt), state_f32]
         scratch = [state_f32, ((C, C), F32)]
-        temps = [((C, K), F32)] * 5 + [((C, V), F32)] * 2 + [((C, C), F32)] * 3 + [((K, V), F32)]
+        temps = [((C, K), F32)] * 6 + [((C, V), F32)] * 2 + [((C, C), F32)] * 3 + [((K, V), F32)]
     elif kernel == "states":
-        blocks = [((C, K), dt), ((C, V), dt), ((C, K), F32), ((K, 1), F32), state_f32, *seg, ((K, V), dt)]
+        blocks = [((C, K), dt), ((C, V), dt), ((C, K), F32), ((C, K), F32), ((K, 1), F32), state_f32, *seg,
+                  ((K, V), dt)]
         scratch = [state_f32]
         temps = [((C, K), F32)] * 2 + [((K, V), F32)] * 2
     elif kernel == "backward":
-        blocks = [((C, K), dt), ((C, K), dt), ((C, K), F32), ((C, V), dt), ((C, V), dt), ((K, V), dt),
+        blocks = [((C, K), dt), ((C, K), dt), ((C, K), F32), ((C, K), F32), ((C, V), dt), ((C, V), dt), ((K, V), dt),
                   ((K, 1), F32), state_f32, *seg,
                   ((C, K), dt), ((C, K), dt), ((C, K), F32), ((C, V), dt), state_f32]
         scratch = [state_f32, ((C, C), F32), ((C, C), F32)]
-        temps = [((C, K), F32)] * 10 + [((C, V), F32)] * 3 + [((C, C), F32)] * 4 + [((K, V), F32)] * 3
+        temps = [((C, K), F32)] * 11 + [((C, V), F32)] * 3 + [((C, C), F32)] * 4 + [((K, V), F32)] * 3
     else:
         raise ValueError(f"kernel: expected 'forward', 'states' or 'backward', got {kernel!r}")
     return _blocks(blocks) + sum(tile_bytes(s, d) for s, d in scratch + temps)

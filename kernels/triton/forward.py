@@ -4,7 +4,8 @@ All arrays here are already padded: T a multiple of the chunk size C, K and V po
 the operator's: q, k, g [B, T, H, K], v [B, T, H, V]; the kernels index them through BlockSpecs, no transposes.
 
 Passes (docs/design.md §1, chunkwise form):
-  1. ``chunk_cumsum``: b, the inclusive cumulative gate from each chunk start (float32, plain jnp).
+  1. ``chunk_cumsum``: gc and zc, the inclusive cumulative gates and zero-gate steps from each chunk start (float32,
+     plain jnp, ``gla_jax.ops.chunk_math``).
   2. ``state_pass``: per (batch, head, K tile, V tile) a sequential loop over chunks that writes the state entering
      every chunk (``hs`` [B, NT, H, K, V]) and the final state.
   3. ``intra_chunk``: A [B, T, H, C], the causal intra-chunk attention matrix (scale included), one program per
@@ -12,6 +13,13 @@ Passes (docs/design.md §1, chunkwise form):
      matmul relative to the gate at I's first row; the diagonal 16x16 sub-block is elementwise float32 in log
      space, a column at a time.
   4. ``output``: o = (scale q ⊙ e^b) S + A v per (chunk, V tile).
+
+Zero gates (α = 0, g = −inf or <= ``gla_jax.ops.gates.ZERO_LOG_GATE``) never enter gc: they count as 0 there and
+separately, exactly, in zc [B, T, H, K] float32 (multiples of −256 from the chunk start), and every exponent is
+(gc_x − gc_y) + (zc_x − zc_y): unchanged between positions with no zero gate between them, <= −256 (a factor of
+exactly 0) across one (docs/design.md §2). Kernels that only need exponents from the chunk start or to the chunk
+end get them summed in advance (``one_sided``: gs = gc + zc, ge = (gc_C − gc) + (zc_C − zc), both exact in that
+sense), so they load one gate array as before; only the pairwise kernels (intra-chunk, dq/dk) load both.
 
 Packed documents are handled with ``rel`` [B, T] int32 (``gla_jax.ops.chunk_math.chunk_relative``): the number of
 document starts from the chunk start up to and including each position. Inside a chunk two positions see each other
@@ -34,6 +42,15 @@ from .tiling import SQUEEZED as SQ, Tiling, dot, launch
 F32 = jnp.float32
 
 
+def one_sided(gc, zc, chunk_size: int):
+    """(gs, ge) [B, T, H, K] float32: the exponents from the chunk start, gc + zc, and to the chunk end,
+    (gc_C - gc) + (zc_C - zc) (gc_C: the chunk's last row). Each is the plain gate sum where no zero gate lies in
+    between and <= -256 (e^x exactly 0) where one does."""
+    B, T, H, K = gc.shape
+    last = lambda x: jnp.repeat(x[:, chunk_size - 1::chunk_size], chunk_size, axis=1)
+    return gc + zc, (last(gc) - gc) + (last(zc) - zc)
+
+
 def _split(rest, has_seg):
     return (rest[0], rest[1:]) if has_seg else (None, rest)
 
@@ -41,17 +58,15 @@ def _split(rest, has_seg):
 # ----------------------------------------------------------------------------------------------------- kernels
 
 
-def _state_kernel(k_ref, v_ref, g_ref, h0_ref, *rest, C, NT, has_seg, dt):
+def _state_kernel(k_ref, v_ref, ge_ref, gs_ref, h0_ref, *rest, C, NT, has_seg, dt):
     """One (b, h, K tile, V tile): walk the chunks, store the state entering each one, then the final state."""
     rel_ref, (hs_ref, ht_ref) = _split(rest, has_seg)
 
     def body(n, s):
         t0 = pl.multiple_of(n * C, C)
         hs_ref[n] = s.astype(hs_ref.dtype)
-        gb = g_ref[pl.ds(t0, C), :]
-        gl = g_ref[pl.ds(t0 + C - 1, 1), :]  # [1, BK] gate sum over the whole chunk
-        kk = k_ref[pl.ds(t0, C), :].astype(F32) * jnp.exp(gl - gb)  # exponents <= 0
-        decay = jnp.exp(gl)
+        kk = k_ref[pl.ds(t0, C), :].astype(F32) * jnp.exp(ge_ref[pl.ds(t0, C), :])  # exponents <= 0
+        decay = jnp.exp(gs_ref[pl.ds(t0 + C - 1, 1), :])  # [1, BK]: the whole chunk
         if has_seg:
             rb = rel_ref[pl.ds(t0, C)]
             rl = rel_ref[pl.ds(t0 + C - 1, 1)]  # [1]
@@ -63,7 +78,7 @@ def _state_kernel(k_ref, v_ref, g_ref, h0_ref, *rest, C, NT, has_seg, dt):
     ht_ref[...] = lax.fori_loop(0, NT, body, h0_ref[...].astype(F32))
 
 
-def _intra_kernel(q_ref, k_ref, g_ref, *rest, C, NK, BK, scale, has_seg, dt):
+def _intra_kernel(q_ref, k_ref, g_ref, z_ref, *rest, C, NK, BK, scale, has_seg, dt):
     """One (b, h, chunk): A of the chunk, one sub-chunk I (16 rows of A) per loop step, zeros above the diagonal.
 
     Loops (``fori_loop``) rather than Python unrolling keep the compiled kernel small: a few thousand lines of PTX
@@ -80,19 +95,21 @@ def _intra_kernel(q_ref, k_ref, g_ref, *rest, C, NK, BK, scale, has_seg, dt):
         a = jnp.zeros((c, C), F32)
         for kt in range(NK):
             ks = pl.ds(kt * BK, BK)
-            g_i = g_ref[rows_i, ks]
+            g_i, z_i = g_ref[rows_i, ks], z_ref[rows_i, ks]
             # Off-diagonal: I against every column before it, one matmul relative to I's first-row gate r (the
             # columns before I have gates >= r, I's rows <= r: both exponents <= 0). Zero for the first sub-chunk.
-            r = g_ref[pl.ds(s0, 1), ks]
+            r, rz = g_ref[pl.ds(s0, 1), ks], z_ref[pl.ds(s0, 1), ks]
             q_i = q_ref[rows_i, ks].astype(F32)
-            k_decayed = k_ref[:, ks].astype(F32) * jnp.exp(jnp.minimum(r - g_ref[:, ks], 0.0))
+            k_decayed = k_ref[:, ks].astype(F32) * jnp.exp(
+                jnp.minimum((r - g_ref[:, ks]) + (rz - z_ref[:, ks]), 0.0))
             k_before = jnp.where(rows_all < s0, k_decayed, 0.0)
-            a += dot((q_i * jnp.exp(g_i - r)).astype(dt), k_before.astype(dt), trans_b=True)
+            a += dot((q_i * jnp.exp((g_i - r) + (z_i - rz))).astype(dt), k_before.astype(dt), trans_b=True)
             # Diagonal sub-block, elementwise in float32 log space, one column j at a time.
 
             def column(j, a):
                 k_j = k_ref[pl.ds(s0 + j, 1), ks].astype(F32)
-                e = jnp.exp(jnp.minimum(g_i - g_ref[pl.ds(s0 + j, 1), ks], 0.0))  # rows >= j are kept: exponent <= 0
+                gap = (g_i - g_ref[pl.ds(s0 + j, 1), ks]) + (z_i - z_ref[pl.ds(s0 + j, 1), ks])
+                e = jnp.exp(jnp.minimum(gap, 0.0))  # rows >= j are kept: exponent <= 0
                 col = jnp.sum(q_i * k_j * e, axis=1, keepdims=True)  # [c, 1]
                 return jnp.where((cols == s0 + j) & (rows >= j), a + col, a)
 
@@ -105,13 +122,13 @@ def _intra_kernel(q_ref, k_ref, g_ref, *rest, C, NK, BK, scale, has_seg, dt):
     lax.fori_loop(0, C // c, sub_chunk, 0)
 
 
-def _output_kernel(q_ref, g_ref, v_ref, a_ref, hs_ref, *rest, NK, BK, scale, has_seg, dt):
+def _output_kernel(q_ref, gs_ref, v_ref, a_ref, hs_ref, *rest, NK, BK, scale, has_seg, dt):
     """One (b, h, chunk, V tile): o = A v + (scale q ⊙ e^b) S."""
     rel_ref, (o_ref,) = _split(rest, has_seg)
     o = dot(a_ref[...].astype(dt), v_ref[...].astype(dt))
     for kt in range(NK):
         ks = pl.ds(kt * BK, BK)
-        qe = q_ref[:, ks].astype(F32) * (jnp.exp(g_ref[:, ks]) * scale)
+        qe = q_ref[:, ks].astype(F32) * (jnp.exp(gs_ref[:, ks]) * scale)
         if has_seg:
             qe = jnp.where((rel_ref[...] == 0)[:, None], qe, 0.0)
         o += dot(qe.astype(dt), hs_ref[ks, :].astype(dt))
@@ -121,8 +138,9 @@ def _output_kernel(q_ref, g_ref, v_ref, a_ref, hs_ref, *rest, NK, BK, scale, has
 # ----------------------------------------------------------------------------------------------------- launchers
 
 
-def state_pass(k, v, gc, h0, rel, *, tiling: Tiling, interpret: bool, state_dtype):
-    """Chunk-start states hs [B, NT, H, K, V] (``state_dtype``) and the final state [B, H, K, V] float32."""
+def state_pass(k, v, gs, ge, h0, rel, *, tiling: Tiling, interpret: bool, state_dtype):
+    """Chunk-start states hs [B, NT, H, K, V] (``state_dtype``) and the final state [B, H, K, V] float32; gs, ge
+    from ``one_sided``."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     C, BK, BV = tiling.chunk_size, tiling.block_k, tiling.block_v
@@ -133,10 +151,11 @@ def state_pass(k, v, gc, h0, rel, *, tiling: Tiling, interpret: bool, state_dtyp
         pl.BlockSpec((SQ, T, SQ, BK), kmap),
         pl.BlockSpec((SQ, T, SQ, BV), lambda b, h, i, j: (b, 0, h, j)),
         pl.BlockSpec((SQ, T, SQ, BK), kmap),
+        pl.BlockSpec((SQ, T, SQ, BK), kmap),
         pl.BlockSpec((SQ, SQ, BK, BV), smap),
     ]
     return launch(
-        _state_kernel, [k, v, gc, h0], in_specs, rel=rel,
+        _state_kernel, [k, v, ge, gs, h0], in_specs, rel=rel,
         rel_spec=pl.BlockSpec((SQ, T), lambda b, h, i, j: (b, 0)),
         grid=(B, H, K // BK, V // BV),
         out_specs=[pl.BlockSpec((SQ, NT, SQ, BK, BV), lambda b, h, i, j: (b, 0, h, i, j)),
@@ -147,14 +166,14 @@ def state_pass(k, v, gc, h0, rel, *, tiling: Tiling, interpret: bool, state_dtyp
     )
 
 
-def intra_chunk(q, k, gc, rel, *, scale: float, tiling: Tiling, interpret: bool):
+def intra_chunk(q, k, gc, zc, rel, *, scale: float, tiling: Tiling, interpret: bool):
     """A [B, T, H, C] float32: A[t, j] = scale Σ_d q_td k_sd e^{b_td - b_sd} for s = chunk_start + j <= t (same
     document), else 0."""
     B, T, H, K = q.shape
     C, BK = tiling.chunk_size, tiling.block_k
     cmap = lambda b, h, n: (b, n, h, 0)
     return launch(
-        _intra_kernel, [q, k, gc], [pl.BlockSpec((SQ, C, SQ, K), cmap)] * 3, rel=rel,
+        _intra_kernel, [q, k, gc, zc], [pl.BlockSpec((SQ, C, SQ, K), cmap)] * 4, rel=rel,
         rel_spec=pl.BlockSpec((SQ, C), lambda b, h, n: (b, n)),
         grid=(B, H, T // C),
         out_specs=pl.BlockSpec((SQ, C, SQ, C), cmap),
@@ -164,7 +183,7 @@ def intra_chunk(q, k, gc, rel, *, scale: float, tiling: Tiling, interpret: bool)
     )
 
 
-def output(q, gc, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret: bool):
+def output(q, gs, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret: bool):
     """o [B, T, H, V] in v's dtype from A, the chunk-start states and the queries."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -179,7 +198,7 @@ def output(q, gc, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret: boo
         pl.BlockSpec((SQ, SQ, SQ, K, BV), lambda b, h, n, j: (b, n, h, 0, j)),
     ]
     return launch(
-        _output_kernel, [q, gc, v, a, hs], in_specs, rel=rel,
+        _output_kernel, [q, gs, v, a, hs], in_specs, rel=rel,
         rel_spec=pl.BlockSpec((SQ, C), lambda b, h, n, j: (b, n)),
         grid=(B, H, T // C, V // BV),
         out_specs=pl.BlockSpec((SQ, C, SQ, BV), vmap),
@@ -191,8 +210,9 @@ def output(q, gc, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret: boo
 
 def forward(q, k, v, g, h0, rel, *, scale: float, tiling: Tiling, interpret: bool):
     """Padded inputs -> (o [B, T, H, V], final state [B, H, K, V] float32, A [B, T, H, C] float32)."""
-    gc = chunk_cumsum(g, tiling.chunk_size)
-    hs, ht = state_pass(k, v, gc, h0, rel, tiling=tiling, interpret=interpret, state_dtype=q.dtype)
-    a = intra_chunk(q, k, gc, rel, scale=scale, tiling=tiling, interpret=interpret)
-    o = output(q, gc, v, a, hs, rel, scale=scale, tiling=tiling, interpret=interpret)
+    gc, zc = chunk_cumsum(g, tiling.chunk_size)
+    gs, ge = one_sided(gc, zc, tiling.chunk_size)
+    hs, ht = state_pass(k, v, gs, ge, h0, rel, tiling=tiling, interpret=interpret, state_dtype=q.dtype)
+    a = intra_chunk(q, k, gc, zc, rel, scale=scale, tiling=tiling, interpret=interpret)
+    o = output(q, gs, v, a, hs, rel, scale=scale, tiling=tiling, interpret=interpret)
     return o, ht, a
