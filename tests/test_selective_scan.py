@@ -39,8 +39,9 @@ def _inputs(Bb, T, Dm, N, seed=0):
     return [a.astype(np.float32) for a in (x, dt, A, B, C, D, z, h0)]
 
 
-@pytest.mark.parametrize("shape,chunk", [((2, 37, 6, 4), 8), ((1, 64, 4, 16), 64), ((2, 5, 3, 2), 16)])
-def test_forward_and_gradients_match_float64(shape, chunk):
+@pytest.mark.parametrize("shape,chunk,inner", [((2, 37, 6, 4), 8, "associative"), ((2, 37, 6, 4), 8, "sequential"),
+                                               ((1, 64, 4, 16), 64, "associative"), ((2, 5, 3, 2), 16, "sequential")])
+def test_forward_and_gradients_match_float64(shape, chunk, inner):
     args = _inputs(*shape)
     r = np.random.default_rng(1)
     dy = r.standard_normal(args[0].shape).astype(np.float32)
@@ -52,7 +53,8 @@ def test_forward_and_gradients_match_float64(shape, chunk):
         return jnp.sum(y * dy) + jnp.sum(h * dh), (y, h)
 
     def ours(x, dt, A, B, C, D, z, h0):
-        return selective_scan(x, dt, A, B, C, D, z, initial_state=h0, output_final_state=True, chunk_size=chunk)
+        return selective_scan(x, dt, A, B, C, D, z, initial_state=h0, output_final_state=True, chunk_size=chunk,
+                              inner=inner)
 
     g, (y, h) = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums=tuple(range(8)), has_aux=True))(*args)
     with jax.enable_x64(True):
@@ -104,15 +106,17 @@ def _backward_temp_bytes(fn, T, Dm=32, N=16):
 def test_backward_memory_grows_with_chunks_not_steps():
     """At T = 4096, Dm·N = 512: the per-step states alone are 8 MiB; the chunked backward stays well below."""
     T = 4096
-    chunked = _backward_temp_bytes(lambda *a: selective_scan(*a, chunk_size=64), T)
-    plain = _backward_temp_bytes(lambda *a: selective_scan_sequential(*a), T)
     per_step_states = T * 32 * 16 * 4
-    assert chunked < per_step_states / 2 and chunked < plain / 4, (chunked, plain)
-    assert plain >= per_step_states, (chunked, plain)
+    plain = _backward_temp_bytes(lambda *a: selective_scan_sequential(*a), T)
+    assert plain >= per_step_states, plain
+    for inner in ("sequential", "associative"):
+        chunked = _backward_temp_bytes(lambda *a: selective_scan(*a, chunk_size=64, inner=inner), T)
+        assert chunked < per_step_states / 2 and chunked < plain / 4, (inner, chunked, plain)
 
 
 @pytest.mark.parametrize("bad,match", [("dt", "dt: expected shape"), ("A", "A: expected shape"),
-                                       ("B", "B: expected shape"), ("chunk", "chunk_size")])
+                                       ("B", "B: expected shape"), ("chunk", "chunk_size"),
+                                       ("inner", "inner")])
 def test_bad_inputs_name_the_argument(bad, match):
     x, dt, A, B, C, D, z, h0 = _inputs(1, 6, 3, 2)
     kw = dict(chunk_size=8)
@@ -122,6 +126,8 @@ def test_bad_inputs_name_the_argument(bad, match):
         A = A.T
     elif bad == "B":
         B = B[..., :1]
+    elif bad == "inner":
+        kw["inner"] = "parallel"
     else:
         kw["chunk_size"] = 0
     with pytest.raises(ValueError, match=match):

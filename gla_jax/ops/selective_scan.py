@@ -69,6 +69,18 @@ def _combine(left, right):
     return a1 * a2, a2 * b1 + b2
 
 
+def _step(A, h, xs):
+    """One step: h = e^{dt A} h + dt x B, y = h · C (float32)."""
+    x_t, dt_t, b_t, c_t = xs
+    h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * x_t)[..., None] * b_t[:, None, :]
+    return h, jnp.einsum("bdn,bn->bd", h, c_t, precision=lax.Precision.HIGHEST)
+
+
+def _chunk_sequential(A, h, xs):
+    """One chunk step by step (a ``lax.scan`` over its L steps); same contract as :func:`_chunk`."""
+    return lax.scan(lambda h, x: _step(A, h, x), h, xs)
+
+
 def _chunk(A, h, xs):
     """One chunk: xs = (x, dt, B, C) each [L, B, ...] float32; returns (state after the chunk, y [L, B, Dm])."""
     x, dt, Bm, Cm = xs
@@ -80,7 +92,8 @@ def _chunk(A, h, xs):
     return hs[-1], y
 
 
-def selective_scan(x, dt, A, B, C, D=None, z=None, *, initial_state=None, output_final_state=False, chunk_size=64):
+def selective_scan(x, dt, A, B, C, D=None, z=None, *, initial_state=None, output_final_state=False, chunk_size=64,
+                   inner="auto"):
     """Chunked selective scan, differentiable, memory O((T/L + L)·B·Dm·N) in the backward pass (L = chunk_size).
 
     Args:
@@ -91,11 +104,18 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, *, initial_state=None, output
       initial_state: [B, Dm, N] or None (zeros).
       output_final_state: also return the state after the last step.
       chunk_size: steps per checkpointed chunk.
+      inner: how a chunk is computed: "associative" (log-depth ``associative_scan``, for accelerators),
+        "sequential" (a ``lax.scan`` over the chunk's steps, faster on CPU) or "auto" (sequential on CPU).
 
     Returns:
       (y [B, T, Dm] in x's dtype, final state [B, Dm, N] float32 or None).
     """
     Bb, T, Dm, N = _check(x, dt, A, B, C, D, z, initial_state, chunk_size)
+    if inner not in ("auto", "associative", "sequential"):
+        raise ValueError(f"inner: expected 'auto', 'associative' or 'sequential', got {inner!r}")
+    if inner == "auto":
+        inner = "sequential" if jax.default_backend() == "cpu" else "associative"
+    chunk_fn = _chunk if inner == "associative" else _chunk_sequential
     L = min(int(chunk_size), T)
     n = math.ceil(T / L)
     pad = n * L - T
@@ -107,7 +127,7 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, *, initial_state=None, output
         return jnp.moveaxis(a.reshape((Bb, n, L) + a.shape[2:]), (1, 2), (0, 1))
 
     h0 = jnp.zeros((Bb, Dm, N), _F32) if initial_state is None else initial_state.astype(_F32)
-    body = jax.checkpoint(lambda h, xs: _chunk(A.astype(_F32), h, xs))
+    body = jax.checkpoint(lambda h, xs: chunk_fn(A.astype(_F32), h, xs))
     h, y = lax.scan(body, h0, (chunks(x), chunks(dt), chunks(B), chunks(C)))
     y = jnp.moveaxis(y, 2, 0).reshape(Bb, n * L, Dm)[:, :T]
     return _finish(y, x, D, z, x.dtype), (h if output_final_state else None)
@@ -118,15 +138,9 @@ def selective_scan_sequential(x, dt, A, B, C, D=None, z=None, *, initial_state=N
     as :func:`selective_scan`; its backward keeps every step's state (memory O(T·B·Dm·N))."""
     Bb, T, Dm, N = _check(x, dt, A, B, C, D, z, initial_state, None)
     A32 = A.astype(_F32)
-
-    def step(h, xs):
-        x_t, dt_t, b_t, c_t = xs
-        h = jnp.exp(dt_t[..., None] * A32) * h + (dt_t * x_t)[..., None] * b_t[:, None, :]
-        return h, jnp.einsum("bdn,bn->bd", h, c_t, precision=lax.Precision.HIGHEST)
-
     h0 = jnp.zeros((Bb, Dm, N), _F32) if initial_state is None else initial_state.astype(_F32)
     xs = tuple(jnp.moveaxis(a.astype(_F32), 1, 0) for a in (x, dt, B, C))
-    h, y = lax.scan(step, h0, xs)
+    h, y = lax.scan(lambda h, x: _step(A32, h, x), h0, xs)
     return _finish(jnp.moveaxis(y, 0, 1), x, D, z, x.dtype), (h if output_final_state else None)
 
 
