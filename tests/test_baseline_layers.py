@@ -129,6 +129,7 @@ def test_weight_round_trip_and_errors(name):
 @pytest.mark.parametrize("kind,kwargs", [
     ("retnet", dict(hidden_size=32, num_heads=2, use_short_conv=True)),
     ("mamba2", dict(hidden_size=32, num_heads=4, head_dim=16, state_size=8, n_groups=2)),
+    ("mamba", dict(hidden_size=32, state_size=8, conv_kernel=4)),
 ])
 def test_packed_documents_equal_separate_calls(kind, kwargs):
     layer = build_layer(kind, kwargs)

@@ -68,6 +68,29 @@ def test_forward_and_gradients_match_float64(shape, chunk, inner):
     assert all(e < TOL for e in errs.values()), errs
 
 
+@pytest.mark.parametrize("inner", ["sequential", "associative"])
+def test_segments_reset_the_state(inner):
+    """Packed documents: the chunked scan (documents starting mid-chunk) equals a float64 scan per document."""
+    x, dt, A, B, C, D, z, h0 = _inputs(1, 29, 3, 4, seed=4)
+    seg = jnp.asarray(np.repeat([3, 4, 7], [5, 15, 9])[None], jnp.int32)
+    y, h = selective_scan(x, dt, A, B, C, D, z, initial_state=h0, output_final_state=True, chunk_size=8, inner=inner,
+                          segment_ids=seg)
+    ys, hs = selective_scan_sequential(x, dt, A, B, C, D, z, initial_state=h0, output_final_state=True,
+                                       segment_ids=seg)
+    with jax.enable_x64(True):
+        parts, state = [], None
+        for lo, hi in ((0, 5), (5, 20), (20, 29)):
+            a = [jnp.asarray(t[:, lo:hi], jnp.float64) for t in (x, dt)]
+            b = [jnp.asarray(t[:, lo:hi], jnp.float64) for t in (B, C)]
+            s0 = jnp.asarray(h0, jnp.float64) if lo == 0 else jnp.zeros((1, 3, 4), jnp.float64)
+            y_d, state = reference_scan64(a[0], a[1], jnp.asarray(A, jnp.float64), b[0], b[1],
+                                          jnp.asarray(D, jnp.float64), jnp.asarray(z[:, lo:hi], jnp.float64), s0)
+            parts.append(np.asarray(y_d))
+        y64, h64 = np.concatenate(parts, axis=1), np.asarray(state)
+    assert rel_err(y, y64) < TOL and rel_err(h, h64) < TOL
+    assert rel_err(ys, y64) < TOL and rel_err(hs, h64) < TOL
+
+
 def test_sequential_form_and_steps_agree_with_chunked():
     x, dt, A, B, C, D, z, h0 = _inputs(2, 30, 4, 8, seed=2)
     y, h = selective_scan(x, dt, A, B, C, D, z, initial_state=h0, output_final_state=True, chunk_size=8)

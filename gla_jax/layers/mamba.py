@@ -75,9 +75,9 @@ class MambaMixer(nnx.Module):
         return {"ssm": jnp.zeros((batch_size, self.intermediate_size, self.state_size), jnp.float32),
                 "conv": jnp.zeros((batch_size, self.conv_kernel - 1, self.intermediate_size), self.dtype)}
 
-    def _ssm_inputs(self, u, conv_cache, return_cache):
+    def _ssm_inputs(self, u, conv_cache, return_cache, segment_ids=None):
         x, z = jnp.split(self.in_proj(u.astype(self.dtype)), 2, axis=-1)
-        x, conv_cache = self.conv1d(x, cache=conv_cache, output_final_state=return_cache)
+        x, conv_cache = self.conv1d(x, segment_ids=segment_ids, cache=conv_cache, output_final_state=return_cache)
         R, N = self.time_step_rank, self.state_size
         dbc = self.x_proj(x)
         dt = jax.nn.softplus(self.dt_proj(dbc[..., :R]).astype(jnp.float32))
@@ -85,14 +85,16 @@ class MambaMixer(nnx.Module):
         A = -jnp.exp(self.A_log[...].astype(jnp.float32))
         return x, z, dt, A, Bm, Cm, conv_cache
 
-    def __call__(self, u, *, cache=None, return_cache: bool = False):
-        """u: [B, T, D]; cache: from :meth:`init_cache` or a previous call (the state before u).
+    def __call__(self, u, *, segment_ids=None, cache=None, return_cache: bool = False):
+        """u: [B, T, D]; segment_ids: [B, T] int (packed documents: no state or conv tap crosses a start); cache: from
+        :meth:`init_cache` or a previous call (the state before u; it belongs to the first document).
         Returns y [B, T, D], or (y, new cache) with ``return_cache``."""
         if u.ndim != 3 or u.shape[-1] != self.hidden_size:
             raise ValueError(f"u: expected shape [B, T, {self.hidden_size}], got {u.shape}")
-        x, z, dt, A, Bm, Cm, conv_cache = self._ssm_inputs(u, None if cache is None else cache["conv"], return_cache)
+        x, z, dt, A, Bm, Cm, conv_cache = self._ssm_inputs(u, None if cache is None else cache["conv"], return_cache,
+                                                           segment_ids)
         y, h = selective_scan(x, dt, A, Bm, Cm, self.D[...], z, initial_state=None if cache is None else cache["ssm"],
-                              output_final_state=return_cache, chunk_size=self.chunk_size)
+                              output_final_state=return_cache, chunk_size=self.chunk_size, segment_ids=segment_ids)
         out = self.out_proj(y.astype(self.dtype))
         return (out, {"ssm": h, "conv": conv_cache}) if return_cache else out
 

@@ -23,7 +23,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from gla_jax.ops.segments import segment_starts
+
 _F32 = jnp.float32
+
+
+def _keep(segment_ids, shape):
+    """[B, T] float32: 0 where a new document starts (the state is dropped there), else 1."""
+    if segment_ids is None:
+        return jnp.ones(shape, _F32)
+    if getattr(segment_ids, "shape", None) != shape or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids: expected an integer array of shape {shape} ([B, T]), got "
+                         f"{getattr(segment_ids, 'dtype', type(segment_ids).__name__)} "
+                         f"{getattr(segment_ids, 'shape', '')}")
+    return 1.0 - segment_starts(segment_ids).astype(_F32)
 
 
 def _check(x, dt, A, B, C, D, z, initial_state, chunk_size):
@@ -70,9 +83,9 @@ def _combine(left, right):
 
 
 def _step(A, h, xs):
-    """One step: h = e^{dt A} h + dt x B, y = h · C (float32)."""
-    x_t, dt_t, b_t, c_t = xs
-    h = jnp.exp(dt_t[..., None] * A) * h + (dt_t * x_t)[..., None] * b_t[:, None, :]
+    """One step: h = keep e^{dt A} h + dt x B, y = h · C (float32); keep = 0 where a document starts."""
+    x_t, dt_t, b_t, c_t, keep_t = xs
+    h = jnp.exp(dt_t[..., None] * A) * keep_t[:, None, None] * h + (dt_t * x_t)[..., None] * b_t[:, None, :]
     return h, jnp.einsum("bdn,bn->bd", h, c_t, precision=lax.Precision.HIGHEST)
 
 
@@ -82,9 +95,9 @@ def _chunk_sequential(A, h, xs):
 
 
 def _chunk(A, h, xs):
-    """One chunk: xs = (x, dt, B, C) each [L, B, ...] float32; returns (state after the chunk, y [L, B, Dm])."""
-    x, dt, Bm, Cm = xs
-    decay = jnp.exp(dt[..., None] * A)  # [L, B, Dm, N]
+    """One chunk: xs = (x, dt, B, C, keep) each [L, B, ...] float32; returns (state after the chunk, y [L, B, Dm])."""
+    x, dt, Bm, Cm, keep = xs
+    decay = jnp.exp(dt[..., None] * A) * keep[:, :, None, None]  # [L, B, Dm, N]
     inp = (dt * x)[..., None] * Bm[:, :, None, :]
     a_cum, b_cum = lax.associative_scan(_combine, (decay, inp), axis=0)
     hs = a_cum * h[None] + b_cum
@@ -93,7 +106,7 @@ def _chunk(A, h, xs):
 
 
 def selective_scan(x, dt, A, B, C, D=None, z=None, *, initial_state=None, output_final_state=False, chunk_size=64,
-                   inner="auto"):
+                   inner="auto", segment_ids=None):
     """Chunked selective scan, differentiable, memory O((T/L + L)·B·Dm·N) in the backward pass (L = chunk_size).
 
     Args:
@@ -101,8 +114,9 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, *, initial_state=None, output
       A: [Dm, N] continuous-time state matrix (negative: -exp(A_log)).
       B, C: [B, T, N] input and output projections of the state.
       D: [Dm] skip weights or None; z: [B, T, Dm] output gate (y ⊙ silu(z)) or None.
-      initial_state: [B, Dm, N] or None (zeros).
+      initial_state: [B, Dm, N] or None (zeros); it belongs to the first document.
       output_final_state: also return the state after the last step.
+      segment_ids: [B, T] integer document ids of packed rows or None; the state is zeroed at each document start.
       chunk_size: steps per checkpointed chunk.
       inner: how a chunk is computed: "associative" (log-depth ``associative_scan``, for accelerators),
         "sequential" (a ``lax.scan`` over the chunk's steps, faster on CPU) or "auto" (sequential on CPU).
@@ -128,18 +142,23 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, *, initial_state=None, output
 
     h0 = jnp.zeros((Bb, Dm, N), _F32) if initial_state is None else initial_state.astype(_F32)
     body = jax.checkpoint(lambda h, xs: chunk_fn(A.astype(_F32), h, xs))
-    h, y = lax.scan(body, h0, (chunks(x), chunks(dt), chunks(B), chunks(C)))
+    keep = _keep(segment_ids, (Bb, T))
+    if pad:
+        keep = jnp.pad(keep, ((0, 0), (0, pad)), constant_values=1.0)
+    keep = jnp.moveaxis(keep.reshape(Bb, n, L), (1, 2), (0, 1))
+    h, y = lax.scan(body, h0, (chunks(x), chunks(dt), chunks(B), chunks(C), keep))
     y = jnp.moveaxis(y, 2, 0).reshape(Bb, n * L, Dm)[:, :T]
     return _finish(y, x, D, z, x.dtype), (h if output_final_state else None)
 
 
-def selective_scan_sequential(x, dt, A, B, C, D=None, z=None, *, initial_state=None, output_final_state=False):
+def selective_scan_sequential(x, dt, A, B, C, D=None, z=None, *, initial_state=None, output_final_state=False,
+                              segment_ids=None):
     """The same scan as a plain ``lax.scan`` over single steps (no chunks, no checkpoint). Same arguments/returns
     as :func:`selective_scan`; its backward keeps every step's state (memory O(T·B·Dm·N))."""
     Bb, T, Dm, N = _check(x, dt, A, B, C, D, z, initial_state, None)
     A32 = A.astype(_F32)
     h0 = jnp.zeros((Bb, Dm, N), _F32) if initial_state is None else initial_state.astype(_F32)
-    xs = tuple(jnp.moveaxis(a.astype(_F32), 1, 0) for a in (x, dt, B, C))
+    xs = tuple(jnp.moveaxis(a.astype(_F32), 1, 0) for a in (x, dt, B, C, _keep(segment_ids, (Bb, T))))
     h, y = lax.scan(lambda h, x: _step(A32, h, x), h0, xs)
     return _finish(jnp.moveaxis(y, 0, 1), x, D, z, x.dtype), (h if output_final_state else None)
 
