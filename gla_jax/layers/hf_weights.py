@@ -57,7 +57,8 @@ def layer_layout(layer) -> dict:
         if layer.g_norm.weight is not None:
             t["g_norm.weight"] = (("g_norm", "weight"), "plain")
     else:
-        raise ValueError(f"layer: expected a MambaMixer, Mamba2Mixer or MultiScaleRetention, got {type(layer).__name__}")
+        raise ValueError(f"layer: expected a MambaMixer, Mamba2Mixer or MultiScaleRetention, got "
+                         f"{type(layer).__name__}")
     return t
 
 
