@@ -1,0 +1,136 @@
+"""The scalar-gate operator (gla_jax.ops.scalar) against a float64 scalar recurrence written here, and against the
+vector-gate float64 reference (tests/reference.py) with the gate broadcast over K, as a second independent check."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gla_jax.ops.scalar import gla_scalar, gla_scalar_step
+from reference import reference_gla, rel_err
+
+TOL = 1e-5
+
+
+def scalar_recurrence64(q, k, v, g, *, scale, initial_state=None, segment_ids=None):
+    """float64 numpy loop: S_t = e^{g_t} S_{t-1} (zeroed at document starts) + k_tᵀ v_t, o_t = scale q_t S_t."""
+    q, k, v, g = (np.asarray(a, np.float64) for a in (q, k, v, g))
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    s = np.zeros((B, H, K, V)) if initial_state is None else np.array(initial_state, np.float64)
+    o = np.zeros((B, T, H, V))
+    for t in range(T):
+        decay = np.exp(g[:, t])[..., None, None]
+        if segment_ids is not None and t > 0:
+            decay = decay * (np.asarray(segment_ids)[:, t] == np.asarray(segment_ids)[:, t - 1])[:, None, None, None]
+        s = s * decay + k[:, t, :, :, None] * v[:, t, :, None, :]
+        o[:, t] = np.einsum("bhk,bhkv->bhv", q[:, t] * scale, s)
+    return o, s
+
+
+def _inputs(B, T, H, K, V, seed=0, strong=False, dtype=np.float32):
+    r = np.random.default_rng(seed)
+    q, k = (r.standard_normal((B, T, H, K)).astype(np.float32) for _ in range(2))
+    v = r.standard_normal((B, T, H, V)).astype(np.float32)
+    if strong:  # log alpha down to -20, mixed with ordinary decays
+        g = -r.uniform(0, 20, (B, T, H))
+    else:
+        g = np.log(r.uniform(0.8, 1.0, (B, T, H)))
+    return [jnp.asarray(a, dtype) for a in (q, k, v)] + [jnp.asarray(g, np.float32)]
+
+
+def _loss_parts(B, T, H, K, V, seed):
+    r = np.random.default_rng(seed + 99)
+    return (r.standard_normal((B, T, H, V)).astype(np.float32), r.standard_normal((B, H, K, V)).astype(np.float32))
+
+
+def _check_all(q, k, v, g, *, s0=None, seg=None, chunk_size=16, tol=TOL):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    do, ds = _loss_parts(B, T, H, K, V, 0)
+
+    def f(q, k, v, g, s0):
+        o, s = gla_scalar(q, k, v, g, initial_state=s0, output_final_state=True, segment_ids=seg,
+                          chunk_size=chunk_size)
+        return jnp.sum(o * do) + jnp.sum(s * ds), (o, s)
+
+    s0j = jnp.zeros((B, H, K, V), jnp.float32) if s0 is None else jnp.asarray(s0)
+    grads, (o, s) = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4), has_aux=True))(q, k, v, g, s0j)
+    # independent reference: the vector-gate float64 recurrence with g broadcast over K; grad of g summed over K
+    gv = np.broadcast_to(np.asarray(g)[..., None], q.shape)
+    o_ref, s_ref, (dq, dk, dv, dgv, ds0) = reference_gla(q, k, v, gv, initial_state=s0j, segment_ids=seg, do=do,
+                                                         ds=ds)
+    o_loop, s_loop = scalar_recurrence64(q, k, v, g, scale=K ** -0.5, initial_state=s0, segment_ids=seg)
+    assert rel_err(o_loop, o_ref) < 1e-12 and rel_err(s_loop, s_ref) < 1e-12  # the two references agree
+    errs = {"o": rel_err(o, o_ref), "s": rel_err(s, s_ref), "dq": rel_err(grads[0], dq), "dk": rel_err(grads[1], dk),
+            "dv": rel_err(grads[2], dv), "dg": rel_err(grads[3], dgv.sum(-1)), "ds0": rel_err(grads[4], ds0)}
+    bad = {n: e for n, e in errs.items() if not e < tol}
+    assert not bad, f"errors above {tol}: {bad} (all: {errs})"
+    return errs
+
+
+@pytest.mark.parametrize("shape,chunk", [((2, 50, 2, 16, 8), 16), ((1, 130, 3, 8, 16), 64), ((2, 7, 1, 4, 4), 16)])
+def test_matches_float64_recurrence(shape, chunk):
+    q, k, v, g = _inputs(*shape, seed=1)
+    _check_all(q, k, v, g, chunk_size=chunk)
+
+
+def test_initial_state_and_segments():
+    B, T, H, K, V = 2, 70, 2, 8, 8
+    q, k, v, g = _inputs(B, T, H, K, V, seed=2)
+    s0 = np.random.default_rng(3).standard_normal((B, H, K, V)).astype(np.float32)
+    seg = jnp.asarray(np.stack([np.repeat([0, 1, 2], [10, 40, 20]), np.repeat([5, 6], [33, 37])]), jnp.int32)
+    _check_all(q, k, v, g, s0=s0, seg=seg, chunk_size=16)
+
+
+def test_strong_decays_down_to_minus_20():
+    q, k, v, g = _inputs(2, 48, 2, 8, 8, seed=4, strong=True)
+    errs = _check_all(q, k, v, g, chunk_size=16)
+    assert errs["dg"] < TOL
+
+
+def test_bfloat16_inputs():
+    B, T, H, K, V = 1, 40, 2, 16, 16
+    q, k, v, g = _inputs(B, T, H, K, V, seed=5, dtype=jnp.bfloat16)
+    o, s = gla_scalar(q, k, v, g, output_final_state=True, chunk_size=16)
+    assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+    o_ref, s_ref = scalar_recurrence64(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), g,
+                                       scale=K ** -0.5)
+    assert rel_err(o, o_ref) < 1e-2 and rel_err(s, s_ref) < 1e-5
+
+
+def test_step_matches_recurrence_and_continues_chunk_form():
+    B, T, H, K, V = 2, 20, 2, 8, 4
+    q, k, v, g = _inputs(B, T, H, K, V, seed=6)
+    _, s = gla_scalar(q[:, :12], k[:, :12], v[:, :12], g[:, :12], output_final_state=True, chunk_size=16)
+    outs = []
+    for t in range(12, T):
+        o_t, s = gla_scalar_step(q[:, t], k[:, t], v[:, t], g[:, t], s)
+        outs.append(o_t)
+    o_ref, s_ref = scalar_recurrence64(q, k, v, g, scale=K ** -0.5)
+    assert rel_err(jnp.stack(outs, 1), o_ref[:, 12:]) < TOL and rel_err(s, s_ref) < TOL
+
+
+def test_negative_control_wrong_gate_detected():
+    """The comparison can fail: a slightly different gate moves the output far beyond the tolerance."""
+    q, k, v, g = _inputs(1, 30, 2, 8, 8, seed=7)
+    o, _ = gla_scalar(q, k, v, g * 1.01, chunk_size=16)
+    o_ref, _ = scalar_recurrence64(q, k, v, g, scale=8 ** -0.5)
+    assert rel_err(o, o_ref) > 10 * TOL
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(g=jnp.zeros((1, 8, 2, 4))), "g: expected shape"),
+    (dict(chunk_size=24), "chunk_size"),
+    (dict(initial_state=jnp.zeros((1, 2, 4, 5))), "initial_state"),
+    (dict(segment_ids=jnp.zeros((1, 8), jnp.float32)), "segment_ids"),
+    (dict(scale="x"), "scale"),
+])
+def test_bad_inputs_name_the_argument(kw, match):
+    args = dict(q=jnp.zeros((1, 8, 2, 4)), k=jnp.zeros((1, 8, 2, 4)), v=jnp.zeros((1, 8, 2, 4)),
+                g=jnp.zeros((1, 8, 2)))
+    args.update({n: kw.pop(n) for n in list(kw) if n in args})
+    with pytest.raises(ValueError, match=match):
+        gla_scalar(args["q"], args["k"], args["v"], args["g"], **kw)
