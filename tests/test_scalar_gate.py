@@ -10,6 +10,7 @@ import pytest
 
 from gla_jax.ops.scalar import gla_scalar, gla_scalar_step
 from reference import reference_gla, rel_err
+from zero_gates import PATTERNS, place_zero_gates
 
 TOL = 1e-5
 
@@ -68,7 +69,7 @@ def _check_all(q, k, v, g, *, s0=None, seg=None, chunk_size=16, tol=TOL):
             "dv": rel_err(grads[2], dv), "dg": rel_err(grads[3], dgv.sum(-1)), "ds0": rel_err(grads[4], ds0)}
     bad = {n: e for n, e in errs.items() if not e < tol}
     assert not bad, f"errors above {tol}: {bad} (all: {errs})"
-    return errs
+    return errs, grads
 
 
 @pytest.mark.parametrize("shape,chunk", [((2, 50, 2, 16, 8), 16), ((1, 130, 3, 8, 16), 64), ((2, 7, 1, 4, 4), 16)])
@@ -87,8 +88,53 @@ def test_initial_state_and_segments():
 
 def test_strong_decays_down_to_minus_20():
     q, k, v, g = _inputs(2, 48, 2, 8, 8, seed=4, strong=True)
-    errs = _check_all(q, k, v, g, chunk_size=16)
+    errs, _ = _check_all(q, k, v, g, chunk_size=16)
     assert errs["dg"] < TOL
+
+
+def _with_zero_gates(g, pattern, seed):
+    """g [B, T, H] with zero gates (-inf, or finite far below -104) placed by a tests/zero_gates.py pattern."""
+    return jnp.asarray(place_zero_gates(np.asarray(g)[..., None], pattern, seed=seed)[..., 0])
+
+
+def _packed_inputs(seed, T=150, gates=None):
+    B, H, K, V = 2, 2, 16, 8
+    q, k, v, g = _inputs(B, T, H, K, V, seed=seed)
+    if gates is not None:
+        g = jnp.full_like(g, gates)
+    s0 = np.random.default_rng(seed + 1).standard_normal((B, H, K, V)).astype(np.float32)
+    seg = jnp.asarray(np.stack([np.repeat([0, 1, 2], [30, 70, T - 100]), np.repeat([4, 5], [64, T - 64])]), jnp.int32)
+    return q, k, v, g, s0, seg
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_zero_gates_match_float64(pattern, chunk):
+    # alpha = 0 (g = -inf or <= -104) at the first position, mid-chunk, on chunk boundaries, several per chunk,
+    # scattered; with packed documents and an initial state: forward, final state and every gradient finite and
+    # float32-exact against the float64 recurrence, and dg exactly 0 at each zero gate (the limit g -> -inf).
+    q, k, v, g, s0, seg = _packed_inputs(10)
+    g = _with_zero_gates(g, pattern, seed=11)
+    zero = np.asarray(g) <= -104.0
+    assert zero.any()
+    _, grads = _check_all(q, k, v, g, s0=s0, seg=seg, chunk_size=chunk)
+    assert np.all(np.asarray(grads[3])[zero] == 0.0)
+
+
+def test_zero_gates_among_strong_decays():
+    # zero gates among log alpha = -20 per step: every exponent stays <= 0 and exact.
+    q, k, v, g, s0, seg = _packed_inputs(12, gates=-20.0)
+    _check_all(q, k, v, _with_zero_gates(g, "several_in_chunk", seed=13), s0=s0, seg=seg, chunk_size=64)
+
+
+def test_zero_gates_keep_small_gates_exact():
+    # Tiny gates (1e-3 per step) after zero gates: a finite stand-in for -inf inside the cumulative gate (|b| >= 104)
+    # would round them to float32's spacing there (~1e-5) and miss these bounds; the separate count keeps them exact.
+    q, k, v, g = _inputs(1, 128, 2, 16, 16, seed=14)
+    g = jnp.asarray(np.log(np.random.default_rng(15).uniform(0.999, 1.0, g.shape)), jnp.float32)
+    g = g.at[:, 3].set(-jnp.inf).at[:, 70].set(-jnp.inf)
+    errs, _ = _check_all(q, k, v, g, chunk_size=64, tol=1e-5)
+    assert errs["o"] < 1e-6 and errs["s"] < 1e-6
 
 
 def test_bfloat16_inputs():
