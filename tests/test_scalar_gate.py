@@ -180,3 +180,98 @@ def test_bad_inputs_name_the_argument(kw, match):
     args.update({n: kw.pop(n) for n in list(kw) if n in args})
     with pytest.raises(ValueError, match=match):
         gla_scalar(args["q"], args["k"], args["v"], args["g"], **kw)
+
+
+# --- scalar gates through the public operator gla (gla_jax.ops.api) ---------------------------------------------
+
+GLA_TOL = {"triton": 1e-4}  # Pallas interpret mode, as in tests/test_kernels.py; pure-JAX forms: TOL
+
+
+def _gla_vjp(impl, q, k, v, g, s0, seg, do, ds, **kw):
+    from gla_jax.ops import gla
+
+    def f(q, k, v, g, s0):
+        return gla(q, k, v, g, initial_state=s0, output_final_state=True, segment_ids=seg, impl=impl,
+                   interpret=impl == "triton", **kw)
+
+    @jax.jit
+    def run(q, k, v, g, s0):
+        (o, s), vjp = jax.vjp(f, q, k, v, g, s0)
+        return o, s, vjp((do, ds))
+
+    return run(q, k, v, g, s0)
+
+
+@pytest.mark.parametrize("impl", ["auto", "chunk", "recurrent", "parallel", "triton"])
+def test_gla_accepts_scalar_gates(impl):
+    # gla with g [B, T, H] (zero gates included) vs the float64 vector-gate recurrence with g broadcast over K:
+    # forward, final state and every gradient; dg comes back as [B, T, H] (summed over K where it was broadcast).
+    q, k, v, g, s0, seg = _packed_inputs(20, T=100)
+    g = _with_zero_gates(g, "mid_chunk", seed=21)
+    B, T, H, K = q.shape
+    do, ds = (jnp.asarray(x) for x in _loss_parts(B, T, H, K, v.shape[-1], 22))
+    o, s, grads = _gla_vjp(impl, q, k, v, g, jnp.asarray(s0), seg, do, ds)
+    assert grads[3].shape == (B, T, H) and grads[3].dtype == g.dtype
+    gv = np.broadcast_to(np.asarray(g)[..., None], q.shape)
+    o_ref, s_ref, (dq, dk, dv, dgv, ds0) = reference_gla(q, k, v, gv, initial_state=s0, segment_ids=seg, do=do, ds=ds)
+    errs = {"o": rel_err(o, o_ref), "s": rel_err(s, s_ref), "dq": rel_err(grads[0], dq), "dk": rel_err(grads[1], dk),
+            "dv": rel_err(grads[2], dv), "dg": rel_err(grads[3], dgv.sum(-1)), "ds0": rel_err(grads[4], ds0)}
+    tol = GLA_TOL.get(impl, TOL)
+    bad = {n: e for n, e in errs.items() if not e < tol}
+    assert not bad, f"{impl}: errors above {tol}: {bad} (all: {errs})"
+    zero = np.asarray(g) <= -104.0
+    assert zero.any() and np.all(np.asarray(grads[3])[zero] == 0.0)
+
+
+@pytest.mark.parametrize("impl", ["auto", "chunk", "xla"])
+def test_gla_runs_the_scalar_form_for_scalar_gates(impl):
+    # "auto" (the chunk form on CPU), "chunk" and its alias run gla_scalar itself, not the broadcast vector form.
+    from gla_jax.ops import gla
+
+    q, k, v, g, s0, seg = _packed_inputs(23, T=100)
+    kw = dict(initial_state=jnp.asarray(s0), output_final_state=True, segment_ids=seg, chunk_size=16)
+    o, s = jax.jit(lambda q, k, v, g: gla(q, k, v, g, impl=impl, **kw))(q, k, v, g)
+    o1, s1 = jax.jit(lambda q, k, v, g: gla_scalar(q, k, v, g, **kw))(q, k, v, g)
+    np.testing.assert_array_equal(np.asarray(o), np.asarray(o1))
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(s1))
+
+
+def test_gla_scalar_gate_kernel_is_shard_mapped():
+    # A Pallas-style backend (not pure JAX) with its own scalar-gate kernel: under a mesh gla wraps it in shard_map
+    # with g [B, T, H] split over batch and heads; the kernel sees local blocks and the result matches float64.
+    from gla_jax.ops import gla, registry
+
+    seen = []
+
+    def load_scalar():
+        def fn(q, k, v, g, *, interpret, output_final_state, **kw):
+            seen.append(g.shape)
+            return gla_scalar(q, k, v, g, output_final_state=output_final_state, **kw)
+
+        return fn
+
+    registry.register(registry.Backend("probe_scalar", lambda: None, load_scalar=load_scalar))
+    try:
+        q, k, v, g, s0, seg = _packed_inputs(24, T=100)
+        mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+        f = jax.jit(lambda q, k, v, g, s0: gla(q, k, v, g, initial_state=s0, output_final_state=True, segment_ids=seg,
+                                               impl="probe_scalar", chunk_size=16, batch_axes="data",
+                                               head_axes="tensor"))
+        with jax.set_mesh(mesh):
+            o, s = f(q, k, v, g, jnp.asarray(s0))
+    finally:
+        registry.unregister("probe_scalar")
+    assert seen == [(1, 100, 1)]
+    gv = np.broadcast_to(np.asarray(g)[..., None], q.shape)
+    o_ref, s_ref = reference_gla(q, k, v, gv, initial_state=s0, segment_ids=seg)
+    assert rel_err(o, o_ref) < TOL and rel_err(s, s_ref) < TOL
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 2, 1), (1, 8), (1, 8, 3), (1, 8, 2, 4, 1)])
+def test_gla_bad_gate_shape_is_one_line_naming_g(shape):
+    from gla_jax.ops import gla
+
+    x = jnp.zeros((1, 8, 2, 4))
+    with pytest.raises(ValueError, match=r"^g: expected shape \(1, 8, 2, 4\) .* or \(1, 8, 2\) .*got") as e:
+        gla(x, x, x, jnp.zeros(shape))
+    assert "\n" not in str(e.value)
