@@ -275,3 +275,23 @@ def test_gla_bad_gate_shape_is_one_line_naming_g(shape):
     with pytest.raises(ValueError, match=r"^g: expected shape \(1, 8, 2, 4\) .* or \(1, 8, 2\) .*got") as e:
         gla(x, x, x, jnp.zeros(shape))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["k", "v", "g"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_gla_scalar_gate_non_finite_reach(name, bad):
+    # gla's non-finite contract holds for scalar gates too: a NaN/inf at t = 100 (chunk 64) leaves every position
+    # before its chunk start (64) and every other row and head bit-for-bit unchanged; from t on, that row and head
+    # are non-finite.
+    from gla_jax.ops import gla
+
+    q, k, v, g = _inputs(2, 200, 2, 16, 8, seed=25)
+    clean = dict(q=q, k=k, v=v, g=g)
+    bad_args = dict(clean)
+    bad_args[name] = clean[name].at[(0, 100, 0, 3) if name != "g" else (0, 100, 0)].set(bad)
+    run = jax.jit(lambda q, k, v, g: gla(q, k, v, g, impl="chunk", chunk_size=64)[0])
+    o0, o = np.asarray(run(**clean)), np.asarray(run(**bad_args))
+    np.testing.assert_array_equal(o[0, :64, 0], o0[0, :64, 0])
+    np.testing.assert_array_equal(o[1], o0[1])
+    np.testing.assert_array_equal(o[0, :, 1], o0[0, :, 1])
+    assert not np.isfinite(o[0, 100:, 0]).all(axis=-1).any()
