@@ -3,11 +3,11 @@
 To add a backend (a folder under ``kernels/`` with a ``chunk_gla`` entry), add one ``register(Backend(...))`` call
 here; its ``load`` imports the kernel on first use, so importing this module stays cheap and jax-only. A backend
 with a kernel specialised for scalar gates (g [B, T, H]) passes it as ``load_scalar``; the others get the gate
-broadcast over K.
+broadcast over K. Only ``chunk`` has one (``gla_jax.ops.scalar.gla_scalar``, the one-level scalar-gate chunk form).
 
 | name        | aliases  | platforms | validated | priority | what                                         |
 |-------------|----------|-----------|-----------|----------|----------------------------------------------|
-| ``chunk``   | ``xla``  | all       | yes       | 0        | pure-JAX two-level chunkwise form (fallback); scalar gates: ``gla_scalar`` |
+| ``chunk``   | ``xla``  | all       | yes       | 0        | pure-JAX two-level chunkwise form (fallback) |
 | ``recurrent``|         | all       | yes       | -10      | pure-JAX scan over time (ground truth)       |
 | ``parallel``|          | all       | yes       | -20      | pure-JAX quadratic form (checks, short T)    |
 | ``triton``  | ``pallas``| gpu      | no        | 20       | Pallas Triton kernels, ``kernels/triton/``   |
