@@ -43,12 +43,13 @@ def _mesh_axes_for(axes: tuple[str, ...], size: int, mesh, used: set, name: str)
     return None if not keep else keep[0] if len(keep) == 1 else keep
 
 
-def _shard_mapped(fn, mesh, b_ax, h_ax, has_init: bool, has_seg: bool, final: bool):
+def _shard_mapped(fn, mesh, b_ax, h_ax, has_init: bool, has_seg: bool, final: bool, scalar_gate: bool = False):
     """``fn`` (a kernel function) run per shard with ``jax.shard_map``: batch over ``b_ax``, heads over ``h_ax``,
-    the rest replicated; ``final``: the final state is returned. Every (batch, head) pair is an independent GLA
-    problem, so no communication is needed."""
+    the rest replicated; ``final``: the final state is returned; ``scalar_gate``: g is [B, T, H]. Every (batch,
+    head) pair is an independent GLA problem, so no communication is needed."""
     x_spec, s_spec = P(b_ax, None, h_ax, None), P(b_ax, h_ax, None, None)
-    in_specs = [x_spec] * 4 + ([s_spec] if has_init else []) + ([P(b_ax, None)] if has_seg else [])
+    g_spec = P(b_ax, None, h_ax) if scalar_gate else x_spec
+    in_specs = [x_spec] * 3 + [g_spec] + ([s_spec] if has_init else []) + ([P(b_ax, None)] if has_seg else [])
     out_specs = (x_spec, s_spec) if final else (x_spec,)
 
     def run(q, k, v, g, *, initial_state, segment_ids, output_final_state, **kw):
@@ -75,9 +76,13 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
     Args:
       q, k: [B, T, H, K] queries and keys (float32/bfloat16/float16).
       v: [B, T, H, V] values.
-      g: [B, T, H, K] log forget gates; must be <= 0 (not checked: values are unknown under jit). g = -inf (any
-        g <= ``gates.ZERO_LOG_GATE`` = -104) is a zero gate, α = 0: that channel's past is forgotten exactly as in
-        the recurrence, in every impl; outputs and gradients stay finite, and dg there is 0 (the limit g -> -inf).
+      g: [B, T, H, K] log forget gates, or [B, T, H] scalar gates (one log decay per head and step, shared by all
+        K channels: the RetNet / Mamba2 form). Scalar gates run the one-level scalar-gate chunk form
+        (``gla_jax.ops.scalar``) when the chosen backend has one ("chunk", hence "auto" on every platform today);
+        any other backend gets the gate broadcast over K (dg then comes back summed over K, shape [B, T, H]).
+        Must be <= 0 (not checked: values are unknown under jit). g = -inf (any g <= ``gates.ZERO_LOG_GATE`` =
+        -104) is a zero gate, α = 0: that channel's past is forgotten exactly as in the recurrence, in every impl
+        and for both gate shapes; outputs and gradients stay finite, and dg there is 0 (the limit g -> -inf).
       scale: query scale, default K ** -0.5.
       initial_state: [B, H, K, V] state before position 0 (float32 recommended); it belongs to the first document.
       output_final_state: also return the state after position T-1 ([B, H, K, V] float32).
@@ -110,10 +115,16 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
         scale = K ** -0.5
     scale = float(scale)
     platform = jax.default_backend()
+    scalar_gate = g.ndim == 3
     problem = registry.Problem(B, T, H, K, V, jnp.dtype(out_dtype).name, chunk_size, segment_ids is not None,
-                               initial_state is not None, platform, bool(interpret))
+                               initial_state is not None, platform, bool(interpret), scalar_gate)
     backend = registry.resolve(impl, platform=platform, interpret=interpret, problem=problem)
-    fn = registry.kernel(backend)
+    fn = registry.scalar_kernel(backend) if scalar_gate else None
+    if fn is None:
+        fn = registry.kernel(backend)
+        if scalar_gate:  # no scalar-gate kernel: the gate broadcast over K (autodiff sums dg back over K)
+            g = jnp.broadcast_to(g[..., None], (B, T, H, K))
+            scalar_gate = False
     mesh = jax.sharding.get_abstract_mesh()
     if not backend.pure_jax and mesh is not None and not mesh.empty and (batch_axes or head_axes):
         used: set = set()
@@ -121,7 +132,7 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
         h_ax = _mesh_axes_for(head_axes, H, mesh, used, "head_axes")
         if b_ax is not None or h_ax is not None:
             fn = _shard_mapped(fn, mesh, b_ax, h_ax, initial_state is not None, segment_ids is not None,
-                               bool(output_final_state))
+                               bool(output_final_state), scalar_gate)
     o, s = fn(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=bool(output_final_state),
               segment_ids=segment_ids, chunk_size=chunk_size, interpret=interpret)
     return o.astype(out_dtype), (s.astype(jnp.float32) if output_final_state else None)

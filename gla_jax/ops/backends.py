@@ -1,7 +1,9 @@
 """The built-in GLA operator backends, one ``register`` call each (docs/design.md §5).
 
 To add a backend (a folder under ``kernels/`` with a ``chunk_gla`` entry), add one ``register(Backend(...))`` call
-here; its ``load`` imports the kernel on first use, so importing this module stays cheap and jax-only.
+here; its ``load`` imports the kernel on first use, so importing this module stays cheap and jax-only. A backend
+with a kernel specialised for scalar gates (g [B, T, H]) passes it as ``load_scalar``; the others get the gate
+broadcast over K. Only ``chunk`` has one (``gla_jax.ops.scalar.gla_scalar``, the one-level scalar-gate chunk form).
 
 | name        | aliases  | platforms | validated | priority | what                                         |
 |-------------|----------|-----------|-----------|----------|----------------------------------------------|
@@ -116,6 +118,16 @@ def _load_chunk():
     return chunk
 
 
+def _load_scalar():
+    from gla_jax.ops.scalar import gla_scalar
+
+    def scalar(q, k, v, g, *, scale, initial_state, output_final_state, segment_ids, chunk_size, interpret):
+        return gla_scalar(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                          segment_ids=segment_ids, chunk_size=chunk_size)
+
+    return scalar
+
+
 def _load_recurrent():
     from gla_jax.ops.recurrent import gla_recurrent
 
@@ -143,7 +155,9 @@ def _load_triton():
 
 
 register(Backend("chunk", _load_chunk, platforms=None, validated=True, priority=0, aliases=("xla",), pure_jax=True,
-                 description="pure-JAX two-level chunkwise form; runs everywhere (the fallback of impl='auto')"))
+                 load_scalar=_load_scalar,
+                 description="pure-JAX two-level chunkwise form; runs everywhere (the fallback of impl='auto'); "
+                             "scalar gates [B, T, H] run the one-level scalar-gate form (gla_jax/ops/scalar.py)"))
 register(Backend("recurrent", _load_recurrent, platforms=None, validated=True, priority=-10, pure_jax=True,
                  description="pure-JAX scan over time; the ground truth, slow"))
 register(Backend("parallel", _load_parallel, platforms=None, validated=True, priority=-20, pure_jax=True,

@@ -18,21 +18,23 @@ def _is_float(x) -> bool:
 def check_gla_inputs(q, k, v, g, *, scale, initial_state, segment_ids, impl, chunk_size):
     """Validates ``gla`` arguments; returns ``(B, T, H, K, V)``.
 
-    q, k, g: [B, T, H, K] float; v: [B, T, H, V] float; initial_state: [B, H, K, V] or None;
-    segment_ids: [B, T] integer or None; chunk_size: power of two >= 16 (the sub-chunk size).
+    q, k: [B, T, H, K] float; g: [B, T, H, K] or [B, T, H] (scalar gates) float; v: [B, T, H, V] float;
+    initial_state: [B, H, K, V] or None; segment_ids: [B, T] integer or None; chunk_size: power of two >= 16 (the
+    sub-chunk size).
     """
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g)):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise ValueError(f"{name}: expected an array, got {type(x).__name__}")
-        if x.ndim != 4:
+        if x.ndim != 4 and name != "g":  # g's shape is checked against q's below
             raise ValueError(f"{name}: expected rank 4 ([B, T, H, {'V' if name == 'v' else 'K'}]), got shape {x.shape}")
         if not _is_float(x):
             raise ValueError(f"{name}: expected a floating dtype (float32/bfloat16/float16/float64), got {x.dtype}")
     B, T, H, K = q.shape
     if k.shape != q.shape:
         raise ValueError(f"k: expected shape {q.shape} (same as q [B, T, H, K]), got {k.shape}")
-    if g.shape != q.shape:
-        raise ValueError(f"g: expected shape {q.shape} (same as q [B, T, H, K]), got {g.shape}")
+    if g.shape != q.shape and g.shape != q.shape[:3]:
+        raise ValueError(f"g: expected shape {q.shape} ([B, T, H, K], as q) or {q.shape[:3]} ([B, T, H], one gate "
+                         f"per head and step), got {g.shape}")
     if v.shape[:3] != (B, T, H):
         raise ValueError(f"v: expected shape ({B}, {T}, {H}, V) to match q's [B, T, H], got {v.shape}")
     V = v.shape[3]

@@ -8,6 +8,10 @@ function has the signature
     fn(q, k, v, g, *, scale, initial_state, output_final_state, segment_ids, chunk_size, interpret)
         -> (o [B, T, H, V], final_state [B, H, K, V] float32 or None)
 
+with g [B, T, H, K]. Scalar gates (g [B, T, H], one log decay per head and step) go to the backend's
+``load_scalar`` kernel (same signature, g [B, T, H]) when it has one; otherwise ``gla`` broadcasts the gate over K
+and runs the ordinary kernel, so every backend accepts both gate shapes.
+
 The built-ins are registered in ``gla_jax.ops.backends`` (one ``register`` call each); a new backend is one more
 call there. This module is jax-only and imports no backend until one is used.
 """
@@ -37,6 +41,7 @@ class Problem(NamedTuple):
     initial_state: bool  # initial_state given
     platform: str  # jax platform the call runs on: "cpu", "gpu", "tpu"
     interpret: bool  # Pallas interpret mode asked for
+    scalar_gate: bool = False  # g is [B, T, H] (one gate per head and step) rather than [B, T, H, K]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +57,8 @@ class Backend:
     pure_jax: plain jnp/lax code (runs anywhere, XLA partitions it over a mesh); otherwise a Pallas kernel, which
       has an interpret mode and is wrapped in ``jax.shard_map`` under a mesh.
     description: one line for listings.
+    load_scalar: optional zero-argument callable returning a kernel function for scalar gates g [B, T, H] (same
+      signature); without one, a scalar gate is broadcast over K for ``load``'s kernel.
     """
 
     name: str
@@ -63,6 +70,7 @@ class Backend:
     aliases: tuple[str, ...] = ()
     pure_jax: bool = False
     description: str = ""
+    load_scalar: Callable[[], Callable] | None = None
 
     def native(self, platform: str) -> bool:
         """True when ``platform`` is one this backend was written for (a pure-JAX backend is native nowhere)."""
@@ -75,6 +83,7 @@ class Backend:
 _BACKENDS: dict[str, Backend] = {}  # canonical name -> backend
 _ALIASES: dict[str, str] = {}  # alias -> canonical name
 _LOADED: dict[str, Callable] = {}  # canonical name -> loaded kernel function
+_LOADED_SCALAR: dict[str, Callable] = {}  # canonical name -> loaded scalar-gate kernel function
 _WARNED: set[tuple[str, str]] = set()
 _builtins_done = False
 
@@ -117,6 +126,7 @@ def unregister(name: str) -> Backend:
     for a in backend.aliases:
         _ALIASES.pop(a, None)
     _LOADED.pop(backend.name, None)
+    _LOADED_SCALAR.pop(backend.name, None)
     return backend
 
 
@@ -153,6 +163,17 @@ def kernel(backend: Backend) -> Callable:
     fn = _LOADED.get(backend.name)
     if fn is None:
         fn = _LOADED[backend.name] = backend.load()
+    return fn
+
+
+def scalar_kernel(backend: Backend) -> Callable | None:
+    """The backend's scalar-gate kernel function (g [B, T, H]; ``backend.load_scalar()`` once, then cached), or
+    None when it has none (``gla`` then broadcasts the gate over K and runs ``kernel(backend)``)."""
+    if backend.load_scalar is None:
+        return None
+    fn = _LOADED_SCALAR.get(backend.name)
+    if fn is None:
+        fn = _LOADED_SCALAR[backend.name] = backend.load_scalar()
     return fn
 
 

@@ -13,6 +13,12 @@ The intra-chunk matrix is (Q Kᵀ) ⊙ D with the per-head decay matrix D_ij = e
 is <= 0, so nothing overflows whatever the gates, and the whole chunk is one pair of matmuls. Packed documents use
 the same constant masks as the vector-gate chunk form (``m_in``, ``m_out``, ``keep``, same-document pairs).
 
+Zero gates (α = 0: g = -inf, or any g <= ``gates.ZERO_LOG_GATE`` = -104) are exact as in the vector-gate chunk form
+(``gla_jax/ops/gates.py``, docs/design.md §2): they count as 0 in b and, separately, as exact multiples of -256 in a
+second cumulative sum z, and every exponent above is (b_x - b_y) + (z_x - z_y): unchanged where no zero gate lies
+between x and y, <= -256 (a factor of exactly 0) where one does. -inf never enters a sum, so nothing becomes NaN,
+and small gates after a zero gate keep their float32 precision. dg is 0 at a zero gate (the limit g -> -inf).
+
 Backward (``jax.custom_vjp``; residuals are the inputs, the cumulative gates and the chunk-start states
 ``[B, H, N, K, V]``, no per-step state): a reverse scan over chunks gives dH, the gradient of the state leaving each
 chunk; dq, dk, dv are matmuls per chunk; the gate gradient is taken with respect to the cumulative gate b and
@@ -36,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from gla_jax.ops.gates import finite_gates, is_zero_gate, zero_steps
 from gla_jax.ops.segments import segment_starts
 
 _F32 = jnp.float32
@@ -76,18 +83,23 @@ def _doc_masks(doc):
 
 
 def _decays(g, doc):
-    """Cumulative gates b [B, H, N, C] and the masked decay factors (every exponent <= 0):
-    eq = e^{b} m_in, ek = e^{b_C - b} m_out, a = e^{b_C} keep [B, H, N], D [B, H, N, C, C] (causal, same doc)."""
+    """The masked decay factors of a chunk (every exponent <= 0 and finite, zero gates included):
+    eq = e^{b} m_in, ek = e^{b_C - b} m_out [B, H, N, C], a = e^{b_C} keep [B, H, N], D [B, H, N, C, C] (causal,
+    same doc), where every "b_x - b_y" stands for (b_x - b_y) + (z_x - z_y): b the inclusive cumulative sum of the
+    finite gates (zero gates counted as 0), z that of the zero-gate steps (exact multiples of -256; module
+    docstring)."""
     C = g.shape[-1]
-    b = _cumsum_last(g.astype(_F32), "inclusive")
-    bC = b[..., -1]
-    eq, ek, a = jnp.exp(b), jnp.exp(bC[..., None] - b), jnp.exp(bC)
+    b = _cumsum_last(finite_gates(g), "inclusive")
+    z = _cumsum_last(zero_steps(g), "inclusive")
+    bC, zC = b[..., -1:], z[..., -1:]
+    eq, ek, a = jnp.exp(b + z), jnp.exp((bC - b) + (zC - z)), jnp.exp(bC[..., 0] + zC[..., 0])
     causal = _tri(C) > 0
-    D = jnp.where(causal, jnp.exp(jnp.minimum(b[..., :, None] - b[..., None, :], 0.0)), 0.0)
+    gap = (b[..., :, None] - b[..., None, :]) + (z[..., :, None] - z[..., None, :])
+    D = jnp.where(causal, jnp.exp(jnp.minimum(gap, 0.0)), 0.0)
     if doc is not None:
         m_in, m_out, keep, same = _doc_masks(doc)
         eq, ek, a, D = eq * m_in, ek * m_out, a * keep, D * same
-    return b, eq, ek, a, D
+    return eq, ek, a, D
 
 
 def _state_scan(a, u, s0):
@@ -103,7 +115,7 @@ def _state_scan(a, u, s0):
 
 def _forward(cfg, q, k, v, g, s0, doc):
     scale, mdt = cfg
-    b, eq, ek, a, D = _decays(g, doc)
+    eq, ek, a, D = _decays(g, doc)
     u = _mm("bhnck,bhncv->bhnkv", k.astype(_F32) * ek[..., None], v, _F32)
     s_final, starts = _state_scan(a, u, s0)
     o = _mm("bhnck,bhnkv->bhncv", q.astype(_F32) * eq[..., None], starts, _F32)
@@ -125,7 +137,7 @@ def _scalar_op_bwd(cfg, res, cts):
     scale, mdt = cfg
     q, k, v, g, doc, starts = res
     do, ds_final = cts
-    b, eq, ek, a, D = _decays(g, doc)
+    eq, ek, a, D = _decays(g, doc)
     do = do.astype(_F32) * scale
     qf, kf = q.astype(_F32), k.astype(_F32)
 
@@ -157,6 +169,7 @@ def _scalar_op_bwd(cfg, res, cts):
     carried = jnp.sum(dh * starts, axis=(-2, -1)) * a  # [B, H, N]
     dg = (_cumsum_last(db, "reverse") + _cumsum_last(jnp.sum(kf * dk_state, axis=-1), "exclusive")
           + carried[..., None])
+    dg = jnp.where(is_zero_gate(g), 0.0, dg)  # at a zero gate: the limit g -> -inf (the identity gives ~0 there)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), ds0, None
 
 
@@ -218,6 +231,8 @@ def gla_scalar(q, k, v, g, *, scale=None, initial_state=None, output_final_state
       q, k: [B, T, H, K] queries and keys (float32/bfloat16/float16).
       v: [B, T, H, V] values.
       g: [B, T, H] log decays, one per head and step; must be <= 0 (not checked: values are unknown under jit).
+        g = -inf (any g <= -104) is a zero gate, α = 0: the past is forgotten exactly as in the recurrence;
+        outputs and gradients stay finite and dg there is 0.
       scale: query scale, default K ** -0.5 (Mamba2 uses 1.0).
       initial_state: [B, H, K, V] state before position 0 (it belongs to the first document).
       output_final_state: also return the state after position T-1.
