@@ -85,7 +85,7 @@ def run(args) -> dict:
     config["trainer"] = "gla_jax.train.loop.Trainer (the gla-jax train loop)"
     path = C.write_results(args.name, config=config, seed=args.seed, results=rows, out_dir=args.out,
                            started=started, extra={"curves": curves, "held_out_order_4_heads": order,
-                                                   "paper_order": ["gla", "scalar", "fixed", "none"]})
+                                                   "paper_order": ["gla", "scalar", "fixed", "none"]}, replace=True)
     print(C.format_table(rows, ["variant", "heads", "params", "train_ppl", "val_ppl", "paper_train_ppl",
                                 "train_seconds"]))
     print("held-out order (4 heads, best first):", " < ".join(order), "   paper: gla < scalar < fixed < none")
@@ -148,6 +148,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    C.refuse_overwrite(args.out, args.name, args.replace or args.smoke)
     print(f"gate ablation: {args.variants}; width {args.width} x {args.layers} layers, {args.steps} steps of "
           f"{args.batch} x {args.seq_len} tokens")
     run(args)
