@@ -214,16 +214,16 @@ def pyplot():
 
 
 def library_train(workdir, overrides: dict, *, log: Callable[[str], None] | None = None):
-    """Trains with ``gla_jax.train.loop.Trainer`` from the default config plus dotted ``overrides``
+    """Trains with ``gla_jax.train.trainer.Trainer`` from the default config plus dotted ``overrides``
     (e.g. ``{"model.gate": "scalar", "train.steps": 300}``) in ``workdir``. Returns (summary dict of
     ``Trainer.run()``, the Trainer, the resolved config). The run's ``metrics.jsonl`` and checkpoints stay in
     ``workdir``."""
     from gla_jax.train import config as config_lib
-    from gla_jax.train import loop
+    from gla_jax.train import trainer as trainer_lib
 
     cfg = config_lib.load_config(None, [(k, v) for k, v in overrides.items()])
-    loop.save_resolved_config(cfg, workdir)
-    trainer = loop.Trainer(cfg, workdir, log=log or (lambda _: None))
+    trainer = trainer_lib.Trainer(cfg, workdir, log=log or (lambda _: None))
+    trainer_lib.save_resolved_config(cfg, workdir, trainer.mcfg)
     summary = trainer.run()
     return summary, trainer, cfg
 
@@ -234,7 +234,7 @@ def library_eval(workdir, *, seq_len: int, batches: int, batch_size: int, overri
     from gla_jax.train.evaluate import evaluate_run
 
     return evaluate_run(workdir, seq_len=seq_len, batches=batches, batch_size=batch_size,
-                        overrides=list(overrides), log=lambda _: None)
+                        overrides=list(overrides))
 
 
 def final_train_loss(losses: dict, fraction: float = 0.1) -> float:

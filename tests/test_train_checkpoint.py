@@ -14,7 +14,7 @@ import pytest
 
 from gla_jax.train import checkpoint as K
 from gla_jax.train import config as C
-from gla_jax.train import loop
+from gla_jax.train import trainer as loop
 from gla_jax.train.metrics import by_step, read_metrics
 
 BASE = ["model.hidden_size=32", "model.num_heads=2", "model.num_hidden_layers=1", "model.vocab_size=320",
@@ -51,11 +51,27 @@ def test_reference_run_writes_metrics_and_checkpoints(reference):
     assert (wd / "tensorboard").is_dir() and any((wd / "tensorboard").iterdir())
 
 
-def _cli(wd, *extra, env=None):
-    e = dict(os.environ)
-    e.update(env or {})
-    cmd = [sys.executable, "-m", "gla_jax.cli", "train", "--workdir", str(wd), *BASE, *extra]
-    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+def _cli(wd, *extra, kill_at=None):
+    """``gla-jax train`` in a subprocess; ``kill_at=(signal, step)``: a hook sends the process that signal right after
+    that step (after the step's own hooks, e.g. its checkpoint save, have run)."""
+    argv = ["--workdir", str(wd), *BASE, *extra]
+    if kill_at is None:
+        cmd = [sys.executable, "-m", "gla_jax.cli", "train", *argv]
+    else:
+        code = ("import os, sys\n"
+                "from gla_jax.cli.train import main\n"
+                f"def kill(info):\n    if info.step == {kill_at[1]}:\n        os.kill(os.getpid(), {int(kill_at[0])})\n"
+                f"sys.exit(main({argv!r}, hooks=[(kill, 1)]))\n")
+        cmd = [sys.executable, "-c", code]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _signal_at(step, sig=signal.SIGTERM):
+    """A hook that sends this process ``sig`` right after ``step``."""
+    def hook(info):
+        if info.step == step:
+            os.kill(os.getpid(), sig)
+    return hook
 
 
 def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
@@ -63,7 +79,7 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
     complete checkpoint: the recomputed steps equal the killed run's own (uninterrupted) losses bit for bit."""
     _, ref, _ = reference
     wd = tmp_path / "run"
-    p = _cli(wd, env={"GLA_JAX_TEST_SIGNAL": "SIGKILL:7"})
+    p = _cli(wd, kill_at=(signal.SIGKILL, 7))
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     before = by_step(read_metrics(wd))
     assert sorted(before) == list(range(1, 8))
@@ -88,14 +104,14 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
     assert K.Checkpointer(wd / "checkpoints").latest_step() == 8
 
 
-def test_sigterm_saves_and_resume_matches(reference, tmp_path, monkeypatch):
+def test_sigterm_saves_and_resume_matches(reference, tmp_path):
     _, ref, _ = reference
     cfg = C.load_config(None, BASE)
-    monkeypatch.setattr(loop, "_TEST_SIGNAL", (signal.SIGTERM, 3))
-    out = loop.Trainer(cfg, tmp_path, log=_quiet).run()
+    tr = loop.Trainer(cfg, tmp_path, log=_quiet)
+    tr.add_hook(_signal_at(3))
+    out = tr.run()
     assert out["stopped_by_signal"] == "SIGTERM" and out["step"] == 3
     assert K.Checkpointer(tmp_path / "checkpoints").latest_step() == 3
-    monkeypatch.setattr(loop, "_TEST_SIGNAL", None)
     out = loop.Trainer(cfg, tmp_path, log=_quiet).run()
     assert out["start_step"] == 3
     for s in range(4, 9):

@@ -49,7 +49,7 @@ def test_logical_rules():
 def test_model_params_get_sharded():
     from flax import nnx
 
-    from gla_jax.train.loop import build_model, model_config
+    from gla_jax.train.model import build_model, model_config
 
     mcfg = model_config(C.load_config(None, TINY))
     abs_model = nnx.eval_shape(lambda: build_model(mcfg, 0))
@@ -83,7 +83,7 @@ def test_shard_mapped_gla_matches_reference(shape):
 
 
 def _run(extra):
-    from gla_jax.train.loop import Trainer
+    from gla_jax.train.trainer import Trainer
 
     cfg = C.load_config(None, TINY + extra)
     import tempfile
@@ -105,7 +105,7 @@ def test_losses_agree_across_meshes_and_with_numpy(shape, accum):
     _MESH_LOSSES[(shape, accum)] = losses
     if shape == (1, 1, 1):
         from gla_jax.train.data import loss_mask
-        from gla_jax.train.loop import build_model
+        from gla_jax.train.model import build_model
 
         model = build_model(tr.mcfg, tr.cfg.train.seed)
         logits = np.asarray(model(jnp.asarray(batch["tokens"]), segment_ids=jnp.asarray(batch["segment_ids"])),
@@ -130,12 +130,12 @@ _MESH_LOSSES = {}
 def test_model_calls_gla_through_shard_map():
     """Inside the trainer's mesh context the GLA layers run the operator under jax.shard_map (batch and heads split),
     and outside it they call the plain operator again."""
-    from gla_jax.train import loop
+    from gla_jax.train import trainer as loop
 
     cfg = C.load_config(None, TINY + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
     tr = loop.Trainer(cfg, "/nonexistent-unused", log=lambda *_: None)
     tok = jax.ShapeDtypeStruct((8, 64), jnp.int32)
     with loop.mesh_context(tr.mesh):
-        inside = str(jax.make_jaxpr(tr._apply)(tr.abs_params, tok, tok))
-    outside = str(jax.make_jaxpr(tr._apply)(tr.abs_params, tok, tok))
+        inside = str(jax.make_jaxpr(tr.apply)(tr.abs_params, tok, tok))
+    outside = str(jax.make_jaxpr(tr.apply)(tr.abs_params, tok, tok))
     assert "shard_map" in inside and "shard_map" not in outside
