@@ -51,7 +51,8 @@ def evaluate_run(workdir, *, checkpoint=None, seq_len=0, batches=8, batch_size=0
     """The held-out evaluation of the run in ``workdir`` (its ``config.yaml``, plus ``overrides``) with the
     parameters of ``checkpoint`` (default: the run's newest step). Returns a dict: ``loss``/``ppl`` over positions
     inside the training length, ``loss_all_positions``, ``buckets`` and what was evaluated (``checkpoint``, ``step``,
-    lengths, batches, tokens). UserError for bad options or an evaluation with no scored position."""
+    lengths, batches, tokens). The model is the run's (``config.yaml``'s model section, as trained). UserError for bad
+    options or an evaluation with no scored position."""
     import jax
     from jax.sharding import NamedSharding
 
@@ -61,6 +62,7 @@ def evaluate_run(workdir, *, checkpoint=None, seq_len=0, batches=8, batch_size=0
     from gla_jax.train import sharding as shard_lib
     from gla_jax.train import step as step_lib
     from gla_jax.train.load import load_model
+    from gla_jax.train.model import model_config
     from gla_jax.train.tokenizer import get_tokenizer
     from gla_jax.train.trainer import mesh_context
 
@@ -72,12 +74,14 @@ def evaluate_run(workdir, *, checkpoint=None, seq_len=0, batches=8, batch_size=0
     source = Path(checkpoint) if checkpoint else workdir
     params_dir = ckpt_lib.find_params_dir(source)
     mesh = shard_lib.make_mesh(cfg.mesh)
-    _, model = load_model(source, mesh=mesh, option="--checkpoint" if checkpoint else "--workdir")
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    _, model = load_model(source, config=model_config(cfg, tokenizer.vocab_size), mesh=mesh,
+                          option="--checkpoint" if checkpoint else "--workdir")
     apply, params = step_lib.split_model(model)
     train_len = cfg.data.seq_len
     L = seq_len or 4 * train_len
     bs = batch_size or cfg.data.batch_size
-    _, val = data_lib.list_documents(cfg.data, get_tokenizer(cfg.data.tokenizer))
+    _, val = data_lib.list_documents(cfg.data, tokenizer)
     if not len(val):
         raise UserError("data.val_fraction: the run has no held-out documents")
     edges = bucket_edges(train_len, L)

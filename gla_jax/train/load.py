@@ -71,10 +71,10 @@ def find_run_config(path: str | Path):
     return load_config(f)
 
 
-def load_model(path: str | Path, *, dtype: str | None = None, mesh=None, option: str = "--checkpoint"):
+def load_model(path: str | Path, *, config=None, dtype: str | None = None, mesh=None, option: str = "--checkpoint"):
     """(config, NNX model) from the checkpoint at ``path`` with its parameters restored (float32, as saved).
 
-    ``dtype`` overrides the compute dtype; with ``mesh`` the parameters are laid out by their logical sharding
+    ``config``: the model config to build (default: the one found with the checkpoint); ``dtype`` overrides the compute dtype; with ``mesh`` the parameters are laid out by their logical sharding
     names on it (``gla_jax.train.sharding``), else on the first device. UserError naming ``option`` for a missing
     path, config or checkpoint, or parameters that do not fit the config."""
     import jax
@@ -88,7 +88,7 @@ def load_model(path: str | Path, *, dtype: str | None = None, mesh=None, option:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{option}: no such path {str(path)!r}")
-    config = find_model_config(path, option)
+    config = config or find_model_config(path, option)
     if dtype:
         config = config.replace(dtype=dtype)
     abstract = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
