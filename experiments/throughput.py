@@ -2,8 +2,9 @@
 
 Both models share width, depth, MLP and vocabulary, so their parameter counts match to within the GLA layer's
 low-rank gate (the counts are printed and recorded). Each step is the library's training step (``gla_jax.train.step``
-with ``gla_jax.train.optim``'s AdamW: forward, backward, clipping, update, as ``gla-jax train`` runs it) on random tokens with a fixed number of tokens per batch (batch = tokens // seq_len), so a flat tokens/s
-curve means cost linear in length. Reported per (model, length): tokens/s (median of the timed steps after one
+with ``gla_jax.train.optim``'s AdamW: forward, backward, clipping, update, as ``gla-jax train`` runs it) on random
+tokens with a fixed number of tokens per batch (batch = tokens // seq_len), so a flat tokens/s curve means cost
+linear in length. Reported per (model, length): tokens/s (median of the timed steps after one
 compile + warm-up step), compile seconds, and memory: XLA's buffer estimate of the compiled step (arguments +
 outputs + temporaries − donated) and, on GPU, the device's peak bytes in use.
 

@@ -74,9 +74,10 @@ def find_run_config(path: str | Path):
 def load_model(path: str | Path, *, config=None, dtype: str | None = None, mesh=None, option: str = "--checkpoint"):
     """(config, NNX model) from the checkpoint at ``path`` with its parameters restored (float32, as saved).
 
-    ``config``: the model config to build (default: the one found with the checkpoint); ``dtype`` overrides the compute dtype; with ``mesh`` the parameters are laid out by their logical sharding
-    names on it (``gla_jax.train.sharding``), else on the first device. UserError naming ``option`` for a missing
-    path, config or checkpoint, or parameters that do not fit the config."""
+    ``config``: the model config to build (default: the one found with the checkpoint); ``dtype`` overrides the
+    compute dtype; with ``mesh`` the parameters are laid out by their logical sharding names on it
+    (``gla_jax.train.sharding``), else on the first device. UserError naming ``option`` for a missing path, config
+    or checkpoint, or parameters that do not fit the config."""
     import jax
     from flax import nnx
 
