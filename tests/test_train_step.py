@@ -115,3 +115,18 @@ def test_loop_hooks_fire_every_n_at_the_end_and_on_stop():
     assert calls[-2:] == [("b", 4, False, None), ("a", 4, True, "SIGTERM")]
     with pytest.raises(ValueError, match="every"):
         loop.add_hook(print, every=0)
+
+
+def test_profile_hook_traces_the_chosen_steps(tmp_path):
+    from gla_jax.train.config import ConfigError, parse_profile
+    from gla_jax.train.hooks import ProfileHook
+
+    step_fn = jax.jit(lambda state, batch: (state + batch, {"loss": state.sum()}))
+    lines = []
+    loop = Loop(step_fn).add_hook(ProfileHook(tmp_path / "profile", *parse_profile("1:3"), lines.append))
+    loop.run(jnp.zeros(4), iter([jnp.ones(4)] * 6), 0, 5)
+    assert lines == [f"profile of steps 2..3 written to {tmp_path / 'profile'}"]
+    assert list((tmp_path / "profile").rglob("*.xplane.pb"))
+    for bad in ("3", "3:1", "a:b"):
+        with pytest.raises(ConfigError, match="^train.profile"):
+            parse_profile(bad)
