@@ -109,6 +109,7 @@ def bench_one(model, kind, *, batch, context, steps, repeats, seed):
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    common.refuse_overwrite(args.out, "bench_generate", args.replace or args.smoke)
     started = common.utc_now()
     import jax
     from flax import nnx
@@ -145,7 +146,7 @@ def main(argv=None) -> int:
     config = {k: v for k, v in vars(args).items() if k != "out"}
     config.update(contexts=contexts, steps=steps, repeats=repeats, device=str(jax.devices()[0]))
     path = common.write_results("bench_generate", config=config, seed=args.seed, results=rows, out_dir=args.out,
-                                started=started)
+                                started=started, replace=True)
     print(f"wrote {path}")
     return 0
 

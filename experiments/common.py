@@ -1,5 +1,6 @@
-"""Shared helpers for the experiment scripts: command-line flags, run metadata, results (JSON + PNG), tables,
-and a small optax/NNX training loop for tasks whose loss is not plain next-token prediction (MQAR).
+"""Shared helpers for the experiment scripts: command-line flags, run metadata, results (JSON + PNG), tables, and
+language-model runs through the library's trainer (``gla_jax.train``, the code ``gla-jax train``/``eval`` run).
+Training itself (loss, step, optimizer, loop) is the library's; nothing here defines its own.
 
 Every experiment writes ``experiments/results/<name>.json`` with the keys ``experiment``, ``config``, ``seed``,
 ``env`` (package versions, device, platform, git commit), ``started``/``finished`` (UTC) and ``results`` (a list
@@ -96,7 +97,17 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (data and initialisation)")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run of the whole pipeline (tests, CI)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plots")
+    p.add_argument("--replace", action="store_true",
+                   help="overwrite an existing results file of the same name (otherwise the run refuses to start)")
     return p
+
+
+def refuse_overwrite(out_dir: pathlib.Path | str, name: str, replace: bool) -> None:
+    """A one-line error before an experiment starts when ``<out_dir>/<name>.json`` exists and ``replace`` is off
+    (committed results are changed on purpose only: pass ``--replace`` or another ``--name``)."""
+    path = pathlib.Path(out_dir) / f"{name}.json"
+    if path.exists() and not replace:
+        raise SystemExit(f"error: --name: {path} exists; pass another --name, or --replace to overwrite it")
 
 
 def _jsonable(x):
@@ -129,8 +140,9 @@ def repo_relative(value):
 
 
 def write_results(name: str, *, config: dict, seed: int, results: list[dict], out_dir: pathlib.Path | str,
-                  started: str | None = None, extra: dict | None = None) -> pathlib.Path:
-    """Writes ``<out_dir>/<name>.json`` (experiment, config, seed, env, started, finished, results[, extra])."""
+                  started: str | None = None, extra: dict | None = None, replace: bool = False) -> pathlib.Path:
+    """Writes ``<out_dir>/<name>.json`` (experiment, config, seed, env, started, finished, results[, extra]);
+    FileExistsError if it exists and ``replace`` is off (committed results are never overwritten by accident)."""
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"name: expected a plain file stem, got {name!r}")
     if not isinstance(results, list):
@@ -149,6 +161,8 @@ def write_results(name: str, *, config: dict, seed: int, results: list[dict], ou
     if extra:
         doc.update(extra)
     path = out_dir / f"{name}.json"
+    if path.exists() and not replace:
+        raise FileExistsError(f"{path} exists; write under another name or pass replace=True")
     path.write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False) + "\n")
     return path
 
@@ -195,111 +209,21 @@ def pyplot():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training: a small NNX + optax loop with an optional per-position loss mask.
-
-
-def count_params(model) -> int:
-    """Number of trainable parameters of an NNX module."""
-    import jax
-    from flax import nnx
-
-    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
-
-
-def make_optimizer(lr: float, steps: int, *, warmup: int | None = None, weight_decay: float = 0.1,
-                   b2: float = 0.95, clip: float = 1.0, min_lr_ratio: float = 0.1):
-    """AdamW with linear warmup and cosine decay to ``min_lr_ratio * lr`` and global-norm clipping (the paper's
-    recipe, at a small scale)."""
-    import optax
-
-    if steps < 1:
-        raise ValueError(f"steps: expected >= 1, got {steps}")
-    warmup = max(1, min(steps // 10, 100)) if warmup is None else warmup
-    sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps=max(1, min(warmup, steps - 1)) if steps > 1 else 1,
-                                               decay_steps=max(steps, 2), end_value=lr * min_lr_ratio)
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, b1=0.9, b2=b2, weight_decay=weight_decay))
-
-
-def masked_xent(logits, labels, mask):
-    """Mean cross-entropy over positions where ``mask`` is true, and the accuracy there.
-
-    logits: [B, T, V] (any float dtype; computed in float32), labels: [B, T] int, mask: [B, T] bool/float.
-    """
-    import jax.numpy as jnp
-    import optax
-
-    logits = logits.astype(jnp.float32)
-    mask = mask.astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    denom = jnp.maximum(mask.sum(), 1.0)
-    loss = (losses * mask).sum() / denom
-    acc = ((jnp.argmax(logits, -1) == labels) * mask).sum() / denom
-    return loss, acc
-
-
-def train_model(model, batches: Callable[[int], tuple], *, steps: int, lr: float, weight_decay: float = 0.1,
-                log_every: int = 0, log: Callable[[str], None] = print, warmup: int | None = None):
-    """Trains ``model`` (NNX, ``model(input_ids, segment_ids=None) -> logits``) in place for ``steps`` AdamW steps.
-
-    ``batches(step)`` returns ``(input_ids [B, T] int32, labels [B, T] int32, mask [B, T])`` or the same plus
-    ``segment_ids [B, T]`` (packed documents); the loss is the cross-entropy at positions where ``mask`` is true.
-    Returns a history list of dicts ``{step, loss, acc, tokens_per_sec}`` (every ``log_every`` steps, or every
-    ``steps // 20`` when 0, and the last step) and the elapsed seconds (compilation included).
-    """
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    tx = make_optimizer(lr, steps, warmup=warmup, weight_decay=weight_decay)
-    opt = _nnx_optimizer(model, tx)
-
-    @nnx.jit
-    def step_fn(model, opt, x, y, m, seg):
-        def loss_fn(model):
-            logits = model(x) if seg is None else model(x, segment_ids=seg)
-            return masked_xent(logits, y, m)
-
-        (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        _opt_update(opt, model, grads)
-        return loss, acc
-
-    history = []
-    t0 = time.perf_counter()
-    t_last, tok = t0, 0
-    every = log_every or max(1, steps // 20)
-    for s in range(steps):
-        batch = batches(s)
-        x, y, m = batch[:3]
-        seg = batch[3] if len(batch) > 3 else None
-        loss, acc = step_fn(model, opt, x, y, m, seg)
-        tok += int(np.prod(np.shape(x)))
-        if (s + 1) % every == 0 or s == steps - 1:
-            loss = float(jax.device_get(loss))
-            now = time.perf_counter()
-            rec = {"step": s + 1, "loss": loss, "acc": float(acc), "tokens_per_sec": tok / max(now - t_last, 1e-9)}
-            history.append(rec)
-            t_last, tok = now, 0
-            if log_every:
-                log(f"  step {s + 1:5d}  loss {loss:.4f}  acc {rec['acc']:.3f}  {rec['tokens_per_sec']:.0f} tok/s")
-    return history, time.perf_counter() - t0
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Language-model training and evaluation with the library's own loop (gla_jax.train): the same code path as
 # ``gla-jax train`` / ``gla-jax eval``.
 
 
 def library_train(workdir, overrides: dict, *, log: Callable[[str], None] | None = None):
-    """Trains with ``gla_jax.train.loop.Trainer`` from the default config plus dotted ``overrides``
+    """Trains with ``gla_jax.train.trainer.Trainer`` from the default config plus dotted ``overrides``
     (e.g. ``{"model.gate": "scalar", "train.steps": 300}``) in ``workdir``. Returns (summary dict of
     ``Trainer.run()``, the Trainer, the resolved config). The run's ``metrics.jsonl`` and checkpoints stay in
     ``workdir``."""
     from gla_jax.train import config as config_lib
-    from gla_jax.train import loop
+    from gla_jax.train import trainer as trainer_lib
 
     cfg = config_lib.load_config(None, [(k, v) for k, v in overrides.items()])
-    loop.save_resolved_config(cfg, workdir)
-    trainer = loop.Trainer(cfg, workdir, log=log or (lambda _: None))
+    trainer = trainer_lib.Trainer(cfg, workdir, log=log or (lambda _: None))
+    trainer_lib.save_resolved_config(cfg, workdir, trainer.mcfg)
     summary = trainer.run()
     return summary, trainer, cfg
 
@@ -310,7 +234,7 @@ def library_eval(workdir, *, seq_len: int, batches: int, batch_size: int, overri
     from gla_jax.train.evaluate import evaluate_run
 
     return evaluate_run(workdir, seq_len=seq_len, batches=batches, batch_size=batch_size,
-                        overrides=list(overrides), log=lambda _: None)
+                        overrides=list(overrides))
 
 
 def final_train_loss(losses: dict, fraction: float = 0.1) -> float:
@@ -322,91 +246,7 @@ def final_train_loss(losses: dict, fraction: float = 0.1) -> float:
     return float(sum(losses[s] for s in tail) / len(tail))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Language-model data: the library's grain pipeline over the embedded corpus (the Python standard library's sources,
-# byte tokens).
-
 BYTE_VOCAB = 320  # the byte tokenizer's 257 ids padded to a multiple of 64 (as the training default does)
-
-
-def lm_sources(source: str = "stdlib", val_fraction: float = 0.02, tokenizer: str = "byte"):
-    """(train, held-out) document sources of the library's data pipeline, and the tokenizer."""
-    from gla_jax.train.config import DataSection
-    from gla_jax.train.data import list_documents
-    from gla_jax.train.tokenizer import get_tokenizer
-
-    tok = get_tokenizer(tokenizer)
-    data = DataSection(source=source, val_fraction=val_fraction, tokenizer=tokenizer)
-    train, val = list_documents(data, tok)
-    return train, val, tok
-
-
-def lm_batches(source, *, seq_len: int, batch_size: int, seed: int = 0):
-    """``batches(step) -> (inputs, labels, mask, segment_ids)`` over packed rows of ``source`` (shuffled, repeated;
-    the library's grain pipeline). ``labels`` are the next tokens; ``mask`` drops document ends."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from gla_jax.train.config import DataSection
-    from gla_jax.train.data import loss_mask, make_batches
-
-    it = make_batches(DataSection(seq_len=seq_len, batch_size=batch_size, shuffle_seed=seed, num_shards=1), source)
-
-    def batches(step):
-        b = next(it)
-        tokens, seg = b["tokens"], b["segment_ids"]
-        labels = np.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
-        return (jnp.asarray(tokens), jnp.asarray(labels), jnp.asarray(loss_mask(seg) > 0), jnp.asarray(seg))
-
-    return batches
-
-
-def eval_windows(source, length: int, max_windows: int, min_doc: int | None = None):
-    """Non-overlapping windows of ``length + 1`` tokens from the documents of ``source`` that are long enough
-    (each window a fresh context). Returns (inputs [N, length], labels [N, length]) int32 numpy, N <= max_windows."""
-    import numpy as np
-
-    rows = []
-    for i in range(len(source)):
-        doc = np.asarray(source[i])
-        if len(doc) < max(length + 1, min_doc or 0):
-            continue
-        for start in range(0, len(doc) - length, length + 1):
-            rows.append(doc[start:start + length + 1])
-            if len(rows) >= max_windows:
-                break
-        if len(rows) >= max_windows:
-            break
-    if not rows:
-        raise ValueError(f"length: no held-out document has {length + 1} tokens")
-    rows = np.stack(rows).astype(np.int32)
-    return rows[:, :-1], rows[:, 1:]
-
-
-def functional_train_step(model, tx, donate: bool = True):
-    """A pure, jitted train step over the split ``(model, optimizer)`` state (so it can be lowered, inspected with
-    ``memory_analysis`` and timed without NNX bookkeeping in the loop).
-
-    Returns ``(step, state)`` with ``step(state, x, y, mask) -> (state, loss)`` (masked cross-entropy; see
-    ``masked_xent``) and ``state`` the initial state (``model``'s parameters are not updated in place).
-    """
-    import jax
-    from flax import nnx
-
-    opt = _nnx_optimizer(model, tx)
-    graphdef, state = nnx.split((model, opt))
-
-    def step(state, x, y, m):
-        model, opt = nnx.merge(graphdef, state)
-
-        def loss_fn(model):
-            return masked_xent(model(x), y, m)[0]
-
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        _opt_update(opt, model, grads)
-        return nnx.split((model, opt))[1], loss
-
-    return jax.jit(step, donate_argnums=(0,) if donate else ()), state
 
 
 def memory_estimate(compiled) -> dict[str, int | None]:
@@ -422,54 +262,6 @@ def memory_estimate(compiled) -> dict[str, int | None]:
     arg, out, tmp, alias = (get("argument_size_in_bytes"), get("output_size_in_bytes"), get("temp_size_in_bytes"),
                             get("alias_size_in_bytes"))
     return {"argument_bytes": arg, "output_bytes": out, "temp_bytes": tmp, "peak_estimate_bytes": arg + out + tmp - alias}
-
-
-def _nnx_optimizer(model, tx):
-    """``nnx.Optimizer`` across flax versions (``wrt`` became required in 0.11)."""
-    from flax import nnx
-
-    try:
-        return nnx.Optimizer(model, tx, wrt=nnx.Param)
-    except TypeError:
-        return nnx.Optimizer(model, tx)
-
-
-def _opt_update(opt, model, grads):
-    try:
-        opt.update(model, grads)
-    except TypeError:
-        opt.update(grads)
-
-
-def lm_eval_loss(model, inputs, labels, mask=None, batch_size: int = 8):
-    """Mean per-position cross-entropy of ``model`` over arrays ``inputs``/``labels`` [N, T] (float64 numpy sums).
-
-    Returns (per_position_loss [T] numpy float64, mean_loss float)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    from flax import nnx
-
-    @nnx.jit
-    def f(model, x, y):
-        return optax.softmax_cross_entropy_with_integer_labels(model(x).astype(jnp.float32), y)
-
-    if len(inputs) == 0:
-        raise ValueError("inputs: expected at least one row")
-
-    n, t = inputs.shape
-    total = np.zeros(t, np.float64)
-    count = np.zeros(t, np.float64)
-    for i in range(0, n, batch_size):
-        x = inputs[i:i + batch_size]
-        y = labels[i:i + batch_size]
-        m = np.ones_like(y, np.float64) if mask is None else np.asarray(mask[i:i + batch_size], np.float64)
-        losses = np.asarray(jax.device_get(f(model, jnp.asarray(x), jnp.asarray(y))), np.float64)
-        total += (losses * m).sum(0)
-        count += m.sum(0)
-    per_pos = total / np.maximum(count, 1)
-    return per_pos, float(total.sum() / max(count.sum(), 1))
 
 
 def timer():

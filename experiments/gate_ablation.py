@@ -10,7 +10,7 @@ Variants, all with the same width, depth, data, steps, batch and learning rate:
 
 Reported: final training perplexity (mean loss over the last 10% of steps) and held-out perplexity (held-out
 documents of the corpus, packed rows of the training length). Training is the library's own loop
-(``gla_jax.train.loop.Trainer``, as ``gla-jax train``), one run per variant. The paper (340M parameters, 7B tokens, training ppl):
+(``gla_jax.train.trainer.Trainer``, as ``gla-jax train``), one run per variant. The paper (340M parameters, 7B tokens, training ppl):
 GLA 14.77 < scalar 15.56 < fixed 16.55 < none 23.21; 1 head 14.61, 8 heads 15.29.
 
     python experiments/gate_ablation.py            # CPU default (a few minutes)
@@ -82,10 +82,10 @@ def run(args) -> dict:
               f"({secs:.0f}s)", flush=True)
     order = [r["variant"] for r in sorted((r for r in rows if r["heads"] == 4), key=lambda r: r["val_loss"])]
     config = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
-    config["trainer"] = "gla_jax.train.loop.Trainer (the gla-jax train loop)"
+    config["trainer"] = "gla_jax.train.trainer.Trainer (the gla-jax train loop)"
     path = C.write_results(args.name, config=config, seed=args.seed, results=rows, out_dir=args.out,
                            started=started, extra={"curves": curves, "held_out_order_4_heads": order,
-                                                   "paper_order": ["gla", "scalar", "fixed", "none"]})
+                                                   "paper_order": ["gla", "scalar", "fixed", "none"]}, replace=True)
     print(C.format_table(rows, ["variant", "heads", "params", "train_ppl", "val_ppl", "paper_train_ppl",
                                 "train_seconds"]))
     print("held-out order (4 heads, best first):", " < ".join(order), "   paper: gla < scalar < fixed < none")
@@ -148,6 +148,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    C.refuse_overwrite(args.out, args.name, args.replace or args.smoke)
     print(f"gate ablation: {args.variants}; width {args.width} x {args.layers} layers, {args.steps} steps of "
           f"{args.batch} x {args.seq_len} tokens")
     run(args)

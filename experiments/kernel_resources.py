@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.arch < 80:
         p.error(f"--arch: expected a compute capability >= 80 (Ampere), got {args.arch}")
+    name = "kernel_resources_smoke" if args.smoke else "kernel_resources"
+    C.refuse_overwrite(args.out, name, args.replace or args.smoke)
     from gla_jax.kernels.triton.machine_code import SM90_MAX_SHARED_BYTES, compile_module
 
     started = C.utc_now()
@@ -76,10 +78,9 @@ def main(argv=None) -> int:
     spills = [r for r in rows if r["spill_bytes"]]
     print(f"{len(rows)} kernels compiled for sm_{args.arch}: {len(over)} over the shared-memory limit, "
           f"{len(spills)} spilling registers, slowest compile {max(r['compile_s'] for r in rows)} s")
-    name = "kernel_resources_smoke" if args.smoke else "kernel_resources"
     path = C.write_results(name, config=dict(arch=args.arch, smoke=args.smoke, B=1, T=512, H=2), seed=args.seed,
                            results=rows, out_dir=args.out, started=started,
-                           extra=dict(max_shared_bytes=SM90_MAX_SHARED_BYTES))
+                           extra=dict(max_shared_bytes=SM90_MAX_SHARED_BYTES), replace=True)
     print(f"wrote {path}")
     return 1 if over else 0
 

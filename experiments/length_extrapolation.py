@@ -74,10 +74,10 @@ def run(args) -> dict:
         print(f"  {LABELS[kind]:14s} params {int(summary['n_params'])}  ppl within {args.train_len}: {ppl_in:.3f}, "
               f"last bucket: {ppl_far if ppl_far is None else round(ppl_far, 3)}  ({secs:.0f}s)", flush=True)
     config = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
-    config.update(eval_len=eval_len, trainer="gla_jax.train.loop.Trainer + gla_jax.train.evaluate.evaluate_run "
+    config.update(eval_len=eval_len, trainer="gla_jax.train.trainer.Trainer + gla_jax.train.evaluate.evaluate_run "
                                              "(gla-jax train / gla-jax eval)")
     path = C.write_results(args.name, config=config, seed=args.seed, results=rows, out_dir=args.out,
-                           started=started, extra={"evals": evals})
+                           started=started, extra={"evals": evals}, replace=True)
     table = {}
     for r in rows:
         if not r.get("summary"):
@@ -140,6 +140,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    C.refuse_overwrite(args.out, args.name, args.replace or args.smoke)
     print(f"length extrapolation: {args.models} trained at {args.train_len}, evaluated to "
           f"{args.train_len * args.factor} ({args.steps} steps of {args.batch} rows)")
     run(args)

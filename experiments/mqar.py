@@ -122,27 +122,54 @@ def build_model(kind: str, *, width: int, vocab_size: int, seq_len: int, layers:
 # The experiment
 
 
-def evaluate(model, data) -> float:
+def evaluate(apply, params, data) -> float:
     """Accuracy over query positions of ``data = (inputs, targets, mask)`` (numpy), in batches of 64."""
+    import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    @nnx.jit
-    def predict(model, x):
-        return jnp.argmax(model(x), axis=-1)
-
+    predict = jax.jit(lambda params, x: jnp.argmax(apply(params, x), axis=-1))
     x, y, m = data
     correct = total = 0
     for i in range(0, len(x), 64):
-        pred = np.asarray(predict(model, jnp.asarray(x[i:i + 64])))
+        pred = np.asarray(predict(params, jnp.asarray(x[i:i + 64])))
         correct += int(((pred == y[i:i + 64]) & m[i:i + 64]).sum())
         total += int(m[i:i + 64].sum())
     return correct / max(total, 1)
 
 
-def run(args) -> dict:
-    import jax.numpy as jnp
+def train(model, batches, args):
+    """Trains ``model``'s parameters with the library's train step and loop (AdamW of ``gla_jax.train.optim``, the
+    loss weighted to the query positions); returns (apply, params, last logged metrics, seconds)."""
+    import jax
 
+    from gla_jax.train import optim, step
+    from gla_jax.train.config import OptimSection
+    from gla_jax.train.loop import Loop
+    from gla_jax.train.metrics import Progress
+
+    apply, params = step.split_model(model)
+    warmup = max(1, min(args.steps // 10, 100))
+    tx = optim.make_optimizer(OptimSection(lr=args.lr, warmup_steps=warmup, weight_decay=args.weight_decay),
+                              args.steps)
+    train_step = jax.jit(step.make_train_step(apply, tx, accuracy=True), donate_argnums=(0, 1))
+
+    def step_fn(state, batch):
+        params, opt_state, metrics = train_step(*state, batch)
+        return (params, opt_state), metrics
+
+    last = {}
+
+    def record(info):
+        last.update({k: float(v) for k, v in info.metrics.items()})
+
+    t = C.timer()
+    loop = Loop(step_fn).add_hook(record, every=max(1, args.steps // 20))
+    (params, _), _, _ = loop.run((params, tx.init(params)), batches, 0, args.steps)
+    jax.block_until_ready(params)
+    return apply, params, last, t()
+
+
+def run(args) -> dict:
     started = C.utc_now()
     settings = [tuple(int(x) for x in s.split(":")) for s in args.settings]
     rows = []
@@ -155,17 +182,18 @@ def run(args) -> dict:
                 model = build_model(kind, width=width, vocab_size=args.vocab, seq_len=seq_len, layers=args.layers,
                                     heads=args.heads, seed=args.seed, short_conv=not args.no_conv)
 
-                def batches(step, rng=rng, seq_len=seq_len, n_kv=n_kv):
-                    x, y, m = mqar_batch(rng, args.batch, seq_len, n_kv, args.vocab,
-                                         random_non_queries=args.random_fill)
-                    return jnp.asarray(x), jnp.asarray(y), jnp.asarray(m)
+                def batches(rng=rng, seq_len=seq_len, n_kv=n_kv):
+                    while True:
+                        x, y, m = mqar_batch(rng, args.batch, seq_len, n_kv, args.vocab,
+                                             random_non_queries=args.random_fill)
+                        yield {"tokens": x, "targets": y, "weights": m.astype(np.float32)}
 
-                hist, secs = C.train_model(model, batches, steps=args.steps, lr=args.lr,
-                                           weight_decay=args.weight_decay, log_every=0)
-                acc = evaluate(model, test)
+                n_params = count_params(model)
+                apply, params, last, secs = train(model, batches(), args)
+                acc = evaluate(apply, params, test)
                 row = {"model": kind, "width": width, "seq_len": seq_len, "num_kv_pairs": n_kv,
-                       "params": C.count_params(model), "steps": args.steps, "final_train_loss": hist[-1]["loss"],
-                       "final_train_acc": hist[-1]["acc"], "test_acc": acc, "train_seconds": secs}
+                       "params": n_params, "steps": args.steps, "final_train_loss": last["loss"],
+                       "final_train_acc": last["accuracy"], "test_acc": acc, "train_seconds": secs}
                 rows.append(row)
                 print(f"  {LABELS[kind]:28s} width {width:4d}  T {seq_len:4d}  kv {n_kv:3d}  "
                       f"test acc {acc:.3f}  ({secs:.0f}s)", flush=True)
@@ -174,12 +202,20 @@ def run(args) -> dict:
     if args.extend:
         rows, extra = extend_rows(pathlib.Path(args.out) / f"{args.name}.json", config, rows)
     path = C.write_results(args.name, config=config, seed=args.seed, results=rows, out_dir=args.out, started=started,
-                           extra=extra)
+                           extra=extra, replace=True)
     print(C.format_table(rows, ["model", "width", "seq_len", "num_kv_pairs", "params", "final_train_loss",
                                 "test_acc", "train_seconds"]))
     if not args.no_plot:
         plot(rows, args.out, args.name)
     return {"json": path, "rows": rows}
+
+
+def count_params(model) -> int:
+    """Number of trainable parameters of an NNX module."""
+    import jax
+    from flax import nnx
+
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
 # Settings that must match for rows of two runs to share one results file (``--extend``).
@@ -265,6 +301,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    C.refuse_overwrite(args.out, args.name, args.replace or args.smoke or args.extend)
     print(f"MQAR: models {args.models}, widths {args.widths}, settings {args.settings}, vocab {args.vocab}, "
           f"{args.steps} steps of batch {args.batch}")
     run(args)

@@ -237,7 +237,7 @@ def run(args) -> dict:
     config = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
     config["gate_regimes"] = {r: GATES[r] for r in args.gates}
     path = C.write_results(args.name, config=config, seed=args.seed, results=rows, out_dir=args.out,
-                           started=started, extra={"skipped": skipped})
+                           started=started, extra={"skipped": skipped}, replace=True)
     print(C.format_table(rows, ["impl", "dtype", "gate", "T", "o_floor", "o_err", "dq_err", "dk_err", "dv_err", "dg_err"],
                          floatfmt=".2e"))
     if not args.no_plot and rows:
@@ -302,6 +302,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    C.refuse_overwrite(args.out, args.name, args.replace or args.smoke)
     run(args)
     return 0
 

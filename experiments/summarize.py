@@ -121,9 +121,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results", type=pathlib.Path, default=C.RESULTS_DIR)
     args = p.parse_args(argv)
-    for name, fmt in FORMATTERS.items():
-        path = args.results / f"{name}.json"
-        if not path.is_file():
+    for path in sorted(args.results.glob("*.json")):  # <experiment>.json and later runs <experiment>_<label>.json
+        name = path.stem
+        fmt = next((f for k, f in FORMATTERS.items() if name == k or name.startswith(k + "_")), None)
+        if fmt is None or name.endswith("_smoke"):
             continue
         doc = json.loads(path.read_text())
         plot = f"\n\n![{name}](results/{name}.png)" if path.with_suffix(".png").is_file() else ""

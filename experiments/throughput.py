@@ -1,9 +1,10 @@
 """Experiment 4: training throughput and memory of GLA vs Transformer++ against sequence length.
 
 Both models share width, depth, MLP and vocabulary, so their parameter counts match to within the GLA layer's
-low-rank gate (the counts are printed and recorded). Each step is a full AdamW training step (forward, backward,
-update) on random tokens with a fixed number of tokens per batch (batch = tokens // seq_len), so a flat tokens/s
-curve means cost linear in length. Reported per (model, length): tokens/s (median of the timed steps after one
+low-rank gate (the counts are printed and recorded). Each step is the library's training step (``gla_jax.train.step``
+with ``gla_jax.train.optim``'s AdamW: forward, backward, clipping, update, as ``gla-jax train`` runs it) on random
+tokens with a fixed number of tokens per batch (batch = tokens // seq_len), so a flat tokens/s curve means cost
+linear in length. Reported per (model, length): tokens/s (median of the timed steps after one
 compile + warm-up step), compile seconds, and memory: XLA's buffer estimate of the compiled step (arguments +
 outputs + temporaries − donated) and, on GPU, the device's peak bytes in use.
 
@@ -57,35 +58,41 @@ def build(kind: str, args, seq_len: int):
 
 
 def measure(kind: str, seq_len: int, args) -> dict:
+    """One (model, length) point: the library's train step (``gla_jax.train.step`` with ``gla_jax.train.optim``'s
+    AdamW) compiled once, then timed."""
     import jax
     import jax.numpy as jnp
 
+    from gla_jax.train import optim, step
+    from gla_jax.train.config import OptimSection
+
     batch = max(1, args.tokens // seq_len)
     model, cfg = build(kind, args, seq_len)
-    params = C.count_params(model)
-    step, state = C.functional_train_step(model, C.make_optimizer(1e-4, 1000, warmup=10))
+    apply, params = step.split_model(model)
     del model
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    tx = optim.make_optimizer(OptimSection(lr=1e-4, warmup_steps=10), 1000)
+    train_step = jax.jit(step.make_train_step(apply, tx), donate_argnums=(0, 1))
     rng = np.random.default_rng(args.seed)
-    x = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(batch, seq_len)), jnp.int32)
-    y = jnp.roll(x, -1, axis=1)
-    m = jnp.ones((batch, seq_len), bool)
+    data = {"tokens": jnp.asarray(rng.integers(0, cfg.vocab_size, size=(batch, seq_len)), jnp.int32)}
+    opt_state = tx.init(params)
     t = C.timer()
-    compiled = step.lower(state, x, y, m).compile()
+    compiled = train_step.lower(params, opt_state, data).compile()
     mem = C.memory_estimate(compiled)
-    state, loss = compiled(state, x, y, m)  # compile is done; this is the warm-up step
-    jax.block_until_ready(loss)
+    params, opt_state, metrics = compiled(params, opt_state, data)  # compile is done; this is the warm-up step
+    jax.block_until_ready(metrics)
     compile_s = t()
     times = []
     for _ in range(args.steps):
         t = C.timer()
-        state, loss = compiled(state, x, y, m)
-        jax.block_until_ready(loss)
+        params, opt_state, metrics = compiled(params, opt_state, data)
+        jax.block_until_ready(metrics)
         times.append(t())
     sec = statistics.median(times)
-    row = {"model": kind, "seq_len": seq_len, "batch": batch, "tokens_per_step": batch * seq_len, "params": params,
+    row = {"model": kind, "seq_len": seq_len, "batch": batch, "tokens_per_step": batch * seq_len, "params": n_params,
            "step_seconds": sec, "tokens_per_sec": batch * seq_len / sec, "compile_seconds": compile_s,
-           "loss": float(loss), **mem, "device_peak_bytes": _device_peak()}
-    del state
+           "loss": float(metrics["loss"]), **mem, "device_peak_bytes": _device_peak()}
+    del params, opt_state
     return row
 
 
@@ -111,7 +118,8 @@ def run(args) -> dict:
                   f"  step {row['step_seconds'] * 1e3:8.1f} ms  mem est {mib:8.1f} MiB  params {row['params']}",
                   flush=True)
     config = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
-    path = C.write_results(args.name, config=config, seed=args.seed, results=rows, out_dir=args.out, started=started)
+    path = C.write_results(args.name, config=config, seed=args.seed, results=rows, out_dir=args.out, started=started,
+                           replace=True)
     print(C.format_table(rows, ["model", "seq_len", "batch", "params", "tokens_per_sec", "step_seconds",
                                 "compile_seconds", "peak_estimate_bytes", "device_peak_bytes"]))
     if not args.no_plot:
@@ -180,6 +188,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    C.refuse_overwrite(args.out, args.name, args.replace or args.smoke)
     print(f"throughput: {args.models} lengths {args.lengths}, {args.tokens} tokens/step, dtype {args.dtype}, "
           f"{'preset ' + args.preset if args.preset else f'width {args.width} x {args.layers} layers'}")
     run(args)

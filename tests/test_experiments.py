@@ -294,17 +294,16 @@ def test_write_results_and_table(common, tmp_path):
     assert doc["config"]["out"] == "experiments/results" and doc["config"]["elsewhere"] == str(tmp_path)
     with pytest.raises(ValueError, match="name"):
         common.write_results("a/b", config={}, seed=0, results=[], out_dir=tmp_path)
+    # an existing results file is never overwritten by accident: write_results refuses, and so does an experiment
+    # before it starts (refuse_overwrite), unless asked
+    before = path.read_text()
+    with pytest.raises(FileExistsError):
+        common.write_results("demo", config={}, seed=0, results=[], out_dir=tmp_path)
+    with pytest.raises(SystemExit, match="--replace"):
+        common.refuse_overwrite(tmp_path, "demo", replace=False)
+    assert path.read_text() == before
+    common.refuse_overwrite(tmp_path, "demo", replace=True)
+    common.refuse_overwrite(tmp_path, "other", replace=False)
     table = common.format_table([{"a": 1, "b": 0.5}, {"a": 22, "b": None}])
     lines = table.splitlines()
     assert len(lines) == 4 and "22" in lines[3] and "0.5" in lines[2]
-
-
-def test_masked_xent(common):
-    import jax.numpy as jnp
-
-    logits = jnp.log(jnp.array([[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]]))
-    labels = jnp.array([[0, 1]])
-    loss, acc = common.masked_xent(logits, labels, jnp.array([[True, False]]))
-    assert float(loss) == pytest.approx(-np.log(0.7), rel=1e-5) and float(acc) == 1.0
-    loss, acc = common.masked_xent(logits, labels, jnp.array([[True, True]]))
-    assert float(loss) == pytest.approx(-(np.log(0.7) + np.log(0.1)) / 2, rel=1e-5) and float(acc) == 0.5

@@ -156,7 +156,8 @@ def test_generate_bad_inputs():
 
 
 def test_generate_cli_loads_saved_params(tmp_path, capsys):
-    from gla_jax.generate_cli import load_model, main
+    from gla_jax.cli.generate import main
+    from gla_jax.train.load import load_model
     from gla_jax.train.checkpoint import save_params
 
     model = model_for("gla")

@@ -1,10 +1,14 @@
-"""The operator benchmark's command line (gla_jax.bench_cli): flags, target bookkeeping and a tiny end-to-end run."""
+"""The operator benchmark (experiments/bench_ops.py, run by `gla-jax bench`): flags, target bookkeeping, where results
+go (never over an earlier file unless --replace), and a tiny end-to-end run through the CLI."""
 
+import datetime
 import json
 
 import pytest
 
-from gla_jax import bench_cli
+from gla_jax.cli.bench import load_benchmark
+
+bench_cli = load_benchmark()
 
 
 def test_quick_defaults_and_bad_flags():
@@ -30,9 +34,31 @@ def test_targets_pass_fail_and_missing():
     assert t["chunk_scaling_T16384_over_T2048"]["status"] == "PASS"
 
 
+def test_results_never_overwrite_an_earlier_file(tmp_path, monkeypatch):
+    """--quick writes its own file; an existing default file gets a timestamped sibling; --replace and --out say
+    otherwise explicitly, and an existing --out is refused."""
+    monkeypatch.setattr(bench_cli, "RESULTS", tmp_path)
+    now = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+    quick = bench_cli.parse_args(["--quick"])
+    assert bench_cli.output_path(quick, "cpu", now) == tmp_path / "bench_ops_cpu_quick.json"
+    full = bench_cli.parse_args([])
+    assert bench_cli.output_path(full, "cpu", now) == tmp_path / "bench_ops_cpu.json"
+    (tmp_path / "bench_ops_cpu.json").write_text("{}")
+    (tmp_path / "bench_ops_cpu_quick.json").write_text("{}")
+    assert bench_cli.output_path(full, "cpu", now) == tmp_path / "bench_ops_cpu_20260102T030405Z.json"
+    assert bench_cli.output_path(quick, "cpu", now) == tmp_path / "bench_ops_cpu_quick_20260102T030405Z.json"
+    assert bench_cli.output_path(bench_cli.parse_args(["--replace"]), "cpu", now) == tmp_path / "bench_ops_cpu.json"
+    with pytest.raises(SystemExit):
+        bench_cli.parse_args(["--out", str(tmp_path / "bench_ops_cpu.json")])
+    args = bench_cli.parse_args(["--out", str(tmp_path / "bench_ops_cpu.json"), "--replace"])
+    assert bench_cli.output_path(args, "cpu", now) == tmp_path / "bench_ops_cpu.json"
+
+
 def test_tiny_run_writes_json(tmp_path, capsys):
+    from gla_jax.cli import main as gla_main
+
     out = tmp_path / "b.json"
-    rc = bench_cli.main(["--T", "64", "--H", "1", "--K", "16", "--V", "16", "--reps", "1", "--impls",
+    rc = gla_main(["bench", "--T", "64", "--H", "1", "--K", "16", "--V", "16", "--reps", "1", "--impls",
                          "chunk,attention", "--no-matmul-peak", "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())

@@ -14,7 +14,7 @@ import pytest
 
 from gla_jax.train import checkpoint as K
 from gla_jax.train import config as C
-from gla_jax.train import loop
+from gla_jax.train import trainer as loop
 from gla_jax.train.metrics import by_step, read_metrics
 
 BASE = ["model.hidden_size=32", "model.num_heads=2", "model.num_hidden_layers=1", "model.vocab_size=320",
@@ -51,11 +51,27 @@ def test_reference_run_writes_metrics_and_checkpoints(reference):
     assert (wd / "tensorboard").is_dir() and any((wd / "tensorboard").iterdir())
 
 
-def _cli(wd, *extra, env=None):
-    e = dict(os.environ)
-    e.update(env or {})
-    cmd = [sys.executable, "-m", "gla_jax.cli", "train", "--workdir", str(wd), *BASE, *extra]
-    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+def _cli(wd, *extra, kill_at=None):
+    """``gla-jax train`` in a subprocess; ``kill_at=(signal, step)``: a hook sends the process that signal right after
+    that step (after the step's own hooks, e.g. its checkpoint save, have run)."""
+    argv = ["--workdir", str(wd), *BASE, *extra]
+    if kill_at is None:
+        cmd = [sys.executable, "-m", "gla_jax.cli", "train", *argv]
+    else:
+        code = ("import os, sys\n"
+                "from gla_jax.cli.train import main\n"
+                f"def kill(info):\n    if info.step == {kill_at[1]}:\n        os.kill(os.getpid(), {int(kill_at[0])})\n"
+                f"sys.exit(main({argv!r}, hooks=[(kill, 1)]))\n")
+        cmd = [sys.executable, "-c", code]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _signal_at(step, sig=signal.SIGTERM):
+    """A hook that sends this process ``sig`` right after ``step``."""
+    def hook(info):
+        if info.step == step:
+            os.kill(os.getpid(), sig)
+    return hook
 
 
 def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
@@ -63,7 +79,7 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
     complete checkpoint: the recomputed steps equal the killed run's own (uninterrupted) losses bit for bit."""
     _, ref, _ = reference
     wd = tmp_path / "run"
-    p = _cli(wd, env={"GLA_JAX_TEST_SIGNAL": "SIGKILL:7"})
+    p = _cli(wd, kill_at=(signal.SIGKILL, 7))
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     before = by_step(read_metrics(wd))
     assert sorted(before) == list(range(1, 8))
@@ -88,14 +104,14 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
     assert K.Checkpointer(wd / "checkpoints").latest_step() == 8
 
 
-def test_sigterm_saves_and_resume_matches(reference, tmp_path, monkeypatch):
+def test_sigterm_saves_and_resume_matches(reference, tmp_path):
     _, ref, _ = reference
     cfg = C.load_config(None, BASE)
-    monkeypatch.setattr(loop, "_TEST_SIGNAL", (signal.SIGTERM, 3))
-    out = loop.Trainer(cfg, tmp_path, log=_quiet).run()
+    tr = loop.Trainer(cfg, tmp_path, log=_quiet)
+    tr.add_hook(_signal_at(3))
+    out = tr.run()
     assert out["stopped_by_signal"] == "SIGTERM" and out["step"] == 3
     assert K.Checkpointer(tmp_path / "checkpoints").latest_step() == 3
-    monkeypatch.setattr(loop, "_TEST_SIGNAL", None)
     out = loop.Trainer(cfg, tmp_path, log=_quiet).run()
     assert out["start_step"] == 3
     for s in range(4, 9):
@@ -149,17 +165,74 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_eval_cli(reference, capsys):
-    from gla_jax.train.evaluate import bucket_edges, main, segment_offsets
+    from gla_jax.cli import main as gla_main
+    from gla_jax.train.evaluate import bucket_edges, segment_offsets
 
     assert bucket_edges(64, 256) == [0, 64, 128, 256] and bucket_edges(64, 64) == [0, 64]
     seg = np.array([[1, 1, 1, 2, 2, 3]])
     assert segment_offsets(seg).tolist() == [[0, 1, 2, 0, 1, 0]]
     wd, _, _ = reference
-    assert main(["--workdir", str(wd), "--batches", "1", "--batch-size", "2"]) == 0
-    res = json.loads((wd / "eval.json").read_text())
-    assert res["eval_seq_len"] == 256 and [b["start"] for b in res["buckets"]] == [0, 64, 128]
+    assert gla_main(["eval", "--workdir", str(wd), "--batches", "1", "--batch-size", "2"]) == 0
+    path = wd / "eval" / "step8_len256_b1x2.json"
+    res = json.loads(path.read_text())
+    assert res["eval_seq_len"] == 256 and res["step"] == 8 and [b["start"] for b in res["buckets"]] == [0, 64, 128]
     assert np.isfinite(res["loss"]) and res["ppl"] == pytest.approx(np.exp(res["loss"]))
     assert "held-out loss" in capsys.readouterr().out
+    # the same evaluation again is refused (nothing overwritten) unless --replace
+    before = path.read_text()
+    assert gla_main(["eval", "--workdir", str(wd), "--batches", "1", "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--replace" in err and path.read_text() == before
+
+
+@pytest.mark.parametrize("option, value", [("--batches", "0"), ("--seq-len", "1"), ("--seq-len", "-5"),
+                                           ("--batch-size", "-1")])
+def test_eval_refuses_degenerate_evaluations(reference, capsys, option, value):
+    """An empty or degenerate evaluation is one line naming the option (exit 2), and writes nothing."""
+    from gla_jax.cli import main as gla_main
+
+    wd, _, _ = reference
+    before = sorted(p.name for p in (wd / "eval").glob("*")) if (wd / "eval").exists() else []
+    assert gla_main(["eval", "--workdir", str(wd), option, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("gla-jax eval: error: " + option), err
+    after = sorted(p.name for p in (wd / "eval").glob("*")) if (wd / "eval").exists() else []
+    assert after == before
+
+
+def test_resume_with_more_steps_says_what_the_learning_rate_does(reference, tmp_path):
+    """train.steps 8 -> 10 on resume: one line with the rate before and after, from the cosine formula."""
+    import math
+    import shutil
+
+    wd, _, _ = reference
+    shutil.copytree(wd / "checkpoints", tmp_path / "checkpoints")
+    lines = []
+    cfg = C.load_config(None, [a for a in BASE if not a.startswith("train.steps")] + ["train.steps=10"])
+    out = loop.Trainer(cfg, tmp_path, log=lines.append).run()
+    assert out["start_step"] == 8 and sorted(out["losses"]) == [9, 10]
+    note = [ln for ln in lines if ln.startswith("train.steps changed")]
+    assert len(note) == 1, lines
+
+    def lr(t, total, peak=1e-2, warm=2, end_ratio=0.1):  # linear warmup, cosine to end_ratio * peak
+        if t < warm:
+            return peak * t / warm
+        frac = min((t - warm) / (total - warm), 1.0)
+        return peak * end_ratio + (peak - peak * end_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    assert f"from {lr(7, 8):.2e} (step 8) to {lr(8, 10):.2e} (step 9)" in note[0], note[0]
+    assert lr(7, 8) != lr(8, 10)
+
+
+def test_zero_steps_prints_no_sample(tmp_path, capsys):
+    """train.steps=0 trains nothing, so it prints a clear line instead of a sample from an untrained model."""
+    from gla_jax.cli import main as gla_main
+
+    argv = ["train", "--workdir", str(tmp_path), *[a for a in BASE if not a.startswith("train.")],
+            "train.steps=0", "train.progress=false", "train.sample_tokens=8", "checkpoint.enabled=false"]
+    assert gla_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "--- sample" not in out and "no sample: the model has not been trained (train.steps=0)" in out
 
 
 def test_init_from_saved_params_starts_a_new_run_there(tmp_path):

@@ -9,7 +9,7 @@ from gla_jax.errors import UserError
 from gla_jax.train import checkpoint as K
 from gla_jax.train import checkpoint_guard as G
 from gla_jax.train import config as C
-from gla_jax.train import loop
+from gla_jax.train import trainer as loop
 
 TINY = ["model.hidden_size=32", "model.num_heads=2", "model.num_hidden_layers=1", "model.vocab_size=320",
         "data.seq_len=32", "data.batch_size=2", "data.max_docs=20", "train.log_every=1", "train.eval_every=0",
@@ -63,7 +63,7 @@ def test_damaged_checkpoints_are_moved_aside_and_the_run_resumes(tmp_path, capsy
 
 
 def test_init_from_another_model_is_one_line(tmp_path, capfd):
-    from gla_jax.train.cli import main
+    from gla_jax.cli.train import main
 
     src = tmp_path / "src"
     _run(src, 2)

@@ -71,7 +71,7 @@ def test_round_trip_and_saved_config(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
 def test_presets_resolve(name):
-    from gla_jax.train.loop import model_config
+    from gla_jax.train.model import model_config
 
     cfg = C.load_config(CONFIGS / f"{name}.yaml")
     mcfg = model_config(cfg)
@@ -94,7 +94,7 @@ def test_presets_resolve(name):
 
 
 def test_compute_dtype_and_remat_reach_the_model():
-    from gla_jax.train.loop import model_config
+    from gla_jax.train.model import model_config
 
     m = model_config(C.load_config(None, ["train.compute_dtype=bfloat16", "train.remat=true"]))
     assert m.dtype == "bfloat16" and m.remat is True and m.param_dtype == "float32"
@@ -103,7 +103,7 @@ def test_compute_dtype_and_remat_reach_the_model():
 
 
 def test_model_key_errors():
-    from gla_jax.train.loop import model_config
+    from gla_jax.train.model import model_config
 
     with pytest.raises(ValueError, match=r"^model\.hidden_sise"):
         model_config(C.load_config(None, ["model.hidden_sise=3"]))
@@ -116,7 +116,7 @@ def test_model_key_errors():
 
 
 def test_cli_errors_and_print_config(capsys):
-    from gla_jax.train.cli import main
+    from gla_jax.cli.train import main
 
     assert main(["--workdir", "/nonexistent-dir-x", "optim.nope=1"]) == 2
     err = capsys.readouterr().err.strip()
@@ -173,7 +173,7 @@ def test_flops_match_parameter_count(arch):
     from flax import nnx
 
     from gla_jax.train import flops
-    from gla_jax.train.loop import build_model, model_config
+    from gla_jax.train.model import build_model, model_config
 
     over = ["model.hidden_size=64", "model.num_heads=2", "model.num_hidden_layers=2", "model.vocab_size=256",
             "model.tie_word_embeddings=false", f"model.arch={arch}"]

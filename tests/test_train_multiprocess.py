@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from gla_jax.train import config as C
-from gla_jax.train import loop
+from gla_jax.train import trainer as loop
 from gla_jax.train.metrics import by_step, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent

@@ -109,7 +109,7 @@ def test_unwritable_workdir_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 def test_cli_refuses_a_changed_model_and_keeps_the_run(tmp_path, capsys):
-    from gla_jax.train.cli import main
+    from gla_jax.cli.train import main
 
     wd = tmp_path / "run"
     assert main(["--workdir", str(wd), *TINY]) == 0

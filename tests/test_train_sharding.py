@@ -50,7 +50,7 @@ def test_logical_rules():
 def test_model_params_get_sharded():
     from flax import nnx
 
-    from gla_jax.train.loop import build_model, model_config
+    from gla_jax.train.model import build_model, model_config
 
     mcfg = model_config(C.load_config(None, TINY))
     abs_model = nnx.eval_shape(lambda: build_model(mcfg, 0))
@@ -151,7 +151,7 @@ def test_gla_layer_passes_its_mesh_axes(probe_backend, shape, local):
 
 
 def _run(extra):
-    from gla_jax.train.loop import Trainer
+    from gla_jax.train.trainer import Trainer
 
     cfg = C.load_config(None, TINY + extra)
     import tempfile
@@ -173,7 +173,7 @@ def test_losses_agree_across_meshes_and_with_numpy(shape, accum):
     _MESH_LOSSES[(shape, accum)] = losses
     if shape == (1, 1, 1):
         from gla_jax.train.data import loss_mask
-        from gla_jax.train.loop import build_model
+        from gla_jax.train.model import build_model
 
         model = build_model(tr.mcfg, tr.cfg.train.seed)
         logits = np.asarray(model(jnp.asarray(batch["tokens"]), segment_ids=jnp.asarray(batch["segment_ids"])),
@@ -198,7 +198,7 @@ _MESH_LOSSES = {}
 def test_model_calls_kernel_backends_through_shard_map(probe_backend):
     """Inside the trainer's mesh context the GLA layers run a kernel backend under jax.shard_map (batch and heads
     split), outside it the plain kernel; the pure-JAX chunk form is left to XLA's partitioner (no shard_map)."""
-    from gla_jax.train import loop
+    from gla_jax.train import trainer as loop
 
     seen = probe_backend("recurrent")
     tok = jax.ShapeDtypeStruct((8, 64), jnp.int32)
@@ -206,8 +206,8 @@ def test_model_calls_kernel_backends_through_shard_map(probe_backend):
         cfg = C.load_config(None, TINY + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", f"model.impl={impl}"])
         tr = loop.Trainer(cfg, "/nonexistent-unused", log=lambda *_: None)
         with loop.mesh_context(tr.mesh):
-            inside = str(jax.make_jaxpr(tr._apply)(tr.abs_params, tok, tok))
-        outside = str(jax.make_jaxpr(tr._apply)(tr.abs_params, tok, tok))
+            inside = str(jax.make_jaxpr(tr.apply)(tr.abs_params, tok, tok))
+        outside = str(jax.make_jaxpr(tr.apply)(tr.abs_params, tok, tok))
         assert ("shard_map" in inside) == mapped and "shard_map" not in outside
     # (B, H) the kernel saw: local blocks under the 2x2x2 mesh (B 8 / data·fsdp, H 4 / tensor), then the whole problem
     assert [(x[0], x[2]) for x in seen] == [(2, 2), (8, 4)]

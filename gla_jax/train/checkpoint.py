@@ -24,6 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from gla_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -46,7 +48,7 @@ class DataStateHandler(ocp.CheckpointHandler):
         for key in (args.keys if args is not None and args.keys else ()):
             f = directory / f"{key}.json"
             if not f.exists():
-                raise ValueError(f"data state: {f} is missing (checkpoint saved with another data.num_shards?)")
+                raise UserError(f"data state: {f} is missing (checkpoint saved with another data.num_shards?)")
             out[key] = json.loads(f.read_text())
         return out
 
@@ -136,11 +138,11 @@ class Checkpointer:
 # ----------------------------------------------------------------------------------------------------------------
 # parameters only (for generate / convert)
 
-def _find_params_dir(path: Path) -> Path:
+def find_params_dir(path: Path) -> Path:
     """Accepts a workdir, its ``checkpoints`` folder, a step folder, or a params folder."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"checkpoint_dir: no such path {str(path)!r}")
+        raise UserError(f"checkpoint_dir: no such path {str(path)!r}")
     if (path / "params").is_dir():
         return path / "params"
     if (path / "_METADATA").exists() or (path / "_CHECKPOINT_METADATA").exists():
@@ -148,7 +150,7 @@ def _find_params_dir(path: Path) -> Path:
     ck = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     steps = sorted((int(p.name), p) for p in ck.iterdir() if p.is_dir() and p.name.isdigit())
     if not steps:
-        raise ValueError(f"checkpoint_dir: no checkpoint found in {str(path)!r}")
+        raise UserError(f"checkpoint_dir: no checkpoint found in {str(path)!r}")
     return steps[-1][1] / "params"
 
 
@@ -161,7 +163,7 @@ def load_params(checkpoint_dir: str | Path, target=None, *, as_numpy: bool = Fal
         shardings; without it a nested dict of arrays on the default device (numpy if ``as_numpy``) is returned,
         layer indices as ints, ready for ``nnx.replace_by_pure_dict(nnx.state(model, nnx.Param), tree)``.
     """
-    pdir = _find_params_dir(Path(checkpoint_dir)).absolute()
+    pdir = find_params_dir(Path(checkpoint_dir)).absolute()
     if target is not None:
         from gla_jax.train import checkpoint_guard as guard
 

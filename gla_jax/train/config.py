@@ -21,8 +21,10 @@ from typing import Any
 
 import yaml
 
+from gla_jax.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A bad configuration key or value; the message names the dotted key."""
 
 
@@ -115,6 +117,8 @@ class TrainSection:
     sample_tokens: int = 200
     sample_prompt: str = "def "
     sample_temperature: float = 0.7
+    # "START:STOP": a jax.profiler trace of steps START+1..STOP in <workdir>/profile ("" = none)
+    profile: str = ""
     # Parameters to start a new run from (a `gla-jax convert --from-fla` output, a `save_params` folder or another
     # run's workdir); the model config must match them. Ignored when the workdir already holds a checkpoint.
     init_from: str | None = None
@@ -330,6 +334,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | list[tupl
     return cfg
 
 
+def parse_profile(spec: str) -> tuple[int, int]:
+    """``train.profile`` "START:STOP" -> (START, STOP): trace steps START+1 .. STOP."""
+    try:
+        first, last = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ConfigError(f"train.profile: expected START:STOP step numbers, got {spec!r}") from None
+    if not 0 <= first < last:
+        raise ConfigError(f"train.profile: expected 0 <= START < STOP, got {spec!r}")
+    return first, last
+
+
 def validate(cfg: Config) -> None:
     """Value checks that do not need devices or the model: one ConfigError naming the key."""
     def need(cond, key, msg):
@@ -380,6 +395,8 @@ def validate(cfg: Config) -> None:
          f"expected float32/bfloat16/float16, got {t.compute_dtype!r}")
     need(t.peak_flops >= 0, "train.peak_flops", "must be >= 0")
     need(t.sample_tokens >= 0, "train.sample_tokens", "must be >= 0")
+    if t.profile:
+        parse_profile(t.profile)
     need(t.sample_temperature >= 0, "train.sample_temperature", "must be >= 0")
     ds = cfg.distributed
     need(ds.mode in ("auto", "on", "off"), "distributed.mode", f"expected auto/on/off, got {ds.mode!r}")

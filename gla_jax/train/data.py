@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from gla_jax.train import doc_keys
+from gla_jax.errors import UserError
 
 PIECE_BYTES = 1 << 20
 
@@ -56,7 +57,7 @@ def stdlib_files() -> tuple[Path, list[str]]:
                 out.append(os.path.relpath(os.path.join(dirpath, f), root))
     out.sort()
     if not out:
-        raise ValueError(f"data.source: found no .py files in the standard library at {root}")
+        raise UserError(f"data.source: found no .py files in the standard library at {root}")
     return root, out
 
 
@@ -92,7 +93,7 @@ def _npy_docs(path: str, eos_id: int) -> list[_Doc]:
     if arr.ndim == 2:
         return [_Doc("npy2", path, i, i + 1, f"{path}#{i}") for i in range(arr.shape[0])]
     if arr.ndim != 1:
-        raise ValueError(f"data.source: {path} must be a 1-D token stream or 2-D rows, got shape {arr.shape}")
+        raise UserError(f"data.source: {path} must be a 1-D token stream or 2-D rows, got shape {arr.shape}")
     ends = np.flatnonzero(np.asarray(arr) == eos_id) + 1
     bounds = [0, *ends.tolist()]
     if bounds[-1] != arr.shape[0]:
@@ -104,7 +105,7 @@ def _arrayrecord_docs(path: str) -> list[_Doc]:
     try:
         from array_record.python.array_record_module import ArrayRecordReader
     except ImportError as e:
-        raise ValueError("data.format: arrayrecord needs the 'array_record' package") from e
+        raise UserError("data.format: arrayrecord needs the 'array_record' package") from e
     reader = ArrayRecordReader(path)
     n = reader.num_records()
     reader.close()
@@ -117,7 +118,7 @@ def _expand(source: str) -> list[str]:
         hits = sorted(glob.glob(os.path.expanduser(part), recursive=True))
         hits = [h for h in hits if os.path.isfile(h)]
         if not hits:
-            raise ValueError(f"data.source: no files match {part!r}")
+            raise UserError(f"data.source: no files match {part!r}")
         files += hits
     return files
 
@@ -155,9 +156,9 @@ class DocumentSource:
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
-            raise ValueError(f"data.source: {d.name} is not valid JSON ({e})") from None
+            raise UserError(f"data.source: {d.name} is not valid JSON ({e})") from None
         if not isinstance(obj, dict) or self.text_field not in obj:
-            raise ValueError(f"data.text_field: {d.name} has no field {self.text_field!r}")
+            raise UserError(f"data.text_field: {d.name} has no field {self.text_field!r}")
         return str(obj[self.text_field])
 
     def __getitem__(self, i: int) -> np.ndarray:
@@ -215,9 +216,9 @@ def list_documents(data_cfg, tokenizer) -> tuple[DocumentSource, DocumentSource]
 def resolve_shards(num_shards: int, process_count: int, batch_size: int) -> int:
     s = num_shards or process_count
     if s % process_count:
-        raise ValueError(f"data.num_shards: {s} must be a multiple of the process count {process_count}")
+        raise UserError(f"data.num_shards: {s} must be a multiple of the process count {process_count}")
     if batch_size % s:
-        raise ValueError(f"data.batch_size: {batch_size} must be a multiple of the number of data shards {s}")
+        raise UserError(f"data.batch_size: {batch_size} must be a multiple of the number of data shards {s}")
     return s
 
 
@@ -288,7 +289,7 @@ class PackedBatches:
         for s in self.shards:
             key = f"shard_{s}"
             if key not in state:
-                raise ValueError(f"data state: checkpoint has no state for {key} (saved with other data.num_shards?)")
+                raise UserError(f"data state: checkpoint has no state for {key} (saved with other data.num_shards?)")
             self._iters[s].set_state(_tuples(state[key]))
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 
+from gla_jax.errors import UserError
+
 _initialized = False
 
 
@@ -43,7 +45,7 @@ def initialize(dist_cfg) -> bool:
     if dist_cfg.mode == "auto" and not (coordinator or _cluster_detected()):
         return False
     if coordinator and (num <= 0 or pid < 0):
-        raise ValueError("distributed.coordinator: also set distributed.num_processes and distributed.process_id "
+        raise UserError("distributed.coordinator: also set distributed.num_processes and distributed.process_id "
                          "(or JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
     kwargs = {}
     if coordinator:

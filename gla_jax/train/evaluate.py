@@ -1,33 +1,20 @@
-"""``gla-jax eval --workdir W``: held-out loss/perplexity of a run, and perplexity per position bucket.
+"""Held-out loss/perplexity of a training run, and perplexity per position bucket (``gla-jax eval``).
 
 The held-out documents are packed (unshuffled) into rows of ``--seq-len`` tokens (default: 4x the training length).
 Each position is credited to the bucket of its offset inside its document segment (the context the model has seen,
 since the recurrent state starts fresh at every segment): ``[0, L)``, ``[L, 2L)``, ``[2L, 4L)``, ... with ``L`` the
-training sequence length, so the buckets past ``L`` measure length extrapolation. Results are printed and written to
-``<workdir>/eval.json``.
+training sequence length, so the buckets past ``L`` measure length extrapolation. The loss is the library's
+(``gla_jax.train.step``); the parameters are loaded with ``gla_jax.train.load.load_model``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 
-
-def _parser():
-    p = argparse.ArgumentParser(prog="gla-jax eval", description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", required=True, help="a training run directory (config.yaml + checkpoints/)")
-    p.add_argument("--checkpoint", default=None,
-                   help="parameters to evaluate: a step folder or save_params folder (default: newest in workdir)")
-    p.add_argument("--seq-len", type=int, default=0, help="evaluation row length (default 4x training length)")
-    p.add_argument("--batches", type=int, default=8, help="number of held-out batches (default 8)")
-    p.add_argument("--batch-size", type=int, default=0, help="rows per batch (default: training batch size)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. data.source=...)")
-    return p
+from gla_jax.errors import UserError
 
 
 def bucket_edges(train_len: int, seq_len: int) -> list[int]:
@@ -50,101 +37,108 @@ def segment_offsets(segment_ids: np.ndarray) -> np.ndarray:
     return idx - start_idx
 
 
-def evaluate_run(workdir, *, checkpoint=None, seq_len=0, batches=8, batch_size=0, overrides=(), log=print) -> dict:
+def check_options(*, seq_len: int, batches: int, batch_size: int) -> None:
+    """UserError naming the option for an evaluation that would be empty or degenerate."""
+    if batches < 1:
+        raise UserError(f"--batches: expected >= 1 held-out batch, got {batches}")
+    if seq_len != 0 and seq_len < 2:
+        raise UserError(f"--seq-len: expected >= 2 tokens per row (0: 4x the training length), got {seq_len}")
+    if batch_size < 0:
+        raise UserError(f"--batch-size: expected >= 1 (0: the training batch size), got {batch_size}")
+
+
+def evaluate_run(workdir, *, checkpoint=None, seq_len=0, batches=8, batch_size=0, overrides=()) -> dict:
+    """The held-out evaluation of the run in ``workdir`` (its ``config.yaml``, plus ``overrides``) with the
+    parameters of ``checkpoint`` (default: the run's newest step). Returns a dict: ``loss``/``ppl`` over positions
+    inside the training length, ``loss_all_positions``, ``buckets`` and what was evaluated (``checkpoint``, ``step``,
+    lengths, batches, tokens). The model is the run's (``config.yaml``'s model section, as trained). UserError for bad
+    options or an evaluation with no scored position."""
     import jax
+    from jax.sharding import NamedSharding
 
     from gla_jax.train import checkpoint as ckpt_lib
     from gla_jax.train import config as config_lib
     from gla_jax.train import data as data_lib
-    from gla_jax.train import loop
+    from gla_jax.train import sharding as shard_lib
+    from gla_jax.train import step as step_lib
+    from gla_jax.train.load import load_model
+    from gla_jax.train.model import model_config
+    from gla_jax.train.tokenizer import get_tokenizer
+    from gla_jax.train.trainer import mesh_context
 
+    check_options(seq_len=seq_len, batches=batches, batch_size=batch_size)
     workdir = Path(workdir)
     if not (workdir / "config.yaml").is_file():
-        raise ValueError(f"--workdir: {workdir} has no config.yaml (not a training run directory)")
+        raise UserError(f"--workdir: {workdir} has no config.yaml (not a training run directory)")
     cfg = config_lib.load_config(workdir / "config.yaml", list(overrides))
-    cfg.checkpoint.enabled = False
-    trainer = loop.Trainer(cfg, workdir, log=log)
-    params = ckpt_lib.load_params(checkpoint or workdir, target=trainer.abs_params)
+    source = Path(checkpoint) if checkpoint else workdir
+    params_dir = ckpt_lib.find_params_dir(source)
+    mesh = shard_lib.make_mesh(cfg.mesh)
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    _, model = load_model(source, config=model_config(cfg, tokenizer.vocab_size), mesh=mesh,
+                          option="--checkpoint" if checkpoint else "--workdir")
+    apply, params = step_lib.split_model(model)
     train_len = cfg.data.seq_len
     L = seq_len or 4 * train_len
     bs = batch_size or cfg.data.batch_size
-    _, val = data_lib.list_documents(cfg.data, trainer.tokenizer)
+    _, val = data_lib.list_documents(cfg.data, tokenizer)
     if not len(val):
-        raise ValueError("data.val_fraction: the run has no held-out documents")
+        raise UserError("data.val_fraction: the run has no held-out documents")
     edges = bucket_edges(train_len, L)
     sums = np.zeros(len(edges) - 1)
     counts = np.zeros(len(edges) - 1)
-    from jax.sharding import NamedSharding
+    bsh = NamedSharding(mesh, shard_lib.batch_spec(mesh, bs))
 
-    from gla_jax.train import sharding as shard_lib
+    def nll_fn(params, batch):
+        targets, weights = step_lib.next_token_targets(batch["tokens"], batch["segment_ids"])
+        logits = apply(params, batch["tokens"], batch["segment_ids"])
+        return step_lib.position_nll(logits, targets, weights), weights
 
-    bsh = NamedSharding(trainer.mesh, shard_lib.batch_spec(trainer.mesh, bs))
-    repl = shard_lib.replicated(trainer.mesh)
-
-    def nll_fn(p, tokens, seg):
-        return loop._position_nll(trainer._apply(p, tokens, seg), tokens, seg)
-
-    fn = jax.jit(nll_fn, in_shardings=(trainer.param_shardings, bsh, bsh), out_shardings=(repl, repl))
+    fn = jax.jit(nll_fn, out_shardings=shard_lib.replicated(mesh))
     it = data_lib.make_batches(cfg.data, val, process_index=jax.process_index(), process_count=jax.process_count(),
                                shuffle=False, repeat=True, batch_size=bs, seq_len=L)
-    with loop.mesh_context(trainer.mesh):
+    with mesh_context(mesh):
         for _ in range(batches):
-            local = next(it)
-            g = {k: jax.make_array_from_process_local_data(bsh, v, (bs, L)) for k, v in local.items()}
-            nll, mask = fn(params, g["tokens"], g["segment_ids"])
-            nll, mask = np.asarray(jax.device_get(nll)), np.asarray(jax.device_get(mask))
-            seg = np.asarray(jax.device_get(g["segment_ids"]))
-            off = segment_offsets(seg)
+            batch = {k: jax.make_array_from_process_local_data(bsh, v, (bs, L)) for k, v in next(it).items()}
+            nll, mask = (np.asarray(jax.device_get(x)) for x in fn(params, batch))
+            off = segment_offsets(np.asarray(jax.device_get(batch["segment_ids"])))
             for i in range(len(edges) - 1):
                 sel = (off >= edges[i]) & (off < edges[i + 1])
                 sums[i] += (nll * sel).sum()
                 counts[i] += (mask * sel).sum()
     train_sel = [i for i in range(len(edges) - 1) if edges[i + 1] <= train_len]
-    tl = sums[train_sel].sum() / max(counts[train_sel].sum(), 1)
-    result = {
-        "train_seq_len": train_len, "eval_seq_len": L, "tokens": int(counts.sum()),
-        "loss": float(tl), "ppl": math.exp(min(tl, 50.0)),
+    if not counts[train_sel].sum():
+        raise UserError(f"--seq-len: no held-out position inside the training length was scored ({batches} "
+                        f"batch(es) of {bs} x {L} tokens)")
+    tl = sums[train_sel].sum() / counts[train_sel].sum()
+    step = params_dir.parent.name if params_dir.parent.name.isdigit() else None
+    return {
+        "checkpoint": str(params_dir.parent), "step": int(step) if step else None,
+        "train_seq_len": train_len, "eval_seq_len": L, "batches": batches, "batch_size": bs,
+        "tokens": int(counts.sum()), "loss": float(tl), "ppl": math.exp(min(tl, 50.0)),
         "loss_all_positions": float(sums.sum() / max(counts.sum(), 1)),
         "buckets": [{"start": int(edges[i]), "end": int(edges[i + 1]), "tokens": int(counts[i]),
                      "loss": float(sums[i] / counts[i]) if counts[i] else None,
                      "ppl": math.exp(min(sums[i] / counts[i], 50.0)) if counts[i] else None}
                     for i in range(len(edges) - 1)],
     }
-    return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = _parser().parse_args(argv)
-    from gla_jax.train import distributed
-    from gla_jax.train.config import load_config
+def result_path(workdir, *, checkpoint=None, seq_len=0, batches=8, batch_size=0, overrides=()) -> Path:
+    """Where ``gla-jax eval`` writes this evaluation: ``<workdir>/eval/step<S>_len<L>_b<N>x<B>.json`` (the folder's
+    name instead of ``step<S>`` for parameters outside the run's checkpoints), so evaluations of other checkpoints or
+    settings never overwrite each other. Same arguments as ``evaluate_run``."""
+    from gla_jax.train import checkpoint as ckpt_lib
+    from gla_jax.train import config as config_lib
 
+    workdir = Path(workdir)
+    if not (workdir / "config.yaml").is_file():
+        raise UserError(f"--workdir: {workdir} has no config.yaml (not a training run directory)")
+    cfg = config_lib.load_config(workdir / "config.yaml", list(overrides))
     try:
-        wd = Path(args.workdir)
-        if (wd / "config.yaml").is_file():
-            distributed.initialize(load_config(wd / "config.yaml").distributed)
-        res = evaluate_run(args.workdir, checkpoint=args.checkpoint, seq_len=args.seq_len, batches=args.batches,
-                           batch_size=args.batch_size, overrides=args.overrides)
-    except ValueError as e:
-        from gla_jax.train.cli import _is_user_error
-
-        if not _is_user_error(e):
-            raise
-        print(f"gla-jax eval: error: {e}", file=sys.stderr)
-        return 2
-    import jax
-
-    if jax.process_index() == 0:
-        print(f"held-out loss {res['loss']:.4f}  ppl {res['ppl']:.3f}  (positions < {res['train_seq_len']}, "
-              f"{res['tokens']} tokens evaluated in rows of {res['eval_seq_len']})")
-        print(f"{'positions':>16}  {'tokens':>8}  {'loss':>8}  {'ppl':>9}")
-        for b in res["buckets"]:
-            loss = f"{b['loss']:.4f}" if b["loss"] is not None else "-"
-            ppl = f"{b['ppl']:.3f}" if b["ppl"] is not None else "-"
-            print(f"{b['start']:>7}-{b['end']:<8}  {b['tokens']:>8}  {loss:>8}  {ppl:>9}")
-        (Path(args.workdir) / "eval.json").write_text(json.dumps(res, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        folder = ckpt_lib.find_params_dir(Path(checkpoint) if checkpoint else workdir).parent
+    except UserError as e:
+        raise UserError(f"{'--checkpoint' if checkpoint else '--workdir'}: {str(e).split(': ', 1)[-1]}") from None
+    label = f"step{folder.name}" if folder.name.isdigit() else folder.name
+    L, bs = seq_len or 4 * cfg.data.seq_len, batch_size or cfg.data.batch_size
+    return workdir / "eval" / f"{label}_len{L}_b{batches}x{bs}.json"

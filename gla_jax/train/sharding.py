@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gla_jax.errors import UserError
+
 AXES = ("data", "fsdp", "tensor")
 
 PARAM_RULES: dict[str, tuple[str, ...]] = {
@@ -46,11 +48,11 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
     known = math.prod(d for d in dims if d != -1)
     if -1 in dims:
         if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
+            raise UserError(f"mesh: {num_devices} devices are not divisible by the fixed axes "
                              f"(data={mesh_cfg.data}, fsdp={mesh_cfg.fsdp}, tensor={mesh_cfg.tensor})")
         dims[dims.index(-1)] = num_devices // known
     if math.prod(dims) > num_devices:
-        raise ValueError(f"mesh: data*fsdp*tensor = {math.prod(dims)} exceeds the {num_devices} available devices")
+        raise UserError(f"mesh: data*fsdp*tensor = {math.prod(dims)} exceeds the {num_devices} available devices")
     return tuple(dims)
 
 
@@ -60,7 +62,7 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     shape = mesh_shape(mesh_cfg, len(devices))
     n = math.prod(shape)
     if n < len(devices) and jax.process_count() > 1:
-        raise ValueError(f"mesh: a multi-process run must use all {len(devices)} devices, got {shape}")
+        raise UserError(f"mesh: a multi-process run must use all {len(devices)} devices, got {shape}")
     if n < len(devices):
         import sys
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gla_jax.errors import UserError
+
 
 class ByteTokenizer:
     """UTF-8 bytes are tokens 0..255; ``eos_id`` = 256; ``vocab_size`` = 257 (models pad their vocab above it)."""
@@ -36,13 +38,13 @@ class HFTokenizer:
         try:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover - optional dependency
-            raise ValueError("data.tokenizer: a tokenizer.json needs the 'tokenizers' package "
+            raise UserError("data.tokenizer: a tokenizer.json needs the 'tokenizers' package "
                              "(pip install tokenizers)") from e
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
-            raise ValueError(f"data.tokenizer: no such tokenizer file {str(path)!r}")
+            raise UserError(f"data.tokenizer: no such tokenizer file {str(path)!r}")
         self.path = str(path)
         self._tok = Tokenizer.from_file(str(path))
         candidates = [eos_token] if eos_token else ["</s>", "<|endoftext|>", "<eos>", "[SEP]", "<|end_of_text|>"]
@@ -53,7 +55,7 @@ class HFTokenizer:
                 eos = i
                 break
         if eos is None:
-            raise ValueError(f"data.tokenizer: {path} has no end-of-sequence token (tried {candidates})")
+            raise UserError(f"data.tokenizer: {path} has no end-of-sequence token (tried {candidates})")
         self.eos_id = int(eos)
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
 
@@ -67,7 +69,7 @@ class HFTokenizer:
 def get_tokenizer(spec: str):
     """``"byte"`` -> ByteTokenizer; a path to ``tokenizer.json`` (or a folder holding one) -> HFTokenizer."""
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"data.tokenizer: expected 'byte' or a path to tokenizer.json, got {spec!r}")
+        raise UserError(f"data.tokenizer: expected 'byte' or a path to tokenizer.json, got {spec!r}")
     if spec == "byte":
         return ByteTokenizer()
     return HFTokenizer(spec)
@@ -79,7 +81,7 @@ def train_bpe(texts, vocab_size: int, path: str | Path, *, min_frequency: int = 
     The special token ``<|endoftext|>`` (id 0) is the EOS. Needs the ``tokenizers`` package.
     """
     if vocab_size < 300:
-        raise ValueError(f"vocab_size: must be >= 300 for a byte-level BPE, got {vocab_size}")
+        raise UserError(f"vocab_size: must be >= 300 for a byte-level BPE, got {vocab_size}")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())

@@ -15,7 +15,9 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
+
+from gla_jax.cli import command, one_line
+from gla_jax.errors import UserError
 
 
 def _parser():
@@ -40,128 +42,53 @@ def _parser():
     return p
 
 
-def _find_upwards(start: Path, names, levels: int = 4):
-    d = start if start.is_dir() else start.parent
-    for _ in range(levels):
-        for n in names:
-            if (d / n).is_file():
-                return d / n
-        if d.parent == d:
-            break
-        d = d.parent
-    return None
-
-
-def _config_from_dict(d: dict):
-    from gla_jax.models import GLAConfig, TransformerConfig
-
-    kind = d.get("model_type", "gla")
-    cls = {"gla": GLAConfig, "transformer": TransformerConfig}.get(kind)
-    if cls is None:
-        raise ValueError(f"model_type: unsupported {kind!r} (expected 'gla' or 'transformer')")
-    return cls.from_dict(d)
-
-
-def _run_tokenizer_spec(path: Path) -> str | None:
-    f = _find_upwards(path, ["config.yaml"])
-    if f is None:
-        return None
-    import yaml
-
-    cfg = yaml.safe_load(f.read_text()) or {}
-    return (cfg.get("data") or {}).get("tokenizer")
-
-
-def load_model(checkpoint: str, *, dtype: str | None = None):
-    """(config, model) from a training run / step / save_params folder (parameters restored with orbax)."""
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from gla_jax.models import build_model
-    from gla_jax.train.checkpoint import load_params
-
-    path = Path(checkpoint)
-    if not path.exists():
-        raise ValueError(f"--checkpoint: no such path {checkpoint!r}")
-    cfile = _find_upwards(path, ["model_config.json", "config.json"])
-    if cfile is None:
-        raise ValueError(f"--checkpoint: no model_config.json or config.json in or above {checkpoint!r}")
-    config = _config_from_dict(json.loads(cfile.read_text()))
-    if dtype:
-        config = config.replace(dtype=dtype)
-    model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
-    state = nnx.state(model, nnx.Param)
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=dev), state,
-                          is_leaf=lambda x: isinstance(x, nnx.Variable))
-    # the training run stores raw values; restore onto that structure, then put them into the model
-    target = jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, target,
-                          is_leaf=lambda x: isinstance(x, nnx.Variable))
-    restored = load_params(path, target=target)
-    for p, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param):
-            value = _lookup(restored, p)
-            value = value.get_value() if isinstance(value, nnx.Variable) else value
-            if tuple(value.shape) != tuple(var.shape):
-                raise ValueError(f"--checkpoint: parameter {'/'.join(map(str, p))} has shape {value.shape}, "
-                                 f"the config expects {var.shape}")
-            var.set_value(jax.numpy.asarray(np.asarray(value)))
-    return config, model
-
-
-def _lookup(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def main(argv: list[str] | None = None) -> int:
+@command("gla-jax generate")
+def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return _main(args)
-    except ValueError as e:
-        print(f"gla-jax generate: {e}", file=sys.stderr)
-        return 2
-
-
-def _main(args) -> int:
     import numpy as np
     from flax import nnx
 
     from gla_jax.generate import generate
     from gla_jax.models import build_model, get_config
+    from gla_jax.train.load import find_run_config, load_model
     from gla_jax.train.tokenizer import get_tokenizer
 
     if not args.prompt and not args.ids:
-        raise ValueError("--prompt or --ids: give at least one prompt")
+        raise UserError("--prompt or --ids: give at least one prompt")
     t0 = time.perf_counter()
     if args.preset:
         overrides = {"dtype": args.dtype} if args.dtype else {}
-        config = get_config(args.preset, **overrides)
+        try:
+            config = get_config(args.preset, **overrides)
+        except (KeyError, ValueError) as e:
+            raise UserError(f"--preset: {one_line(e)}") from None
         model = nnx.jit(lambda: build_model(config, rngs=nnx.Rngs(args.seed)))()
         tok_spec = args.tokenizer or "byte"
     else:
         config, model = load_model(args.checkpoint, dtype=args.dtype)
-        tok_spec = args.tokenizer or _run_tokenizer_spec(Path(args.checkpoint)) or "byte"
+        run = find_run_config(args.checkpoint)
+        tok_spec = args.tokenizer or (run.data.tokenizer if run is not None else "byte")
     tok = get_tokenizer(tok_spec)
     if args.prompt and tok.vocab_size > config.vocab_size:
-        raise ValueError(f"--tokenizer: vocabulary {tok.vocab_size} exceeds the model's {config.vocab_size}")
+        raise UserError(f"--tokenizer: vocabulary {tok.vocab_size} exceeds the model's {config.vocab_size}")
     prompts = [list(map(int, tok.encode(t))) for t in args.prompt]
     for s in args.ids:
         try:
             prompts.append([int(x) for x in s.split(",") if x.strip()])
         except ValueError:
-            raise ValueError(f"--ids: expected comma-separated integers, got {s!r}") from None
+            raise UserError(f"--ids: expected comma-separated integers, got {s!r}") from None
     for p in prompts:
         if not p:
-            raise ValueError("--prompt: a prompt encodes to no tokens")
+            raise UserError("--prompt: a prompt encodes to no tokens")
         if max(p) >= config.vocab_size or min(p) < 0:
-            raise ValueError(f"--ids: token ids must be in [0, {config.vocab_size})")
+            raise UserError(f"--ids: token ids must be in [0, {config.vocab_size})")
     stops = [] if args.no_stop else (args.stop_token if args.stop_token is not None else [tok.eos_id])
     t1 = time.perf_counter()
-    out = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, stop_tokens=stops, seed=args.seed, impl=args.impl)
+    try:  # generate() checks its arguments (the options below) with one-line ValueErrors
+        out = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, stop_tokens=stops, seed=args.seed, impl=args.impl)
+    except ValueError as e:
+        raise UserError(one_line(e)) from None
     t2 = time.perf_counter()
     for p, seq in zip(prompts, out.sequences()):
         text = tok.decode(np.asarray(seq))

@@ -17,6 +17,9 @@ import json
 import sys
 from pathlib import Path
 
+from gla_jax.cli import command, one_line
+from gla_jax.errors import UserError
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gla-jax convert", description=__doc__.split("\n\n")[0])
@@ -29,24 +32,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _find_model_config(ckpt: Path) -> dict:
-    """Our GLAConfig dict from model_config.json / config.json in ckpt or up to three folders above it."""
-    for folder in [ckpt, *list(ckpt.parents)[:3]]:
-        for name in ("model_config.json", "config.json"):
-            f = folder / name
-            if f.is_file():
-                try:
-                    d = json.loads(f.read_text())
-                except ValueError:
-                    continue
-                if isinstance(d, dict) and d.get("model_type") == "gla":
-                    return d
-                if isinstance(d, dict) and isinstance(d.get("model_config"), dict):
-                    return d["model_config"]
-    raise ValueError(f"--to-fla: no GLA model config (model_config.json or config.json with model_type 'gla') in "
-                     f"{ckpt} or the folders above it")
-
-
 def from_fla(src: str | Path, out: str | Path) -> Path:
     """fla checkpoint directory -> gla-jax parameters (orbax) + config; returns ``out``."""
     from flax import nnx
@@ -54,10 +39,13 @@ def from_fla(src: str | Path, out: str | Path) -> Path:
     from gla_jax.convert import load_fla
     from gla_jax.train.checkpoint import save_params
 
-    config, model = load_fla(src)
     out = Path(out)
     if out.exists() and (out / "params").exists():
-        raise ValueError(f"--out: {out} already holds a checkpoint (params/); choose a new directory")
+        raise UserError(f"--out: {out} already holds a checkpoint (params/); choose a new directory")
+    try:
+        config, model = load_fla(src)
+    except ValueError as e:  # the reader names the file or field; the user named the folder
+        raise UserError(f"--from-fla: {one_line(e)}") from None
     state = nnx.state(model, nnx.Param)
     params = nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
     save_params(out, params, config.to_dict())
@@ -66,43 +54,33 @@ def from_fla(src: str | Path, out: str | Path) -> Path:
 
 
 def to_fla(ckpt: str | Path, out: str | Path, *, dtype: str | None = None) -> Path:
-    """gla-jax checkpoint -> fla checkpoint directory; returns ``out``."""
-    from flax import nnx
-
+    """gla-jax checkpoint -> fla checkpoint directory (refuses a non-empty ``out``); returns ``out``."""
     from gla_jax.convert import save_fla
-    from gla_jax.models import GLAConfig, GLAForCausalLM
-    from gla_jax.train.checkpoint import load_params
+    from gla_jax.train.load import load_model
 
-    ckpt = Path(ckpt)
-    if not ckpt.exists():
-        raise ValueError(f"--to-fla: no such path {ckpt}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out: {out} already exists and is not an empty directory; choose a new directory")
-    config = GLAConfig.from_dict(_find_model_config(ckpt.absolute()))
-    model = nnx.eval_shape(lambda r: GLAForCausalLM(config, rngs=r), nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    target = nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
-    restored = load_params(ckpt, target=target)
-    nnx.replace_by_pure_dict(state, restored)
-    nnx.update(model, state)
-    return save_fla(model, config, out, dtype=dtype)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+        raise UserError(f"--out: {out} exists and is not an empty folder; choose a new directory")
+    config, model = load_model(ckpt, option="--to-fla")
+    if config.model_type != "gla":
+        raise UserError(f"--to-fla: {ckpt} holds a {config.model_type} model; only GLA models convert to fla")
     try:
-        if args.from_fla is not None:
-            if args.dtype is not None:
-                raise ValueError("--dtype: only with --to-fla (gla-jax parameters are stored in float32)")
-            out = from_fla(args.from_fla, args.out)
-            print(f"wrote gla-jax checkpoint {out} (params/, config.json)")
-        else:
-            out = to_fla(args.to_fla, args.out, dtype=args.dtype)
-            print(f"wrote fla checkpoint {out} (config.json, model.safetensors)")
+        return save_fla(model, config, out, dtype=dtype)
     except ValueError as e:
-        print(f"gla-jax convert: error: {e}", file=sys.stderr)
-        return 2
+        raise UserError(f"--to-fla: {one_line(e)}") from None
+
+
+@command("gla-jax convert")
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.from_fla is not None:
+        if args.dtype is not None:
+            raise UserError("--dtype: only with --to-fla (gla-jax parameters are stored in float32)")
+        out = from_fla(args.from_fla, args.out)
+        print(f"wrote gla-jax checkpoint {out} (params/, config.json)")
+    else:
+        out = to_fla(args.to_fla, args.out, dtype=args.dtype)
+        print(f"wrote fla checkpoint {out} (config.json, model.safetensors)")
     return 0
 
 

@@ -1,0 +1,55 @@
+"""The model of a training run: its config from the ``model`` section, and building it (docs/design.md §6).
+
+Everything in the trainer that depends on the model family goes through ``model_config`` and ``build_model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from flax import nnx
+
+from gla_jax.train import config as config_lib
+
+
+def model_config(cfg: config_lib.Config, tokenizer_vocab: int | None = None):
+    """The GLAConfig/TransformerConfig for ``cfg.model`` (preset + overrides); ``train.compute_dtype`` and
+    ``train.remat`` fill ``dtype``/``remat`` unless set explicitly. ConfigError naming ``model.<key>``."""
+    from gla_jax.models import GLAConfig, TransformerConfig, get_config
+    from gla_jax.models.config import PRESETS
+
+    cls = GLAConfig if cfg.model.arch == "gla" else TransformerConfig
+    ov = dict(cfg.model.overrides)
+    if cfg.model.preset:
+        if cfg.model.preset not in PRESETS:
+            raise config_lib.ConfigError(f"model.preset: unknown preset {cfg.model.preset!r} "
+                                         f"(known: {', '.join(sorted(PRESETS))})")
+        cls = PRESETS[cfg.model.preset][0]
+        expected = "gla" if cls is GLAConfig else "transformer"
+        if cfg.model.arch != expected:
+            raise config_lib.ConfigError(f"model.arch: preset {cfg.model.preset!r} is a {expected} model, "
+                                         f"but model.arch is {cfg.model.arch!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    type_hints = typing.get_type_hints(cls)
+    for key, value in list(ov.items()):
+        if key not in names:
+            raise config_lib.ConfigError(f"model.{key}: unknown key for {cls.__name__}")
+        ov[key] = config_lib.coerce(f"model.{key}", value, type_hints[key])
+    ov.setdefault("dtype", cfg.train.compute_dtype)
+    ov.setdefault("remat", cfg.train.remat)
+    try:
+        mcfg = get_config(cfg.model.preset, **ov) if cfg.model.preset else cls(**ov)
+    except (ValueError, TypeError) as e:
+        raise config_lib.ConfigError(f"model: {e}") from None
+    if tokenizer_vocab is not None and mcfg.vocab_size < tokenizer_vocab:
+        raise config_lib.ConfigError(f"model.vocab_size: {mcfg.vocab_size} is smaller than the tokenizer's "
+                                     f"vocabulary ({tokenizer_vocab})")
+    return mcfg
+
+
+def build_model(mcfg, seed: int):
+    """The NNX model for ``mcfg`` with parameters initialised from ``seed``."""
+    from gla_jax.models import build_model as _build
+
+    return _build(mcfg, rngs=nnx.Rngs(seed))
