@@ -9,7 +9,6 @@ The loss is the mean next-token cross-entropy over positions whose next token is
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 
