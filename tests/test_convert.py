@@ -83,7 +83,7 @@ def test_save_fla_writes_fla_names_shapes_and_config(saved):
     assert t["model.layers.0.attn.g_norm_swish_gate.weight"].shape == (D // H,)  # fla's name with fuse_norm
     assert t["model.layers.0.mlp.down_proj.weight"].shape == (D, 48)
     # values: Linear weights are our kernels transposed, conv weights gain the middle axis
-    attn = model.model.layers[1].attn
+    attn = model.model.layer(1).attn  # layer 1 of the stacked [L, ...] parameters
     np.testing.assert_array_equal(t["model.layers.1.attn.q_proj.weight"], np.asarray(attn.q_proj.kernel[...]).T)
     np.testing.assert_array_equal(t["model.layers.1.attn.v_conv1d.weight"][:, 0], np.asarray(attn.v_conv1d.weight[...]))
     np.testing.assert_array_equal(t["lm_head.weight"], np.asarray(model.lm_head.kernel[...]).T)
