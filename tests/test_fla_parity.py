@@ -131,22 +131,20 @@ def _randomize(model, seed: int) -> None:
     """O(1)-output random weights for every parameter (the default init's std 0.02 makes near-zero logits)."""
     from flax import nnx
 
-    from gla_jax.convert import _get_variable
-
     rng = np.random.default_rng(seed)
     flat = sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda kv: str(kv[0]))
-    for path, _ in flat:
-        var = _get_variable(model, tuple(path))
+    for path, var in flat:
         current = var.get_value()  # abstract (ShapeDtypeStruct) or concrete
         shape, name = current.shape, str(path[-1])
-        if name == "weight" and len(shape) == 1:  # norms
+        stacked = "layers" in map(str, path)  # the blocks' parameters carry a leading [L] axis
+        if name == "weight" and len(shape) - stacked == 1:  # norms
             value = 1.0 + 0.2 * rng.standard_normal(shape)
         elif name in ("bias", "embedding"):
             value = rng.standard_normal(shape)
         elif name == "weight":  # short conv [C, W]
             value = rng.standard_normal(shape) / np.sqrt(shape[-1])
-        else:  # kernel [in, out]
-            value = rng.standard_normal(shape) / np.sqrt(shape[0])
+        else:  # kernel [(L,) in, out]
+            value = rng.standard_normal(shape) / np.sqrt(shape[-2])
         var.set_value(jnp.asarray(value, current.dtype))
 
 
