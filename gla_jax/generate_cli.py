@@ -53,13 +53,9 @@ def _find_upwards(start: Path, names, levels: int = 4):
 
 
 def _config_from_dict(d: dict):
-    from gla_jax.models import GLAConfig, TransformerConfig
+    from gla_jax.models import config_from_dict
 
-    kind = d.get("model_type", "gla")
-    cls = {"gla": GLAConfig, "transformer": TransformerConfig}.get(kind)
-    if cls is None:
-        raise ValueError(f"model_type: unsupported {kind!r} (expected 'gla' or 'transformer')")
-    return cls.from_dict(d)
+    return config_from_dict(d)  # the family named by d["model_type"] (the registry)
 
 
 def _run_tokenizer_spec(path: Path) -> str | None:
