@@ -32,9 +32,9 @@ FLA_KERNEL_KEYS = {"fuse_norm": True, "fuse_swiglu": True, "fuse_cross_entropy":
                    "fuse_linear_cross_entropy": False, "use_l2warp": False}
 # Kept for older callers: every key from_dict accepts and drops.
 HF_IGNORED_KEYS = HF_BOILERPLATE | frozenset(FLA_KERNEL_KEYS)
-REMAT_POLICIES = tuple(n for n in (
-    "nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots", "dots_with_no_batch_dims_saveable",
-    "checkpoint_dots_with_no_batch_dims") if hasattr(jax.checkpoint_policies, n))
+# Names in jax.checkpoint_policies that are policies themselves (not factories taking arguments).
+REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
+                  "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -428,7 +428,7 @@ class Trainer:
 def _values(state):
     """nnx.State of Variables -> the same State holding raw values (arrays / ShapeDtypeStructs)."""
     def one(v):
-        return v.get_value() if hasattr(v, "get_value") else v.value
+        return v.get_value()
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

@@ -12,7 +12,6 @@ mesh axes do not divide evenly is left replicated (so odd sizes never fail, they
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import jax
@@ -92,7 +91,7 @@ def logical_to_spec(names, shape, mesh: Mesh, rules: dict) -> P:
 
 
 def _variable_names(var):
-    meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
+    meta = var.get_metadata()
     for key in ("out_sharding", "sharding_names", "sharding"):
         names = meta.get(key)
         if names is not None:
@@ -108,7 +107,7 @@ def state_shardings(abstract_state, mesh: Mesh, rules: dict = PARAM_RULES):
     from flax import nnx
 
     def one(var):
-        value = var.get_value() if hasattr(var, "get_value") else var.value
+        value = var.get_value()
         names = _variable_names(var)
         spec = logical_to_spec(names, value.shape, mesh, rules) if names else P()
         return NamedSharding(mesh, spec)
@@ -127,11 +126,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 # ----------------------------------------------------------------------------------------------------------------
 # the GLA operator under shard_map
-
-_shard_map = getattr(jax, "shard_map", None)
-if _shard_map is None:  # pragma: no cover - older jax
-    from jax.experimental.shard_map import shard_map as _shard_map
-
 
 def shard_mapped_gla(mesh: Mesh, op=None):
     """``gla``-compatible function that runs ``op`` (default ``gla_jax.ops.gla``) per shard with ``jax.shard_map``:
@@ -180,22 +174,11 @@ def shard_mapped_gla(mesh: Mesh, op=None):
             return (o, s) if output_final_state else (o,)
 
         out_specs = (x_spec, s_spec) if output_final_state else (x_spec,)
-        fn = _shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs, check_vma=False) \
-            if _accepts_check_vma() else _shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs)
+        fn = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=out_specs, check_vma=False)
         res = fn(*args)
         return (res[0], res[1]) if output_final_state else (res[0], None)
 
     return wrapped
-
-
-@functools.lru_cache(None)
-def _accepts_check_vma() -> bool:
-    import inspect
-
-    try:
-        return "check_vma" in inspect.signature(_shard_map).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 @contextlib.contextmanager
