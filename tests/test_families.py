@@ -152,38 +152,70 @@ def test_toy_family_generates_like_teacher_forcing(toy):
     from gla_jax.models import build_model
 
     model = _random(nnx.eval_shape(lambda: build_model(MeanConfig(vocab_size=40), rngs=nnx.Rngs(0))), seed=3)
-    prompts = [[5, 7, 1], [2, 9, 4, 4, 8]]
-    out = generate(model, prompts, max_new_tokens=5).sequences()
+    prompts, n = [[5, 7, 1], [2, 9, 4, 4, 8]], 4
+    out = generate(model, prompts, max_new_tokens=n).sequences()
     forward = nnx.jit(lambda m, i: m(i))
-    for prompt, got in zip(prompts, out):  # greedy by re-running the whole sequence each step
-        seq = list(prompt)
-        for _ in range(5):
-            seq.append(int(np.argmax(np.asarray(forward(model, jnp.asarray([seq], jnp.int32)))[0, -1])))
-        assert got == seq[len(prompt):]
+    for prompt, got in zip(prompts, out):  # greedy by re-running the whole sequence (causal: later slots unused)
+        buf = np.zeros((1, 9), np.int32)
+        buf[0, :len(prompt)] = prompt
+        for t in range(len(prompt), len(prompt) + n):
+            buf[0, t] = int(np.argmax(np.asarray(forward(model, jnp.asarray(buf)))[0, t - 1]))
+        assert got == list(buf[0, len(prompt):len(prompt) + n])
 
 
-def test_toy_family_trains_and_counts_flops(toy, tmp_path):
+_TRAIN = ["model.arch=causal-mean", "model.hidden_size=32", "model.num_hidden_layers=2", "model.vocab_size=320",
+          "data.seq_len=32", "data.batch_size=4", "data.max_docs=20", "train.steps=3", "train.log_every=1",
+          "train.eval_every=0", "train.progress=false", "train.sample_tokens=0", "checkpoint.enabled=false",
+          "optim.warmup_steps=0", "optim.lr=3e-2", "mesh.data=1"]
+
+
+def test_toy_family_train_step_and_flops(toy):
+    """The trainer's config resolution and model build take the toy family from the registry; one step of the
+    trainer's optimizer on the trainer's loss lowers the loss; FLOPs = 2 per multiply-add of every matrix."""
+    import optax
+
     from gla_jax.train import config as C
-    from gla_jax.train import flops
-    from gla_jax.train import loop
+    from gla_jax.train import flops, loop, optim
 
-    over = ["model.arch=causal-mean", "model.hidden_size=32", "model.num_hidden_layers=2", "model.vocab_size=320",
-            "data.seq_len=32", "data.batch_size=4", "data.max_docs=20", "train.steps=3", "train.log_every=1",
-            "train.eval_every=0", "train.progress=false", "train.sample_tokens=0", "checkpoint.enabled=false",
-            "optim.warmup_steps=0", "optim.lr=3e-2", "mesh.data=1"]
-    cfg = C.load_config(None, over)
-    trainer = loop.Trainer(cfg, tmp_path, log=lambda *_: None)
-    assert isinstance(trainer.mcfg, MeanConfig)
-    out = trainer.run()
-    losses = [out["losses"][k] for k in sorted(out["losses"])]
-    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
-    assert abs(losses[0] - math.log(320)) < 0.1 and losses[-1] < losses[0] - 0.1  # starts uniform, learns
-    # FLOPs: 2 per multiply-add of every matrix (the toy mixer has no sequence-length term), tied head
-    abstract = nnx.eval_shape(lambda: loop.build_model(trainer.mcfg, 0))
+    cfg = C.load_config(None, _TRAIN)
+    mcfg = loop.model_config(cfg)
+    assert isinstance(mcfg, MeanConfig) and mcfg.num_hidden_layers == 2
+    model = nnx.jit(lambda: loop.build_model(mcfg, 0))()
+    graphdef, params = nnx.split(model, nnx.Param)
+    ids = jnp.asarray(np.tile(np.arange(8), (2, 4)), jnp.int32)  # a repeated pattern: learnable
+    seg = jnp.ones_like(ids)
+
+    tx = optim.make_optimizer(cfg.optim, total_steps=3)
+
+    def loss(p):
+        total, count = loop.token_loss(nnx.merge(graphdef, p)(ids, segment_ids=seg), ids, seg)
+        return total / count
+
+    @jax.jit
+    def before_and_after(p):
+        before, grads = jax.value_and_grad(loss)(p)
+        updates, _ = tx.update(grads, tx.init(p), p)
+        return before, loss(optax.apply_updates(p, updates))
+
+    before, after = before_and_after(params)
+    assert abs(float(before) - math.log(320)) < 0.1 and float(after) < float(before) - 0.05
+    abstract = nnx.eval_shape(lambda: loop.build_model(mcfg, 0))
     matmul = sum(math.prod(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-                 if len(v.shape) - ("layers" in map(str, p)) == 2)
-    assert math.isclose(flops.forward_flops_per_token(trainer.mcfg, 32), 2 * matmul, rel_tol=1e-12)
+                 if len(v.shape) - ("layers" in map(str, p)) == 2)  # stacked [L, in, out] kernels: L matrices
+    assert math.isclose(flops.forward_flops_per_token(mcfg, 32), 2 * matmul, rel_tol=1e-12)  # tied head included
+
+
+@pytest.mark.slow
+def test_toy_family_trains_with_the_trainer(toy, tmp_path):
+    from gla_jax.train import config as C
+    from gla_jax.train import flops, loop
+
+    trainer = loop.Trainer(C.load_config(None, _TRAIN), tmp_path, log=lambda *_: None)
+    assert isinstance(trainer.mcfg, MeanConfig)
     assert trainer.flops_per_token == 3 * flops.forward_flops_per_token(trainer.mcfg, 32)
+    losses = [v for _, v in sorted(trainer.run()["losses"].items())]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.1  # starts near uniform, learns
 
 
 def test_registry_errors(toy):
