@@ -295,3 +295,39 @@ def test_cli_to_fla_from_training_checkpoint(saved, tmp_path):
     assert gla_main(["convert", "--to-fla", str(work), "--out", str(out), "--dtype", "float32"]) == 0
     a, b = read_safetensors(d), read_safetensors(out)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------- every family
+
+
+def test_load_hf_dispatches_on_model_type_and_round_trips_transformer(saved, tmp_path):
+    """load_hf/save_hf read and write any registered family (the map onto the stacked [L, ...] parameters); a GLA
+    directory written by save_fla loads through load_hf too."""
+    from gla_jax.convert import load_hf, save_hf
+    from gla_jax.models import TransformerConfig, TransformerForCausalLM
+
+    _, gla_model, d = saved
+    config, model = load_hf(d)
+    assert isinstance(model, GLAForCausalLM)
+    _assert_same_params(gla_model, model)
+
+    tconfig = TransformerConfig(hidden_size=32, num_hidden_layers=2, num_heads=4, num_kv_heads=2, vocab_size=50,
+                                qk_norm=True, qkv_bias=True, intermediate_size=48)
+    tmodel = nnx.eval_shape(lambda r: TransformerForCausalLM(tconfig, rngs=r), nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for _, var in nnx.to_flat_state(nnx.state(tmodel, nnx.Param)):
+        var.set_value(jnp.asarray(rng.standard_normal(var.get_value().shape), jnp.float32))
+    out = save_hf(tmodel, tmp_path / "transformer")
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["model_type"] == "transformer" and raw["architectures"] == ["TransformerForCausalLM"]
+    t = read_safetensors(out)
+    q = np.asarray(tmodel.model.layers.attn.q_proj.kernel[...])  # [L, in, out]
+    np.testing.assert_array_equal(t["model.layers.1.attn.q_proj.weight"], q[1].T)
+    assert t["model.layers.0.attn.k_norm.weight"].shape == (8,) and t["model.layers.1.attn.v_proj.bias"].shape == (16,)
+    config2, model2 = load_hf(out)
+    assert config2 == tconfig and isinstance(model2, TransformerForCausalLM)
+    _assert_same_params(tmodel, model2)
+    with pytest.raises(ValueError, match="model_type"):
+        load_fla(out)  # load_fla stays GLA-only
+    bad = _copy_with(out, tmp_path / "unknown", config={"model_type": "mamba"})
+    _one_line_error(lambda: load_hf(bad), "model_type")

@@ -59,7 +59,8 @@ def test_model_params_get_sharded():
     o = [v for k, v in flat.items() if k.endswith("o_proj/kernel")][0]
     emb = [v for k, v in flat.items() if k.endswith("embedding")][0]
     norm = [v for k, v in flat.items() if k.endswith("attn_norm/weight")][0]
-    assert q.spec == P("fsdp", "tensor") and o.spec == P("tensor", "fsdp")
+    # the blocks' parameters are stacked [L, ...]: the leading "layers" axis stays unsharded
+    assert q.spec == P(None, "fsdp", "tensor") and o.spec == P(None, "tensor", "fsdp")
     assert emb.spec == P("tensor", "fsdp") and norm.spec == P()
 
 
