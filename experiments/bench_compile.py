@@ -74,11 +74,12 @@ def compile_step(family: str, layers: int, scan: bool, args) -> dict:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    name = NAME + ("_smoke" if args.smoke else "")
     if args.smoke:
         args.families, args.layers, args.width, args.seq_len, args.batch = args.families[:1], [1, 2], 32, 32, 2
     if min(args.layers) < 1:
         raise SystemExit(f"--layers: expected positive depths, got {args.layers}")
-    path = pathlib.Path(args.out) / f"{NAME}.json"
+    path = pathlib.Path(args.out) / f"{name}.json"
     if path.exists() and not args.replace:
         raise SystemExit(f"--out: {path} exists; pass --replace to overwrite it")
     started = C.utc_now()
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         print(f"{family}: {hi} vs {lo} layers: scan x{s['vs_shallowest']:.2f}, loop x{l_['vs_shallowest']:.2f} "
               f"total compile time")
     config = {k: v for k, v in vars(args).items() if k not in ("out", "replace", "no_plot")}
-    out = C.write_results(NAME, config=config, seed=args.seed, results=rows, out_dir=args.out, started=started)
+    out = C.write_results(name, config=config, seed=args.seed, results=rows, out_dir=args.out, started=started)
     print(f"wrote {C.repo_relative(out)}")
     return 0
 
