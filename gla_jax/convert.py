@@ -228,8 +228,8 @@ def _load(path: Path, raw: dict, family, rngs, overrides):
     tensors = _normalize_tensors(tensors, layout, tied=bool(config.tie_word_embeddings))
     for name in tensors:
         if name not in layout:
-            hint = (" (softmax-attention layer of a hybrid model?)" if family.name == "gla" and ".attn." in name
-                    and any(s in name for s in ("qkv", "q_norm", "k_norm", "rotary")) else "")
+            hint = (" (a layer of a hybrid model, or an option this config does not enable?)" if ".attn." in name
+                    else "")
             raise ValueError(f"{name}: unknown tensor for this {family.name} config{hint}")
     for name, entry in layout.items():
         if name not in tensors:

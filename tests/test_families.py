@@ -240,3 +240,18 @@ def test_registry_errors(toy):
     model = nnx.eval_shape(lambda: build_model(MeanConfig(), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="no fla/HF tensor map"):
         save_hf(model, "unused")
+
+
+def test_resolve_config_and_config_from_dict():
+    """A preset name, our dict form or a config resolve to the right family's config; arch must agree."""
+    from gla_jax.models import GLAConfig, TransformerConfig, config_from_dict, get_config, resolve_config
+
+    t = get_config("transformer-tiny")
+    assert resolve_config("transformer-tiny", hidden_size=128) == t.replace(hidden_size=128)
+    assert resolve_config(t.to_dict()) == t and config_from_dict(t.to_dict()) == t
+    assert resolve_config({"hidden_size": 64, "num_heads": 2}, arch="gla") == GLAConfig(hidden_size=64, num_heads=2)
+    assert resolve_config(None, arch="transformer") == TransformerConfig()
+    with pytest.raises(ValueError, match="arch"):
+        resolve_config("gla-tiny", arch="transformer")
+    with pytest.raises(ValueError, match="model_type"):
+        config_from_dict({"model_type": "mamba"})
