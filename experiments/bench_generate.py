@@ -40,29 +40,20 @@ def _parser():
     return p
 
 
-def synthetic_cache(model, kind, batch, context, steps, key):
-    """The decoding cache after ``context`` tokens, with random contents."""
+def synthetic_cache(model, batch, context, steps, key):
+    """The decoding cache (the models' one cache protocol) after ``context`` tokens, with random contents: every
+    per-layer array random; slot caches (``"segments"``) mark the first ``context`` slots filled."""
     import jax
     import jax.numpy as jnp
 
-    if kind == "gla":
-        cache = model.init_cache(batch)
-        leaves, tree = jax.tree.flatten(cache)
-        keys = jax.random.split(key, len(leaves))
-        leaves = [0.1 * jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype) for k, x in zip(keys, leaves)]
-        return jax.tree.unflatten(tree, leaves)
     cache = model.init_cache(batch, context + steps)
-    layers = []
-    for i, lc in enumerate(cache["layers"]):
-        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
-        filled = {}
-        for (n, x), kk in zip(sorted(lc.items()), (k1, k2)):
-            idx = (slice(None), slice(None), slice(None), slice(0, context)) if n == "k" else \
-                (slice(None), slice(None), slice(0, context))
-            filled[n] = x.at[idx].set(jax.random.normal(kk, x[idx].shape, jnp.float32).astype(x.dtype))
-        layers.append(filled)
-    segments = cache["segments"].at[:, :context].set(1)
-    return {"layers": layers, "segments": segments, "index": jnp.asarray(context, jnp.int32)}
+    leaves, tree = jax.tree.flatten(cache["layers"])
+    keys = jax.random.split(key, len(leaves))
+    leaves = [0.1 * jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype) for k, x in zip(keys, leaves)]
+    cache = {**cache, "layers": jax.tree.unflatten(tree, leaves), "index": jnp.asarray(context, jnp.int32)}
+    if "segments" in cache:  # unfilled slots keep -1 and are never attended to
+        cache["segments"] = cache["segments"].at[:, :context].set(1)
+    return cache
 
 
 def bench_one(model, kind, *, batch, context, steps, repeats, seed):
@@ -73,7 +64,7 @@ def bench_one(model, kind, *, batch, context, steps, repeats, seed):
     from gla_jax.generate import cache_bytes, decode_step
 
     graphdef, state = nnx.split(model)
-    cache = synthetic_cache(model, kind, batch, context, steps, jax.random.key(seed))
+    cache = synthetic_cache(model, batch, context, steps, jax.random.key(seed))
 
     def loop(state, cache, tok):
         m = nnx.merge(graphdef, state)

@@ -104,7 +104,7 @@ def build_model(kind: str, *, width: int, vocab_size: int, seq_len: int, layers:
     linear-attention models of the recall literature do; Transformer++ never has one."""
     from flax import nnx
 
-    from gla_jax.models import GLAConfig, GLAForCausalLM
+    from gla_jax.models import GLAConfig, TransformerConfig, build_model
 
     if kind not in MODELS:
         raise ValueError(f"kind: expected one of {MODELS}, got {kind!r}")
@@ -112,10 +112,10 @@ def build_model(kind: str, *, width: int, vocab_size: int, seq_len: int, layers:
     shared = dict(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_heads=heads,
                   tie_word_embeddings=True)
     if kind == "transformer":
-        from gla_jax.models import TransformerConfig, TransformerForCausalLM
-
-        return TransformerForCausalLM(TransformerConfig(**shared, max_position_embeddings=seq_len), rngs=rngs)
-    return GLAForCausalLM(GLAConfig(**shared, gate=kind, impl=impl, use_short_conv=short_conv), rngs=rngs)
+        config = TransformerConfig(**shared, max_position_embeddings=seq_len)
+    else:  # the GLA gate variants
+        config = GLAConfig(**shared, gate=kind, impl=impl, use_short_conv=short_conv)
+    return build_model(config, rngs=rngs)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def build(kind: str, args, seq_len: int):
     """The model for ``kind`` at the size given by ``args`` (a preset on GPU, else explicit width/depth)."""
     from flax import nnx
 
-    from gla_jax.models import GLAConfig, GLAForCausalLM, TransformerConfig, TransformerForCausalLM
+    from gla_jax.models import GLAConfig, TransformerConfig, build_model
 
     if args.preset:
         from gla_jax.models.config import get_config
@@ -53,8 +53,7 @@ def build(kind: str, args, seq_len: int):
                                 num_heads=args.width // args.attn_head_dim, vocab_size=args.vocab,
                                 tie_word_embeddings=True, max_position_embeddings=max(seq_len, 2048),
                                 dtype=args.dtype, remat=args.remat)
-    cls = GLAForCausalLM if kind == "gla" else TransformerForCausalLM
-    return cls(cfg, rngs=nnx.Rngs(args.seed)), cfg
+    return build_model(cfg, rngs=nnx.Rngs(args.seed)), cfg
 
 
 def measure(kind: str, seq_len: int, args) -> dict:

@@ -1,13 +1,16 @@
-"""fla / Hugging Face GLA checkpoints <-> gla-jax models, without torch.
+"""fla / Hugging Face checkpoints <-> gla-jax models, without torch, for every registered model family.
 
-An fla checkpoint is a directory with ``config.json`` (``model_type: "gla"``) and ``model.safetensors`` (or shards
-listed in ``model.safetensors.index.json``). Parameter names follow fla's ``GLAForCausalLM``; PyTorch ``Linear``
-weights are stored ``[out, in]`` where ``nnx.Linear`` kernels are ``[in, out]``, and short-convolution weights are
-stored ``[channels, 1, width]`` where ours are ``[channels, width]``.
+A checkpoint is a directory with ``config.json`` (its ``model_type`` picks the family through the registry: "gla",
+"transformer", ...) and ``model.safetensors`` (or shards listed in ``model.safetensors.index.json``). Tensor names
+follow fla's ``<Family>ForCausalLM`` (``model.layers.{i}.*``); each family's ``hf_layout`` maps them onto our stacked
+``[L, ...]`` parameters (docs/design.md §4). PyTorch ``Linear`` weights are stored ``[out, in]`` where ``nnx.Linear``
+kernels are ``[in, out]``, and short-convolution weights ``[channels, 1, width]`` where ours are ``[channels, width]``.
+The config translation is the config classes' own codec (``from_hf``/``to_hf_dict``).
 
-    from gla_jax.convert import load_fla, save_fla
-    config, model = load_fla("path/to/fla-dir")          # float32 parameters by default
-    save_fla(model, config, "path/to/out-dir")          # loadable by fla's GLAForCausalLM.from_pretrained
+    from gla_jax.convert import load_hf, save_hf, load_fla, save_fla
+    config, model = load_hf("path/to/hf-dir")           # any registered family; float32 parameters by default
+    save_hf(model, "path/to/out-dir")                   # loadable by fla's <Family>ForCausalLM.from_pretrained
+    config, model = load_fla("path/to/fla-gla-dir")     # the same, for GLA checkpoints only
 
 Pickle checkpoints (``pytorch_model.bin``, ``*.pt``) are refused: unpickling can run arbitrary code, and reading them
 needs torch. Convert them to safetensors with fla first (``model.save_pretrained(dir, safe_serialization=True)``).
@@ -15,12 +18,9 @@ needs torch. Convert them to safetensors with fla first (``model.save_pretrained
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -28,42 +28,6 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-# fla's GLAConfig fields and their defaults (fla 0.6). Written into config.json by save_fla so that fla rebuilds the
-# same model; read by load_fla to tell unsupported settings from defaults.
-FLA_DEFAULTS: dict[str, Any] = {
-    "hidden_size": 2048, "expand_k": 0.5, "expand_v": 1.0, "hidden_ratio": 4, "intermediate_size": None,
-    "num_hidden_layers": 24, "num_heads": 4, "num_kv_heads": None, "feature_map": None, "attn_mode": "chunk",
-    "use_short_conv": False, "conv_size": 4, "use_output_gate": True, "clamp_min": None, "hidden_act": "swish",
-    "max_position_embeddings": 2048, "elementwise_affine": True, "norm_eps": 1e-6, "use_gk": True, "use_gv": False,
-    "attn": None, "use_cache": True, "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2,
-    "tie_word_embeddings": False, "initializer_range": 0.02, "fuse_norm": True, "fuse_swiglu": True,
-    "fuse_cross_entropy": True, "fuse_linear_cross_entropy": False, "use_l2warp": False, "vocab_size": 32000,
-    "attnres_block_size": None,
-}
-# Settings that change only fla's kernels, training losses or generation bookkeeping, never the function computed:
-# accepted with any value (and kept in the converted config when our GLAConfig has the field).
-_KERNEL_OR_TRAINING_ONLY = {
-    "attn_mode", "fuse_norm", "fuse_swiglu", "fuse_cross_entropy", "fuse_linear_cross_entropy", "use_l2warp",
-    "use_cache", "initializer_range", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
-}
-# Keys Hugging Face adds to every config.json.
-_HF_BOILERPLATE = {
-    "model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "auto_map", "_name_or_path",
-    "return_dict", "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "tie_encoder_decoder",
-    "is_encoder_decoder", "is_decoder", "add_cross_attention", "chunk_size_feed_forward", "pruned_heads",
-    "tf_legacy_loss", "id2label", "label2id", "problem_type", "tokenizer_class", "prefix", "sep_token_id",
-    "decoder_start_token_id", "task_specific_params", "finetuning_task", "cross_attention_hidden_size",
-    "architectures", "keys_to_ignore_at_inference", "quantization_config", "name_or_path",
-}
-# Settings we cannot represent: (field, supported predicate, reason). Others (feature_map, ...) are checked by
-# GLAConfig and the layers themselves.
-_UNSUPPORTED = (
-    ("attn", lambda v: v is None, "hybrid models with softmax-attention layers are not supported"),
-    ("hidden_act", lambda v: v in ("swish", "silu"), "only the swish (SwiGLU) activation is supported"),
-    ("attnres_block_size", lambda v: v is None, "attention residuals (attnres) are not supported"),
-)
-GATE_LOW_RANK_DIM = 16  # fla's GatedLinearAttention default; HF GLA checkpoints always use it
 
 
 # ------------------------------------------------------------------------------------------------- safetensors IO
@@ -146,168 +110,34 @@ def write_safetensors(tensors: dict[str, np.ndarray], file: str | os.PathLike) -
 # ------------------------------------------------------------------------------------------------------ configs
 
 
-def _dims(c) -> dict[str, int]:
-    """Derived sizes of an fla-style config (attribute access), checked like fla checks them."""
-    D, H = int(c.hidden_size), int(c.num_heads)
-    Hkv = int(c.num_kv_heads) if c.num_kv_heads is not None else H
-    if H <= 0 or Hkv <= 0 or H % Hkv:
-        raise ValueError(f"num_kv_heads: num_heads ({H}) must be a positive multiple of num_kv_heads ({Hkv})")
-    dims = {}
-    for name, ratio in (("key_dim", c.expand_k), ("value_dim", c.expand_v)):
-        x = D * float(ratio)
-        if not math.isclose(x, round(x)) or round(x) <= 0:
-            raise ValueError(f"expand_{name[0]}: hidden_size * expand_{name[0]} = {x} is not a positive integer")
-        if round(x) % H:
-            raise ValueError(f"expand_{name[0]}: {name} {round(x)} is not divisible by num_heads {H}")
-        dims[name] = round(x)
-    groups = H // Hkv
-    inter = c.intermediate_size
-    if inter is None:
-        ratio = 4 if c.hidden_ratio is None else c.hidden_ratio
-        inter = int(D * ratio * 2 / 3)
-        inter = 256 * ((inter + 255) // 256)
-    return dict(D=D, H=H, Hkv=Hkv, key_dim=dims["key_dim"], value_dim=dims["value_dim"],
-                key_kv=dims["key_dim"] // groups, value_kv=dims["value_dim"] // groups,
-                head_v=dims["value_dim"] // H, I=int(inter), V=int(c.vocab_size), L=int(c.num_hidden_layers),
-                rank=int(getattr(c, "gate_low_rank_dim", GATE_LOW_RANK_DIM) or GATE_LOW_RANK_DIM),
-                conv=int(c.conv_size))
-
-
-def _our_config_fields(config_cls) -> set[str]:
-    if dataclasses.is_dataclass(config_cls):
-        return {f.name for f in dataclasses.fields(config_cls)}
-    return set(config_cls().to_dict())
-
-
 def config_from_fla(raw: dict, **overrides):
-    """Our ``GLAConfig`` from the dict of an fla ``config.json``; ValueError naming the first unsupported field."""
+    """Our ``GLAConfig`` from the dict of an fla ``config.json`` (``GLAConfig.from_hf``)."""
     from gla_jax.models import GLAConfig
 
-    if not isinstance(raw, dict):
-        raise ValueError(f"config.json: expected a JSON object, got {type(raw).__name__}")
-    model_type = raw.get("model_type", "gla")
-    if model_type != "gla":
-        raise ValueError(f"config.json: model_type {model_type!r} is not 'gla' (only fla GLA checkpoints convert)")
-    archs = raw.get("architectures") or ["GLAForCausalLM"]
-    if any(a not in ("GLAForCausalLM", "GLAModel") for a in archs):
-        raise ValueError(f"config.json: architectures {archs} is not ['GLAForCausalLM']")
-    for key, ok, why in _UNSUPPORTED:
-        if key in raw and not ok(raw[key]):
-            raise ValueError(f"config.json: {key}={raw[key]!r}: {why}")
-    ours = _our_config_fields(GLAConfig)
-    kwargs = {}
-    for key, value in raw.items():
-        if key in _HF_BOILERPLATE:
-            continue  # HF's "dtype" is the storage dtype, not our compute dtype
-        if key in ours:
-            kwargs[key] = value
-        elif key in _KERNEL_OR_TRAINING_ONLY:
-            continue
-        elif key in FLA_DEFAULTS and value != FLA_DEFAULTS[key]:
-            raise ValueError(f"config.json: {key}={value!r} is not supported by gla_jax's GLAConfig")
-        # other unknown keys (newer fla/transformers bookkeeping) are ignored
-    for key in FLA_DEFAULTS:  # fla's defaults where config.json omits a field
-        if key in ours and key not in kwargs:
-            kwargs[key] = FLA_DEFAULTS[key]
-    for key, value in overrides.items():
-        if key not in ours:
-            raise ValueError(f"{key}: not a GLAConfig field (overrides: {sorted(overrides)})")
-        kwargs[key] = value
-    return GLAConfig.from_dict(kwargs) if hasattr(GLAConfig, "from_dict") else GLAConfig(**kwargs)
+    return GLAConfig.from_hf(raw, **overrides)
 
 
 def config_to_fla(config) -> dict:
-    """The fla ``config.json`` dict for our ``GLAConfig``."""
-    ours = config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config)
-    out = dict(FLA_DEFAULTS)
-    for key in FLA_DEFAULTS:
-        if key in ours:
-            out[key] = ours[key]
-    for key, ok, why in _UNSUPPORTED:
-        if not ok(out[key]):
-            raise ValueError(f"config.{key}={out[key]!r}: {why}")
-    if out["hidden_act"] == "silu":  # the same function; fla's GatedMLP accepts only the name "swish"
-        out["hidden_act"] = "swish"
-    rank = ours.get("gate_low_rank_dim", GATE_LOW_RANK_DIM)
-    if rank not in (None, GATE_LOW_RANK_DIM):
-        raise ValueError(f"config.gate_low_rank_dim={rank}: fla's GLAForCausalLM always uses {GATE_LOW_RANK_DIM}")
-    norm = ours.get("gate_logit_normalizer", 16)
-    if norm not in (None, 16):
-        raise ValueError(f"config.gate_logit_normalizer={norm}: fla's GLAForCausalLM always uses 16")
-    if ours.get("conv_bias"):
-        raise ValueError("config.conv_bias=True: fla's GLA layer has no short-convolution bias")
-    gate = ours.get("gate", "gla")
-    if gate not in (None, "gla"):
-        raise ValueError(f"config.gate={gate!r}: fla's GLA layer has only the per-key gate ('gla')")
-    out["model_type"] = "gla"
-    out["architectures"] = ["GLAForCausalLM"]
-    return out
+    """The fla ``config.json`` dict for our ``GLAConfig`` (``config.to_hf_dict()``)."""
+    return config.to_hf_dict()
 
 
-# ---------------------------------------------------------------------------------------------------- name map
+def fla_layout(config, *, fused_norm_gate: bool | None = None) -> dict:
+    """fla tensor name -> ``HFTensor`` (our stacked parameter, its layer, layout kind, fla shape) for a GLA config.
+    ``fused_norm_gate`` picks the output norm's name (``attn.g_norm_swish_gate`` / ``attn.g_norm``; default: what
+    fla builds from ``config``)."""
+    from gla_jax.models.gla import gla_hf_layout
+
+    raw = None if fused_norm_gate is None else {"fuse_norm": fused_norm_gate}
+    return gla_hf_layout(config, raw)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-    ours: tuple  # attribute path in our model, e.g. ("model", "layers", 0, "attn", "q_proj", "kernel")
-    kind: str  # "linear" ([out, in] <-> [in, out]), "conv" ([C, 1, W] <-> [C, W]), "plain"
-    shape: tuple  # shape in the fla checkpoint
+# ---------------------------------------------------------------------------------------------------- tensor map
 
 
-def _fused_norm_gate(raw_or_cfg) -> bool:
-    """Whether fla builds ``attn.g_norm_swish_gate`` (fused RMSNorm+swish gate) rather than ``attn.g_norm``."""
-    get = raw_or_cfg.get if isinstance(raw_or_cfg, dict) else lambda k, d=None: getattr(raw_or_cfg, k, d)
-    return (bool(get("fuse_norm", True)) and get("hidden_act", "swish") == "swish"
-            and bool(get("use_output_gate", True)))
-
-
-def fla_layout(config, *, fused_norm_gate: bool | None = None) -> dict[str, _Entry]:
-    """fla tensor name -> where it lives in our model, how it is laid out, and its fla shape.
-
-    ``fused_norm_gate`` picks the name of the per-head output norm (``attn.g_norm_swish_gate`` when True,
-    ``attn.g_norm`` when False; default: what fla builds from ``config``).
-    """
-    d = _dims(config)
-    if fused_norm_gate is None:
-        fused_norm_gate = _fused_norm_gate(config)
-    D, I, rank = d["D"], d["I"], d["rank"]
-    out: dict[str, _Entry] = {"model.embeddings.weight": _Entry(("model", "embeddings", "embedding"), "plain",
-                                                                (d["V"], D))}
-    for i in range(d["L"]):
-        p, o = f"model.layers.{i}.", ("model", "layers", i)
-
-        def add(name, ours, kind, shape):
-            out[p + name] = _Entry(o + ours, kind, shape)
-
-        add("attn_norm.weight", ("attn_norm", "weight"), "plain", (D,))
-        add("attn.q_proj.weight", ("attn", "q_proj", "kernel"), "linear", (d["key_dim"], D))
-        add("attn.k_proj.weight", ("attn", "k_proj", "kernel"), "linear", (d["key_kv"], D))
-        add("attn.v_proj.weight", ("attn", "v_proj", "kernel"), "linear", (d["value_kv"], D))
-        if getattr(config, "use_output_gate", True):
-            add("attn.g_proj.weight", ("attn", "g_proj", "kernel"), "linear", (d["value_dim"], D))
-        if getattr(config, "use_short_conv", False):
-            for n, c in (("q", d["key_dim"]), ("k", d["key_kv"]), ("v", d["value_kv"])):
-                add(f"attn.{n}_conv1d.weight", ("attn", f"{n}_conv1d", "weight"), "conv", (c, 1, d["conv"]))
-        add("attn.gk_proj.0.weight", ("attn", "gk_proj_0", "kernel"), "linear", (rank, D))
-        add("attn.gk_proj.1.weight", ("attn", "gk_proj_1", "kernel"), "linear", (d["key_kv"], rank))
-        add("attn.gk_proj.1.bias", ("attn", "gk_proj_1", "bias"), "plain", (d["key_kv"],))
-        add("attn.o_proj.weight", ("attn", "o_proj", "kernel"), "linear", (D, d["value_dim"]))
-        if getattr(config, "elementwise_affine", True):
-            norm = "g_norm_swish_gate" if fused_norm_gate else "g_norm"
-            add(f"attn.{norm}.weight", ("attn", "g_norm", "weight"), "plain", (d["head_v"],))
-        add("mlp_norm.weight", ("mlp_norm", "weight"), "plain", (D,))
-        add("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), "linear", (I, D))
-        add("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), "linear", (I, D))
-        add("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), "linear", (D, I))
-    out["model.norm.weight"] = _Entry(("model", "norm", "weight"), "plain", (D,))
-    if not getattr(config, "tie_word_embeddings", False):
-        out["lm_head.weight"] = _Entry(("lm_head", "kernel"), "linear", (d["V"], D))
-    return out
-
-
-def _normalize_tensors(tensors: dict[str, np.ndarray], layout: dict[str, _Entry], tied: bool) -> dict:
+def _normalize_tensors(tensors: dict[str, np.ndarray], layout: dict, tied: bool) -> dict:
     """Maps older or alternative fla layouts onto ``layout``'s names: fused MLP ``gate_proj [2I, D]``, either name
-    of the output norm, a redundant ``lm_head.weight`` in tied checkpoints."""
+    of GLA's output norm, a redundant ``lm_head.weight`` in tied checkpoints."""
     tensors = dict(tensors)
     for name in list(tensors):
         # older fla: one gate_proj holding [gate; up] along the output axis
@@ -331,68 +161,50 @@ def _normalize_tensors(tensors: dict[str, np.ndarray], layout: dict[str, _Entry]
     return tensors
 
 
-def _fla_to_ours(arr: np.ndarray, entry: _Entry, target_shape: tuple) -> np.ndarray:
+def _hf_to_ours(arr: np.ndarray, entry, target_shape: tuple) -> np.ndarray:
+    """One HF tensor in our layout of one layer (``target_shape``: the parameter's shape without the layer axis)."""
     if entry.kind == "linear":
         arr = arr.T
     elif entry.kind == "conv":
         arr = arr[:, 0, :]  # [C, 1, W] -> [C, W]
-        if tuple(target_shape) == arr.shape[::-1]:  # a [W, C] layout
-            arr = arr.T
     if tuple(arr.shape) != tuple(target_shape):
-        raise ValueError(f"fla -> gla_jax: {entry.ours} expects shape {tuple(target_shape)}, mapped tensor has "
-                         f"{arr.shape}")
+        raise ValueError(f"hf -> gla_jax: {'.'.join(entry.ours)} expects shape {tuple(target_shape)}, mapped tensor "
+                         f"has {arr.shape}")
     return arr
 
 
-def _ours_to_fla(arr: np.ndarray, entry: _Entry) -> np.ndarray:
+def _ours_to_hf(arr: np.ndarray, entry) -> np.ndarray:
     if entry.kind == "linear":
         arr = arr.T
     elif entry.kind == "conv":
-        if arr.shape != (entry.shape[0], entry.shape[2]):
-            arr = arr.T
         arr = arr[:, None, :]
     if tuple(arr.shape) != entry.shape:
-        raise ValueError(f"{'.'.join(map(str, entry.ours))}: shape {arr.shape} does not map to fla shape "
-                         f"{entry.shape}")
+        raise ValueError(f"{'.'.join(entry.ours)}: shape {arr.shape} does not map to HF shape {entry.shape}")
     return np.ascontiguousarray(arr)
 
 
-def _get_variable(model, path: tuple):
-    obj = model
-    for part in path:
-        try:
-            obj = obj[part] if isinstance(part, int) else getattr(obj, part)
-        except (AttributeError, IndexError, KeyError, TypeError):
-            raise ValueError(f"model: has no parameter {'.'.join(map(str, path))} (stuck at {part!r})") from None
-        if obj is None:
-            raise ValueError(f"model: parameter {'.'.join(map(str, path))} is None")
-    return obj
-
-
-def _param_paths(model) -> set[tuple]:
+def _params(model) -> dict:
+    """Attribute path (tuple of str) -> the model's ``nnx.Param``."""
     from flax import nnx
 
-    state = nnx.state(model, nnx.Param)
-    flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
-    return {tuple(p) for p, _ in flat}
+    return {tuple(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def _value(var):
-    return var.get_value() if hasattr(var, "get_value") else var.value
-
-
-def _set_value(var, value) -> None:
-    if hasattr(var, "set_value"):
-        var.set_value(value)
-    else:
-        var.value = value
+def _check_mapped(params: dict, layout: dict) -> None:
+    mapped = {e.ours for e in layout.values()}
+    extra = sorted(set(params) - mapped)
+    if extra:
+        raise ValueError(f"model: parameter {'.'.join(extra[0])} has no fla/HF counterpart (unsupported config option?)")
+    absent = sorted(mapped - set(params))
+    if absent:
+        raise ValueError(f"model: has no parameter {'.'.join(absent[0])} for the HF tensor map")
 
 
 # -------------------------------------------------------------------------------------------------- public API
 
 
 def read_fla_config(path: str | os.PathLike) -> dict:
-    """The raw ``config.json`` dict of an fla checkpoint directory."""
+    """The raw ``config.json`` dict of an fla/HF checkpoint directory."""
     path = Path(path)
     if path.is_file() and path.suffix in PICKLE_SUFFIXES:
         _refuse_pickle(path)
@@ -402,39 +214,32 @@ def read_fla_config(path: str | os.PathLike) -> dict:
     if not file.is_file():
         raise ValueError(f"path: no {CONFIG_NAME} in {path}")
     try:
-        return json.loads(file.read_text())
+        raw = json.loads(file.read_text())
     except ValueError as e:
         raise ValueError(f"{CONFIG_NAME}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{CONFIG_NAME}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
-def load_fla(path: str | os.PathLike, *, rngs=None, **config_overrides):
-    """Loads an fla GLA checkpoint directory into ``(GLAConfig, GLAForCausalLM)``.
+read_hf_config = read_fla_config
 
-    Args:
-      path: directory with ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``).
-      rngs: ``nnx.Rngs`` for the model constructor (default ``nnx.Rngs(0)``; the weights are all overwritten).
-      **config_overrides: GLAConfig fields to set on top of config.json (e.g. ``param_dtype``, ``dtype``, the op
-        implementation); they must not change parameter shapes.
 
-    Parameters are cast to the model's ``param_dtype`` (float32 by default: bfloat16 checkpoints upcast exactly).
-    Raises ValueError naming the key for unsupported configs, unknown, missing or misshapen tensors, and pickle files.
-    """
+def _load(path: Path, raw: dict, family, rngs, overrides):
     import jax.numpy as jnp
     from flax import nnx
 
-    from gla_jax.models import GLAForCausalLM
-
-    path = Path(path)
-    raw = read_fla_config(path)
+    if family.hf_layout is None:
+        raise ValueError(f"model_type: family {family.name!r} has no fla/HF tensor map")
+    config = family.config_class.from_hf(raw, **overrides)
     tensors = read_safetensors(path)
-    config = config_from_fla(raw, **config_overrides)
-    layout = fla_layout(config, fused_norm_gate=_fused_norm_gate(raw))
-    tensors = _normalize_tensors(tensors, layout, tied=bool(getattr(config, "tie_word_embeddings", False)))
+    layout = family.hf_layout(config, raw)
+    tensors = _normalize_tensors(tensors, layout, tied=bool(config.tie_word_embeddings))
     for name in tensors:
         if name not in layout:
-            hint = (" (softmax-attention layer of a hybrid model?)" if ".attn." in name and any(
-                s in name for s in ("qkv", "q_norm", "k_norm", "rotary")) else "")
-            raise ValueError(f"{name}: unknown tensor for this GLA config{hint}")
+            hint = (" (a layer of a hybrid model, or an option this config does not enable?)" if ".attn." in name
+                    else "")
+            raise ValueError(f"{name}: unknown tensor for this {family.name} config{hint}")
     for name, entry in layout.items():
         if name not in tensors:
             raise ValueError(f"{name}: missing from the checkpoint")
@@ -447,41 +252,69 @@ def load_fla(path: str | os.PathLike, *, rngs=None, **config_overrides):
     rngs = nnx.Rngs(0) if rngs is None else rngs
     # Abstract construction (no initializers run: every parameter is overwritten below); a model holding other
     # state than parameters is built for real so that state gets its initial values.
-    model = nnx.eval_shape(lambda r: GLAForCausalLM(config, rngs=r), rngs)
+    model = nnx.eval_shape(lambda r: family.model_class(config, rngs=r), rngs)
     if any(not isinstance(v, nnx.Param) for _, v in nnx.to_flat_state(nnx.state(model))):
-        model = GLAForCausalLM(config, rngs=rngs)
-    expected = _param_paths(model)
-    mapped = {e.ours for e in layout.values()}
-    extra = sorted(expected - mapped, key=str)
-    if extra:
-        raise ValueError(f"model: parameter {'.'.join(map(str, extra[0]))} has no fla counterpart "
-                         f"(unsupported config option?)")
+        model = family.model_class(config, rngs=rngs)
+    params = _params(model)
+    _check_mapped(params, layout)
+    values: dict[tuple, np.ndarray] = {}
     for name, entry in layout.items():
-        var = _get_variable(model, entry.ours)
-        target = _value(var)
-        arr = _fla_to_ours(tensors[name], entry, tuple(target.shape))
-        _set_value(var, jnp.asarray(np.asarray(arr).astype(target.dtype)))
+        var = params[entry.ours]
+        target = var.get_value()
+        if entry.layer is None:
+            values[entry.ours] = _hf_to_ours(tensors[name], entry, target.shape).astype(target.dtype)
+        else:  # one slice of a stacked [L, ...] parameter
+            buf = values.setdefault(entry.ours, np.zeros(target.shape, target.dtype))
+            buf[entry.layer] = _hf_to_ours(tensors[name], entry, target.shape[1:])
+    for path, value in values.items():
+        params[path].set_value(jnp.asarray(value))
     return config, model
 
 
-def save_fla(model, config, path: str | os.PathLike, *, dtype=None) -> Path:
-    """Writes ``model`` as an fla checkpoint directory: ``config.json`` (model_type ``gla``, architectures
-    ``["GLAForCausalLM"]``) and ``model.safetensors`` that fla's ``GLAForCausalLM.from_pretrained`` and
-    transformers' ``AutoModelForCausalLM`` (with fla imported) load.
+def load_hf(path: str | os.PathLike, *, rngs=None, **config_overrides):
+    """Loads an fla/HF checkpoint directory of any registered family into ``(config, model)``, the family chosen by
+    ``config.json``'s ``model_type`` (``gla_jax.models.family_for_hf``).
 
     Args:
-      model: our ``GLAForCausalLM``.
-      config: its ``GLAConfig``.
+      path: directory with ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``).
+      rngs: ``nnx.Rngs`` for the model constructor (default ``nnx.Rngs(0)``; the weights are all overwritten).
+      **config_overrides: our config fields to set on top of config.json (e.g. ``param_dtype``, ``dtype``, the op
+        implementation, ``scan_layers``); they must not change parameter shapes.
+
+    Parameters are cast to the model's ``param_dtype`` (float32 by default: bfloat16 checkpoints upcast exactly).
+    Raises ValueError naming the key for unsupported configs, unknown, missing or misshapen tensors, and pickle files.
+    """
+    from gla_jax.models.registry import family_for_hf
+
+    path = Path(path)
+    raw = read_fla_config(path)
+    if "model_type" not in raw:
+        raise ValueError(f"{CONFIG_NAME}: no model_type in {path}")
+    return _load(path, raw, family_for_hf(raw["model_type"]), rngs, config_overrides)
+
+
+def save_hf(model, path: str | os.PathLike, *, config=None, dtype=None) -> Path:
+    """Writes ``model`` (any registered family with an HF map) as an fla/HF checkpoint directory: ``config.json``
+    (``config.to_hf_dict()``) and ``model.safetensors``, loadable by fla's ``<Family>ForCausalLM.from_pretrained``
+    and transformers' ``AutoModelForCausalLM`` (with fla imported).
+
+    Args:
+      model: our causal LM.
       path: output directory (created; existing config.json / model.safetensors are overwritten).
+      config: its config (default ``model.config``).
       dtype: tensor dtype in the file ("float32", "bfloat16", "float16"; default: the parameters' own dtype).
     Returns the directory.
     """
-    fla_config = config_to_fla(config)
-    layout = fla_layout(config, fused_norm_gate=_fused_norm_gate(fla_config))
-    mapped = {e.ours for e in layout.values()}
-    missing = sorted(_param_paths(model) - mapped, key=str)
-    if missing:
-        raise ValueError(f"model: parameter {'.'.join(map(str, missing[0]))} has no fla counterpart")
+    from gla_jax.models.registry import family_of
+
+    config = model.config if config is None else config
+    family = family_of(config)
+    if family.hf_layout is None:
+        raise ValueError(f"model: family {family.name!r} has no fla/HF tensor map")
+    hf_config = config.to_hf_dict()
+    layout = family.hf_layout(config, hf_config)
+    params = _params(model)
+    _check_mapped(params, layout)
     if dtype is not None:
         import jax.numpy as jnp
 
@@ -494,22 +327,45 @@ def save_fla(model, config, path: str | os.PathLike, *, dtype=None) -> Path:
     tensors = {}
     file_dtype = None
     for name, entry in layout.items():
-        arr = np.asarray(_value(_get_variable(model, entry.ours)))
+        arr = np.asarray(params[entry.ours].get_value())
+        if entry.layer is not None:
+            arr = arr[entry.layer]
         if dtype is not None:
             arr = arr.astype(dtype)
         file_dtype = file_dtype or arr.dtype
-        tensors[name] = _ours_to_fla(arr, entry)
+        tensors[name] = _ours_to_hf(arr, entry)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"path: {path} exists and is not a directory")
     path.mkdir(parents=True, exist_ok=True)
-    fla_config["dtype"] = np.dtype(file_dtype).name
-    (path / CONFIG_NAME).write_text(json.dumps(fla_config, indent=2, sort_keys=True) + "\n")
+    hf_config["dtype"] = np.dtype(file_dtype).name
+    (path / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if (path / INDEX_NAME).exists():  # a stale shard index would shadow the new single file
         (path / INDEX_NAME).unlink()
     write_safetensors(tensors, path / WEIGHTS_NAME)
     return path
 
 
-__all__ = ["load_fla", "save_fla", "read_safetensors", "write_safetensors", "config_from_fla", "config_to_fla",
-           "fla_layout", "read_fla_config"]
+def load_fla(path: str | os.PathLike, *, rngs=None, **config_overrides):
+    """Loads an fla GLA checkpoint directory into ``(GLAConfig, GLAForCausalLM)`` (``load_hf`` restricted to GLA;
+    a config.json without ``model_type`` is read as GLA)."""
+    from gla_jax.models.registry import get_family
+
+    path = Path(path)
+    raw = read_fla_config(path)
+    model_type = raw.get("model_type", "gla")
+    if model_type != "gla":
+        raise ValueError(f"config.json: model_type {model_type!r} is not 'gla' (load_fla reads GLA checkpoints; "
+                         "load_hf reads every registered family)")
+    return _load(path, raw, get_family("gla"), rngs, config_overrides)
+
+
+def save_fla(model, config, path: str | os.PathLike, *, dtype=None) -> Path:
+    """Writes our ``GLAForCausalLM`` and its ``GLAConfig`` as an fla checkpoint directory (``save_hf`` for GLA)."""
+    if getattr(config, "model_type", None) != "gla":
+        raise ValueError(f"config: save_fla writes GLA models, got {type(config).__name__} (use save_hf)")
+    return save_hf(model, path, config=config, dtype=dtype)
+
+
+__all__ = ["load_fla", "load_hf", "save_fla", "save_hf", "read_safetensors", "write_safetensors", "config_from_fla",
+           "config_to_fla", "fla_layout", "read_fla_config", "read_hf_config"]

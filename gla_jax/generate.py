@@ -1,9 +1,11 @@
 """Autoregressive generation: prefill the prompt once, then decode one token per step in a compiled loop.
 
-GLA keeps, per layer, only its recurrent state ``[B, H, Dk/H, Dv/H]`` (float32) and the short-convolution tails
-``[B, W-1, C]``: decoding memory and per-token time do not grow with the context. The prompt is run with the
-chunkwise operator (``config.impl``); decode steps use the recurrent update. Transformer++ uses a KV cache of
-``prompt + max_new_tokens`` slots, with the same interface.
+Any registered model family decodes through the one cache protocol (docs/design.md §4):
+``model.init_cache(batch, prompt + max_new_tokens)`` then ``model(ids, cache=...) -> (logits, cache)``. GLA keeps,
+per layer, only its recurrent state ``[B, H, Dk/H, Dv/H]`` (float32) and the short-convolution tails ``[B, W-1, C]``
+(it ignores the length): decoding memory and per-token time do not grow with the context. The prompt is run with the
+chunkwise operator (``config.impl``); decode steps ask for ``impl="recurrent"`` (the recurrent update; families
+without an operator choice ignore it). Transformer++ uses a KV cache of ``prompt + max_new_tokens`` slots.
 
 Batches of prompts with different lengths are left-aligned internally: prompt tokens get segment id 1 and the
 padding segment id 0, so GLA's state restarts at the first prompt token and attention never sees padding.
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gla_jax.models.config import GLAConfig, TransformerConfig
+from gla_jax.models.registry import family_of
 
 
 @dataclasses.dataclass
@@ -35,13 +37,10 @@ class GenerateOutput:
         return [list(map(int, row[:n])) for row, n in zip(self.tokens, self.lengths)]
 
 
-def _kind(model) -> str:
-    cfg = getattr(model, "config", None)
-    if isinstance(cfg, GLAConfig):
-        return "gla"
-    if isinstance(cfg, TransformerConfig):
-        return "transformer"
-    raise ValueError(f"model must be a GLAForCausalLM or TransformerForCausalLM, got {type(model).__name__}")
+def _check_model(model) -> None:
+    family_of(model)  # ValueError unless the model belongs to a registered family
+    if not callable(getattr(model, "init_cache", None)):
+        raise ValueError(f"model: {type(model).__name__} has no init_cache (the decoding cache protocol)")
 
 
 def left_align(prompts, prompt_lengths=None, *, padding_side: str = "right", pad_token_id: int = 0):
@@ -90,25 +89,19 @@ def left_align(prompts, prompt_lengths=None, *, padding_side: str = "right", pad
 # prefill / decode step (pure functions of a model; jit them through nnx.split/merge)
 
 def prefill(model, ids, valid, *, max_new_tokens: int = 0, impl: str | None = None):
-    """Runs left-aligned prompts ``ids [B, T]`` (``valid [B, T]`` marks real tokens).
+    """Runs left-aligned prompts ``ids [B, T]`` (``valid [B, T]`` marks real tokens) into a fresh cache sized
+    ``T + max_new_tokens`` (families with a fixed-size state ignore the size).
 
-    Returns (logits [B, T, vocab] float32, cache). For GLA the cache is a list of per-layer states; for
-    Transformer++ a KV cache sized ``T + max_new_tokens``.
-    """
+    Returns (logits [B, T, vocab] float32, cache)."""
     seg = jnp.asarray(valid).astype(jnp.int32)
-    if _kind(model) == "gla":
-        return model(ids, segment_ids=seg, return_cache=True, impl=impl)
     cache = model.init_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
-    return model(ids, segment_ids=seg, cache=cache)
+    return model(ids, segment_ids=seg, cache=cache, impl=impl)
 
 
 def decode_step(model, tokens, cache):
     """One token per row: tokens [B] int -> (logits [B, vocab] float32, new cache)."""
     ids = tokens.astype(jnp.int32)[:, None]
-    if _kind(model) == "gla":
-        logits, cache = model(ids, cache=cache, return_cache=True, impl="recurrent")
-    else:
-        logits, cache = model(ids, segment_ids=jnp.ones_like(ids), cache=cache)
+    logits, cache = model(ids, segment_ids=jnp.ones_like(ids), cache=cache, impl="recurrent")
     return logits[:, 0], cache
 
 
@@ -186,7 +179,7 @@ def generate(model, prompts, *, max_new_tokens: int, prompt_lengths=None, paddin
     """Generates up to ``max_new_tokens`` tokens after each prompt (GLA: O(1) state; Transformer++: KV cache).
 
     Args:
-      model: GLAForCausalLM or TransformerForCausalLM.
+      model: a causal LM of a registered family (GLAForCausalLM, TransformerForCausalLM, ...).
       prompts: list of token sequences, or an int [B, T] array with ``prompt_lengths`` ([B]) and ``padding_side``.
       temperature/top_k/top_p: sampling (temperature 0 = greedy).
       stop_tokens: ids that end a row (the stop token is kept in the output).
@@ -194,7 +187,7 @@ def generate(model, prompts, *, max_new_tokens: int, prompt_lengths=None, paddin
       impl: GLA operator form for the prefill (default ``config.impl``).
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
-    _kind(model)
+    _check_model(model)
     ids, valid = left_align(prompts, prompt_lengths, padding_side=padding_side, pad_token_id=pad_token_id)
     rng = jax.random.key(seed) if isinstance(seed, int) else seed
     graphdef, state = nnx.split(model)

@@ -8,6 +8,8 @@ safetensors checkpoints, token ids and reference outputs as .npy files into a fo
     python tests/fla_harness.py make OUT        # fla models with random weights (PARITY_CONFIGS) + logits, op refs
     python tests/fla_harness.py logits DIR...   # load each DIR with fla (Auto* and GLAForCausalLM, same weights?):
                                                 # logits of DIR/tokens.npy into DIR/fla_logits.npy
+    python tests/fla_harness.py transformer-names CONFIG_JSON   # {tensor name: shape} of fla's
+                                                # TransformerForCausalLM for that config (built, never run)
 
 The module itself (without running it) imports no torch: the tests use ``fla_available``, ``run_harness`` and
 ``PARITY_CONFIGS`` from it.
@@ -168,10 +170,27 @@ def _load_logits(dirs: list[Path]) -> None:
                           == direct.model.embeddings.weight.data_ptr()}))
 
 
+def _transformer_names(config_json: str) -> None:
+    """Prints the state-dict names and shapes of fla's TransformerForCausalLM for a config. fla's attention layer
+    refuses to be built without flash-attn (a GPU package); the model is only built here, never run, so a stand-in
+    for the missing function is enough."""
+    _setup_torch()
+    import fla.layers.attn as fla_attn
+    from fla.models import TransformerConfig, TransformerForCausalLM
+
+    if fla_attn.flash_attn_func is None:
+        fla_attn.flash_attn_func = fla_attn.flash_attn_varlen_func = lambda *a, **k: None
+    model = TransformerForCausalLM(TransformerConfig(**json.loads(config_json)))
+    print(json.dumps({k: list(v.shape) for k, v in model.state_dict().items()}))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] not in ("make", "logits") or (sys.argv[1] == "make" and len(sys.argv) != 3):
+    if len(sys.argv) < 3 or sys.argv[1] not in ("make", "logits", "transformer-names") or (
+            sys.argv[1] in ("make", "transformer-names") and len(sys.argv) != 3):
         raise SystemExit(__doc__)
-    if sys.argv[1] == "make":
+    if sys.argv[1] == "transformer-names":
+        _transformer_names(sys.argv[2])
+    elif sys.argv[1] == "make":
         _make(Path(sys.argv[2]))
     else:
         _load_logits([Path(a) for a in sys.argv[2:]])

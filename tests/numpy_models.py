@@ -145,7 +145,7 @@ def causal_lm(model, ids, seg=None):
     m = model.model
     E = P(m.embeddings.embedding)
     x = E[np.asarray(ids)]
-    for blk in m.layers:
+    for blk in (m.layer(i) for i in range(m.num_layers)):  # per-layer views of the stacked parameters
         h = rmsnorm(x, P(blk.attn_norm.weight), blk.attn_norm.eps)
         mixer = gla_layer if hasattr(blk.attn, "gate") else attention_layer
         x = x + mixer(blk.attn, h, seg)
@@ -163,7 +163,8 @@ def random_params(module, seed=1, scale=0.2):
         if isinstance(var, nnx.Param):
             r = rs.standard_normal(var.shape).astype(np.float32)
             name = str(path[-1])
-            is_norm = name == "weight" and len(var.shape) == 1
+            stacked = "layers" in map(str, path)  # a leading [L] layer axis
+            is_norm = name == "weight" and len(var.shape) - stacked == 1
             var.set_value(jnp.asarray(1.0 + 0.3 * r if is_norm else (0.3 if name in ("bias", "weight") else scale) * r))
     return module
 

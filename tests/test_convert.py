@@ -83,7 +83,7 @@ def test_save_fla_writes_fla_names_shapes_and_config(saved):
     assert t["model.layers.0.attn.g_norm_swish_gate.weight"].shape == (D // H,)  # fla's name with fuse_norm
     assert t["model.layers.0.mlp.down_proj.weight"].shape == (D, 48)
     # values: Linear weights are our kernels transposed, conv weights gain the middle axis
-    attn = model.model.layers[1].attn
+    attn = model.model.layer(1).attn  # layer 1 of the stacked [L, ...] parameters
     np.testing.assert_array_equal(t["model.layers.1.attn.q_proj.weight"], np.asarray(attn.q_proj.kernel[...]).T)
     np.testing.assert_array_equal(t["model.layers.1.attn.v_conv1d.weight"][:, 0], np.asarray(attn.v_conv1d.weight[...]))
     np.testing.assert_array_equal(t["lm_head.weight"], np.asarray(model.lm_head.kernel[...]).T)
@@ -324,3 +324,39 @@ def test_cli_to_fla_refuses_a_non_empty_output(saved, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert gla_main(["convert", "--to-fla", str(ck), "--out", str(empty)]) == 0  # an empty folder is fine
+
+
+# ---------------------------------------------------------------------------------------------- every family
+
+
+def test_load_hf_dispatches_on_model_type_and_round_trips_transformer(saved, tmp_path):
+    """load_hf/save_hf read and write any registered family (the map onto the stacked [L, ...] parameters); a GLA
+    directory written by save_fla loads through load_hf too."""
+    from gla_jax.convert import load_hf, save_hf
+    from gla_jax.models import TransformerConfig, TransformerForCausalLM
+
+    _, gla_model, d = saved
+    config, model = load_hf(d)
+    assert isinstance(model, GLAForCausalLM)
+    _assert_same_params(gla_model, model)
+
+    tconfig = TransformerConfig(hidden_size=32, num_hidden_layers=2, num_heads=4, num_kv_heads=2, vocab_size=50,
+                                qk_norm=True, qkv_bias=True, intermediate_size=48)
+    tmodel = nnx.eval_shape(lambda r: TransformerForCausalLM(tconfig, rngs=r), nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for _, var in nnx.to_flat_state(nnx.state(tmodel, nnx.Param)):
+        var.set_value(jnp.asarray(rng.standard_normal(var.get_value().shape), jnp.float32))
+    out = save_hf(tmodel, tmp_path / "transformer")
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["model_type"] == "transformer" and raw["architectures"] == ["TransformerForCausalLM"]
+    t = read_safetensors(out)
+    q = np.asarray(tmodel.model.layers.attn.q_proj.kernel[...])  # [L, in, out]
+    np.testing.assert_array_equal(t["model.layers.1.attn.q_proj.weight"], q[1].T)
+    assert t["model.layers.0.attn.k_norm.weight"].shape == (8,) and t["model.layers.1.attn.v_proj.bias"].shape == (16,)
+    config2, model2 = load_hf(out)
+    assert config2 == tconfig and isinstance(model2, TransformerForCausalLM)
+    _assert_same_params(tmodel, model2)
+    with pytest.raises(ValueError, match="model_type"):
+        load_fla(out)  # load_fla stays GLA-only
+    bad = _copy_with(out, tmp_path / "unknown", config={"model_type": "mamba"})
+    _one_line_error(lambda: load_hf(bad), "model_type")

@@ -232,6 +232,27 @@ def test_throughput_smoke(tmp_path):
     assert abs(p[0] - p[1]) / max(p) < 0.1, "equal parameter counts (within the gate's low-rank projection)"
 
 
+def test_bench_compile_never_overwrites_results(tmp_path):
+    bc = _load("bench_compile")
+    (tmp_path / "compile_time.json").write_text("{}")
+    with pytest.raises(SystemExit, match="--replace"):
+        bc.main(["--out", str(tmp_path)])
+    assert (tmp_path / "compile_time.json").read_text() == "{}"
+
+
+@pytest.mark.slow
+@needs_models
+def test_bench_compile_smoke(tmp_path):
+    """Scanned layers: the lowered train step has the same size at 1 and 2 layers; the Python loop's grows."""
+    bc = _load("bench_compile")
+    bc.main(["--smoke", "--out", str(tmp_path)])
+    doc = json.loads((tmp_path / "compile_time_smoke.json").read_text())
+    _check_doc(doc, "compile_time_smoke")
+    lines = {(r["layer_mode"], r["layers"]): r["program_lines"] for r in doc["results"]}
+    assert lines[("scan", 1)] == lines[("scan", 2)] and lines[("loop", 2)] > lines[("loop", 1)]
+    assert all(r["compile_s"] > 0 for r in doc["results"])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Data preparation: what prepare_data.py writes, the library's pipeline reads back as the same documents.
 

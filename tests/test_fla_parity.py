@@ -131,22 +131,20 @@ def _randomize(model, seed: int) -> None:
     """O(1)-output random weights for every parameter (the default init's std 0.02 makes near-zero logits)."""
     from flax import nnx
 
-    from gla_jax.convert import _get_variable
-
     rng = np.random.default_rng(seed)
     flat = sorted(nnx.to_flat_state(nnx.state(model, nnx.Param)), key=lambda kv: str(kv[0]))
-    for path, _ in flat:
-        var = _get_variable(model, tuple(path))
+    for path, var in flat:
         current = var.get_value()  # abstract (ShapeDtypeStruct) or concrete
         shape, name = current.shape, str(path[-1])
-        if name == "weight" and len(shape) == 1:  # norms
+        stacked = "layers" in map(str, path)  # the blocks' parameters carry a leading [L] axis
+        if name == "weight" and len(shape) - stacked == 1:  # norms
             value = 1.0 + 0.2 * rng.standard_normal(shape)
         elif name in ("bias", "embedding"):
             value = rng.standard_normal(shape)
         elif name == "weight":  # short conv [C, W]
             value = rng.standard_normal(shape) / np.sqrt(shape[-1])
-        else:  # kernel [in, out]
-            value = rng.standard_normal(shape) / np.sqrt(shape[0])
+        else:  # kernel [(L,) in, out]
+            value = rng.standard_normal(shape) / np.sqrt(shape[-2])
         var.set_value(jnp.asarray(value, current.dtype))
 
 
@@ -206,3 +204,20 @@ def test_save_fla_loads_in_fla(saved_for_fla, fla_refs, name):
         np.testing.assert_array_equal(fla_logits, np.load(fla_refs / name / "logits.npy"))
     elif name != "native":  # fla's fused/unfused norm kernels differ in rounding only
         assert rel_err(fla_logits, np.load(fla_refs / name / "logits.npy")) <= 1e-5
+
+
+@pytest.mark.parametrize("options", [dict(tie_word_embeddings=True),
+                                     dict(tie_word_embeddings=False, qk_norm=True, qkv_bias=True, num_kv_heads=2)])
+def test_transformer_tensor_map_matches_fla_names_and_shapes(options):
+    """Transformer++'s HF map (save_hf/load_hf) names exactly the tensors of fla's TransformerForCausalLM, with their
+    shapes (fla's attention needs flash-attn to run, so only the layout is compared here; the values' round trip is
+    in test_convert.py)."""
+    from gla_jax.models import TransformerConfig, get_family
+
+    fields = dict(hidden_size=64, num_hidden_layers=2, num_heads=4, vocab_size=100, intermediate_size=96, **options)
+    fla_names = json.loads(run_harness("transformer-names", json.dumps(fields)).strip().splitlines()[-1])
+    fla_names = {k: tuple(v) for k, v in fla_names.items()}
+    if fields["tie_word_embeddings"]:
+        fla_names.pop("lm_head.weight", None)  # a view of the embeddings in fla's state dict
+    layout = get_family("transformer").hf_layout(TransformerConfig(**fields))
+    assert {k: e.shape for k, e in layout.items()} == fla_names

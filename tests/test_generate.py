@@ -68,8 +68,8 @@ def test_gla_decoding_state_does_not_grow():
         _, cache = jax.eval_shape(lambda i: prefill(model, i, jnp.ones_like(i, bool)), ids)
         sizes.append(cache_bytes(cache))
     assert sizes[0] == sizes[1]
-    # per layer: state [B, H, Dk/H, Dv/H] float32 plus three conv tails [B, W-1, C] float32
-    assert sizes[0] == 2 * (4 * 4 * 8 * 4 + 3 * (16 + 8 + 16) * 4)
+    # per layer: state [B, H, Dk/H, Dv/H] float32 plus three conv tails [B, W-1, C] float32; one int32 index
+    assert sizes[0] == 2 * (4 * 4 * 8 * 4 + 3 * (16 + 8 + 16) * 4) + 4
     t = model_for("transformer")
     kv = [cache_bytes(jax.eval_shape(lambda i: prefill(t, i, jnp.ones_like(i, bool), max_new_tokens=4),
                                      jnp.zeros((1, T), jnp.int32))[1]) for T in (8, 40)]

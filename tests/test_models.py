@@ -162,7 +162,8 @@ GLA_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_heads=4, vocab_size=50
     GLAConfig(**GLA_SMALL, use_short_conv=True, num_kv_heads=2),
     GLAConfig(**GLA_SMALL, tie_word_embeddings=True, expand_k=1.0),
     TransformerConfig(hidden_size=32, num_hidden_layers=2, num_heads=4, num_kv_heads=2, vocab_size=50),
-], ids=["gla-conv-gqa", "gla-tied", "transformer"])
+    TransformerConfig(hidden_size=32, num_hidden_layers=2, num_heads=4, vocab_size=50, scan_layers=False),
+], ids=["gla-conv-gqa", "gla-tied", "transformer", "transformer-loop"])
 def test_model_matches_numpy_forward(config):
     model = build(lambda: build_model(config, rngs=nnx.Rngs(0)), scale=0.15)
     assert (model.lm_head is None) == config.tie_word_embeddings
@@ -197,21 +198,53 @@ def test_bfloat16_compute_float32_params_and_logits():
     assert rel_err(l16, fwd(m32, ids)) < 5e-2
 
 
-def test_remat_gives_same_loss_and_grads():
-    c = GLAConfig(**{**GLA_SMALL, "num_hidden_layers": 1, "impl": "parallel"})
+@pytest.mark.parametrize("kind", ["gla", "transformer"])
+def test_scan_loop_and_remat_policies_give_same_loss_and_grads(kind):
+    """The stacked layers run by jax.lax.scan or a Python loop, with or without remat (any policy), compute the same
+    function and gradients (the forward itself is checked against numpy in test_model_matches_numpy_forward)."""
+    base = (GLAConfig(**{**GLA_SMALL, "impl": "parallel"}) if kind == "gla"
+            else TransformerConfig(hidden_size=32, num_hidden_layers=2, num_heads=4, vocab_size=50))
     ids = jnp.asarray(np.random.RandomState(0).randint(0, 50, (1, 8)), jnp.int32)
 
     def loss(m):
         return jnp.mean(jax.nn.log_softmax(m(ids))[..., 3])
 
+    variants = [dict(scan_layers=False), dict(scan_layers=True), dict(scan_layers=True, remat=True),
+                dict(scan_layers=False, remat=True, remat_policy="dots_saveable"),
+                dict(scan_layers=True, remat=True, remat_policy="everything_saveable")]
     out = []
-    for remat in (False, True):
-        m = build(lambda: GLAForCausalLM(c.replace(remat=remat), rngs=nnx.Rngs(0)), scale=0.15)
+    for v in variants:
+        m = build(lambda: build_model(base.replace(**v), rngs=nnx.Rngs(0)), scale=0.15)
         out.append(nnx.jit(nnx.value_and_grad(loss))(m))
-    (l0, g0), (l1, g1) = out
-    np.testing.assert_allclose(l0, l1, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    l0, g0 = out[0]
+    assert np.asarray(g0.model.layers.attn.o_proj.kernel[...]).shape[0] == 2  # stacked gradients [L, ...]
+    for (l1, g1), v in zip(out[1:], variants[1:]):
+        np.testing.assert_allclose(l0, l1, rtol=1e-6, err_msg=str(v))
+        for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=str(v))  # float32 reassociation
+    with pytest.raises(ValueError, match="remat_policy"):
+        base.replace(remat_policy="save_everything_please")
+
+
+def test_cache_protocol_continuation_equals_one_call():
+    """Both families: init_cache(batch, max_len) -> {"layers" [L, ...], "index"}; feeding tokens in two calls through
+    the cache equals one call; GLA ignores max_len (fixed-size state), attention needs it."""
+    for config in (GLAConfig(**GLA_SMALL, use_short_conv=True),
+                   TransformerConfig(hidden_size=32, num_hidden_layers=2, num_heads=4, vocab_size=50)):
+        m = build(lambda: build_model(config, rngs=nnx.Rngs(0)), scale=0.15)
+        ids = jnp.asarray(np.random.RandomState(2).randint(0, 50, (2, 9)), jnp.int32)
+        full = fwd(m, ids)
+        cache = m.init_cache(2, 9)
+        assert int(cache["index"]) == 0
+        assert all(x.shape[0] == 2 for x in jax.tree.leaves(cache["layers"]))  # [L, ...]
+        a, cache = m(ids[:, :4], cache=cache)
+        b, cache = m(ids[:, 4:], cache=cache)
+        assert int(cache["index"]) == 9
+        assert rel_err(np.concatenate([a, b], 1), full) < 1e-5
+    gla = build(lambda: build_model(GLAConfig(**GLA_SMALL), rngs=nnx.Rngs(0)))
+    assert jax.tree.map(jnp.shape, gla.init_cache(2)) == jax.tree.map(jnp.shape, gla.init_cache(2, 1000))
+    with pytest.raises(ValueError, match="max_len"):
+        m.init_cache(2)
 
 
 def test_initialisation_like_fla():
@@ -221,9 +254,10 @@ def test_initialisation_like_fla():
         if not isinstance(var, nnx.Param):
             continue
         x, name = np.asarray(var[...]), str(path[-1])
+        stacked = "layers" in map(str, path)  # [L, ...] parameters of the stacked blocks
         if name == "bias":
             assert (x == 0).all(), path
-        elif name == "weight" and x.ndim == 1:
+        elif name == "weight" and x.ndim - stacked == 1:
             assert (x == 1).all(), path
         elif x.size >= 1024:
             assert abs(x.std() - 0.02) < 0.004 and abs(x.mean()) < 0.003, (path, x.std())
@@ -235,6 +269,14 @@ def test_model_logical_axis_names():
     leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     assert leaves and all(isinstance(s, jax.sharding.PartitionSpec) for s in leaves)
     assert all(n is None or n in PARAM_AXES for s in leaves for n in s)
+    flat = nnx.to_flat_state(nnx.state(m, nnx.Param))
+    for path, var in flat:  # the stacked blocks' parameters: a leading [L] axis named "layers"; no other has it
+        names = var.get_metadata()["out_sharding"]
+        in_layers = path[:2] == ("model", "layers")
+        assert (names[0] == "layers") == in_layers and ("layers" in names[1:]) is False, (path, names)
+        assert not in_layers or var.shape[0] == 2, (path, var.shape)
+    assert nnx.get_partition_spec(nnx.state(m))["model"]["layers"]["attn"]["q_proj"]["kernel"].get_value() == \
+        jax.sharding.PartitionSpec("layers", "embed", "heads")
     assert nnx.get_partition_spec(nnx.state(m))["model"]["embeddings"]["embedding"].get_value() == \
         jax.sharding.PartitionSpec("vocab", "embed")
 

@@ -182,13 +182,12 @@ def test_flops_match_parameter_count(arch):
     mcfg = model_config(C.load_config(None, over))
     abs_model = nnx.eval_shape(lambda: build_model(mcfg, 0))
     state = nnx.state(abs_model, nnx.Param)
-    flat = nnx.to_flat_state(state) if hasattr(nnx, "to_flat_state") else state.flat_state()
     matmul = 0
-    for path, var in flat:
+    for path, var in nnx.to_flat_state(state):
         names = "/".join(str(p) for p in path)
-        shape = var.value.shape if hasattr(var, "value") else var.shape
-        if len(shape) == 2 and "embedding" not in names:
-            matmul += shape[0] * shape[1]
+        stacked = "layers" in map(str, path)  # the blocks' [L, in, out] kernels: L matrices
+        if len(var.shape) - stacked == 2 and "embedding" not in names:
+            matmul += math.prod(var.shape)
     T = 128
     fwd = flops.forward_flops_per_token(mcfg, T)
     if arch == "gla":
@@ -199,3 +198,18 @@ def test_flops_match_parameter_count(arch):
     assert math.isclose(fwd, 2 * matmul + extra, rel_tol=1e-9), (fwd, 2 * matmul + extra)
     assert flops.train_flops_per_token(mcfg, T) == 3 * fwd
     assert flops.peak_flops_per_device(override=5.0) == 5.0
+
+
+def test_flops_refuse_an_unregistered_model():
+    """An unknown config is an error, never silently counted as some other family."""
+    import dataclasses
+
+    from gla_jax.models import GLAConfig
+    from gla_jax.train import flops
+
+    @dataclasses.dataclass(frozen=True)
+    class Stranger(GLAConfig):
+        model_type = "stranger"
+
+    with pytest.raises(ValueError, match="registered model family"):
+        flops.forward_flops_per_token(Stranger(hidden_size=64, num_heads=2), 128)

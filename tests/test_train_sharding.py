@@ -60,7 +60,8 @@ def test_model_params_get_sharded():
     o = [v for k, v in flat.items() if k.endswith("o_proj/kernel")][0]
     emb = [v for k, v in flat.items() if k.endswith("embedding")][0]
     norm = [v for k, v in flat.items() if k.endswith("attn_norm/weight")][0]
-    assert q.spec == P("fsdp", "tensor") and o.spec == P("tensor", "fsdp")
+    # the blocks' parameters are stacked [L, ...]: the leading "layers" axis stays unsharded
+    assert q.spec == P(None, "fsdp", "tensor") and o.spec == P(None, "tensor", "fsdp")
     assert emb.spec == P("tensor", "fsdp") and norm.spec == P()
 
 
@@ -134,7 +135,7 @@ def test_gla_layer_passes_its_mesh_axes(probe_backend, shape, local):
     from flax import nnx
 
     from gla_jax.layers.gla import GatedLinearAttention
-    from gla_jax.train.loop import mesh_context
+    from gla_jax.train.trainer import mesh_context
 
     seen = probe_backend("recurrent")
     layer = GatedLinearAttention(32, num_heads=4, impl="probe", rngs=nnx.Rngs(0))

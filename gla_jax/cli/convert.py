@@ -1,11 +1,12 @@
-"""``gla-jax convert``: fla/HF GLA checkpoints <-> gla-jax orbax checkpoints.
+"""``gla-jax convert``: fla/HF checkpoints (any registered model family: GLA, Transformer++) <-> gla-jax orbax
+checkpoints.
 
     gla-jax convert --from-fla FLA_DIR --out OUT        # fla dir -> OUT/params (orbax) + OUT/config.json
     gla-jax convert --to-fla CKPT --out FLA_DIR [--dtype bfloat16]
 
 The gla-jax side uses ``gla_jax.train.checkpoint.save_params``/``load_params``: ``OUT/params`` is an orbax
 StandardCheckpointer tree of the model's parameters (``nnx.state(model, nnx.Param)`` as a nested dict, float32) and
-``OUT/config.json`` is our ``GLAConfig.to_dict()`` (also written as ``OUT/model_config.json``, the name a training
+``OUT/config.json`` is our ``config.to_dict()`` (also written as ``OUT/model_config.json``, the name a training
 workdir uses). ``--to-fla`` accepts such a folder, a training workdir (newest step), its ``checkpoints`` folder or a
 step folder; the model config is read from ``model_config.json`` or ``config.json`` beside or above it.
 """
@@ -36,18 +37,18 @@ def from_fla(src: str | Path, out: str | Path) -> Path:
     """fla checkpoint directory -> gla-jax parameters (orbax) + config; returns ``out``."""
     from flax import nnx
 
-    from gla_jax.convert import load_fla
+    from gla_jax.convert import load_fla, load_hf, read_hf_config
     from gla_jax.train.checkpoint import save_params
 
     out = Path(out)
     if out.exists() and (out / "params").exists():
         raise UserError(f"--out: {out} already holds a checkpoint (params/); choose a new directory")
-    try:
-        config, model = load_fla(src)
+    try:  # the family named by config.json's model_type; fla files without one are GLA
+        config, model = load_hf(src) if "model_type" in read_hf_config(src) else load_fla(src)
     except ValueError as e:  # the reader names the file or field; the user named the folder
         raise UserError(f"--from-fla: {one_line(e)}") from None
     state = nnx.state(model, nnx.Param)
-    params = nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+    params = nnx.to_pure_dict(state)
     save_params(out, params, config.to_dict())
     (out / "model_config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     return out
@@ -60,7 +61,7 @@ def to_fla(ckpt: str | Path, out: str | Path, *, dtype: str | None = None) -> Pa
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out: {out} exists and is not an empty folder; choose a new directory")
+        raise UserError(f"--out: {out} exists and is not an empty directory; choose a new directory")
     config, model = load_model(ckpt, option="--to-fla")
     if config.model_type != "gla":
         raise UserError(f"--to-fla: {ckpt} holds a {config.model_type} model; only GLA models convert to fla")

@@ -8,6 +8,8 @@ training code maps them onto a device mesh with its own rules. Names used by the
 - ``kv``: flattened key/value features of the (possibly fewer) kv heads (k/v/gk projections, k/v short convs)
 - ``mlp``: the SwiGLU intermediate width
 - ``vocab``: the vocabulary
+- ``layers``: the leading layer axis of the stacked blocks' parameters (docs/design.md §4; the trainer's rules do not
+  shard it)
 - ``None``: replicated (norm weights, conv taps, low-rank gate input side)
 
 Activations: ``batch``, ``seq``, ``embed`` (see :func:`constrain`); the GLA layer also asks :func:`mesh_axes` for
@@ -23,7 +25,7 @@ from flax import nnx
 from flax.core import spmd as _spmd
 from jax.sharding import PartitionSpec
 
-PARAM_AXES = ("embed", "heads", "kv", "mlp", "vocab")
+PARAM_AXES = ("embed", "heads", "kv", "mlp", "vocab", "layers")
 ACTIVATION_AXES = ("batch", "seq", "embed")
 
 def with_axes(init, names: Sequence[str | None]):
@@ -65,7 +67,6 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if mesh is None or mesh.empty:
         return x
     spec = logical_to_mesh(names, rules)
-    explicit = getattr(jax.sharding.AxisType, "Explicit", None)
-    if explicit is not None and mesh.axis_types and all(t == explicit for t in mesh.axis_types):
+    if mesh.axis_types and all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
         return jax.sharding.reshard(x, spec)  # explicit axes: with_sharding_constraint would only assert
     return jax.lax.with_sharding_constraint(x, spec)

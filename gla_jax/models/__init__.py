@@ -1,32 +1,34 @@
-"""Flax NNX language models: GLA and the Transformer++ baseline, their configs and presets.
+"""Flax NNX language models: model families (GLA, Transformer++) on one decoder backbone, their configs, presets
+and registry (docs/design.md §4).
 
-    from gla_jax.models import GLAConfig, GLAForCausalLM, get_config
-    model = GLAForCausalLM(get_config("gla-tiny"), rngs=nnx.Rngs(0))
+    from gla_jax.models import build_model, get_config
+    model = build_model(get_config("gla-tiny"), rngs=nnx.Rngs(0))    # or GLAForCausalLM(config, rngs=...)
     logits = model(input_ids, segment_ids=None)          # [B, T] int32 -> [B, T, vocab] float32
 
 Mixed precision: parameters in ``config.param_dtype`` (float32), computation in ``config.dtype`` (float32 or
 bfloat16), GLA state and norms in float32, logits float32.
 
 Logical axis names. Every parameter is an ``nnx.Param`` whose metadata ``out_sharding`` holds logical names, so
-``nnx.get_partition_spec(nnx.state(model))`` returns them (parameters are never sharded eagerly at creation):
+``nnx.get_partition_spec(nnx.state(model))`` returns them (parameters are never sharded eagerly at creation). The
+layers' parameters are stacked: they carry a leading ``[L]`` axis named ``layers`` (never sharded):
 
 ==========================  =====================================  ==========================
 parameter                   shape (kernels are [in, out])          logical names
 ==========================  =====================================  ==========================
 embeddings.embedding        [vocab, D]                             (vocab, embed)
 lm_head.kernel              [D, vocab]                             (embed, vocab)
-*.q_proj / g_proj kernel    [D, H·Dk]  / [D, H·Dv]                 (embed, heads)
-*.k_proj / v_proj kernel    [D, Hkv·Dk] / [D, Hkv·Dv]              (embed, kv)
-*.o_proj kernel             [H·Dv, D]                              (heads, embed)
-*.gk_proj_0 kernel          [D, 16]                                (embed, None)
-*.gk_proj_1 kernel / bias   [16, Hkv·Dk] / [Hkv·Dk]                (None, kv) / (kv,)
-*.q_conv1d.weight           [H·Dk, W]                              (heads, None)
-*.k_conv1d/v_conv1d.weight  [Hkv·D*, W]                            (kv, None)
-*.mlp.gate_proj / up_proj   [D, I]                                 (embed, mlp)
-*.mlp.down_proj             [I, D]                                 (mlp, embed)
-RMSNorm .weight             [D] or [head dim]                      (None,)
-Transformer q_proj / o_proj [D, D]                                 (embed, heads) / (heads, embed)
-Transformer k/v_proj        [D, Hkv·Dh]                            (embed, kv)
+layers.*.q_proj / g_proj    [L, D, H·Dk]  / [L, D, H·Dv]           (layers, embed, heads)
+layers.*.k_proj / v_proj    [L, D, Hkv·Dk] / [L, D, Hkv·Dv]        (layers, embed, kv)
+layers.*.o_proj kernel      [L, H·Dv, D]                           (layers, heads, embed)
+layers.*.gk_proj_0 kernel   [L, D, 16]                             (layers, embed, None)
+layers.*.gk_proj_1 k / b    [L, 16, Hkv·Dk] / [L, Hkv·Dk]          (layers, None, kv) / (layers, kv)
+layers.*.q_conv1d.weight    [L, H·Dk, W]                           (layers, heads, None)
+layers.*.k/v_conv1d.weight  [L, Hkv·D*, W]                         (layers, kv, None)
+layers.mlp.gate/up_proj     [L, D, I]                              (layers, embed, mlp)
+layers.mlp.down_proj        [L, I, D]                              (layers, mlp, embed)
+RMSNorm .weight             [D] / [L, D] / [L, head dim]           (None,) / (layers, None)
+Transformer q_proj / o_proj [L, D, D]                              (layers, embed, heads) / (layers, heads, embed)
+Transformer k/v_proj        [L, D, Hkv·Dh]                         (layers, embed, kv)
 ==========================  =====================================  ==========================
 
 Biases carry the output-side name. Activations between blocks are constrained to (batch, seq, embed) with
@@ -34,18 +36,15 @@ Biases carry the output-side name. Activations between blocks are constrained to
 (``nnx.logical_axis_rules``) are both active; names missing from the rules map to None (replicated).
 """
 
-from gla_jax.models.config import PRESETS, GLAConfig, TransformerConfig, get_config
-from gla_jax.models.gla import GLABlock, GLAForCausalLM, GLAModel
-from gla_jax.models.transformer import TransformerBlock, TransformerForCausalLM, TransformerModel
+from gla_jax.models.config import GLAConfig, ModelConfig, TransformerConfig
+from gla_jax.models.registry import (PRESETS, Family, build_model, config_from_dict, families, family_for_hf,
+                                     family_of, get_config, get_family, register_family, resolve_config,
+                                     unregister_family)
+from gla_jax.models.backbone import CausalLM, DecoderBlock, DecoderModel, MixContext
+from gla_jax.models.gla import GLABlock, GLAForCausalLM, GLAMixer
+from gla_jax.models.transformer import AttentionMixer, TransformerBlock, TransformerForCausalLM
 
-__all__ = ["PRESETS", "GLABlock", "GLAConfig", "GLAForCausalLM", "GLAModel", "TransformerBlock", "TransformerConfig",
-           "TransformerForCausalLM", "TransformerModel", "build_model", "get_config"]
-
-
-def build_model(config, *, rngs):
-    """GLAForCausalLM or TransformerForCausalLM for ``config``."""
-    if isinstance(config, GLAConfig):
-        return GLAForCausalLM(config, rngs=rngs)
-    if isinstance(config, TransformerConfig):
-        return TransformerForCausalLM(config, rngs=rngs)
-    raise ValueError(f"config must be a GLAConfig or TransformerConfig, got {type(config).__name__}")
+__all__ = ["PRESETS", "AttentionMixer", "CausalLM", "DecoderBlock", "DecoderModel", "Family", "GLABlock", "GLAConfig",
+           "GLAForCausalLM", "GLAMixer", "MixContext", "ModelConfig", "TransformerBlock", "TransformerConfig",
+           "TransformerForCausalLM", "build_model", "config_from_dict", "families", "family_for_hf", "family_of",
+           "get_config", "get_family", "register_family", "resolve_config", "unregister_family"]

@@ -5,30 +5,63 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from gla_jax.layers.mlp import default_intermediate_size
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-# Keys that HF/fla write into config.json but that do not change the model's math: accepted and dropped.
-HF_IGNORED_KEYS = frozenset({
-    "architectures", "transformers_version", "torch_dtype", "model_type", "auto_map", "_name_or_path",
-    "fuse_norm", "fuse_swiglu", "fuse_cross_entropy", "fuse_linear_cross_entropy", "use_l2warp",
-    "output_attentions", "output_hidden_states", "return_dict", "use_return_dict", "is_encoder_decoder",
-    "tie_encoder_decoder", "chunk_size_feed_forward", "id2label", "label2id", "problem_type", "pruned_heads",
-    "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
+# Keys Hugging Face adds to every config.json; never part of a model's math. (HF's "dtype"/"torch_dtype" is the storage
+# dtype of the tensors, not our compute dtype: from_hf drops it, from_dict keeps our own "dtype" field.)
+HF_BOILERPLATE = frozenset({
+    "model_type", "architectures", "transformers_version", "torch_dtype", "auto_map", "_name_or_path",
+    "name_or_path", "output_attentions", "output_hidden_states", "return_dict", "use_return_dict",
+    "is_encoder_decoder", "tie_encoder_decoder", "chunk_size_feed_forward", "id2label", "label2id", "problem_type",
+    "pruned_heads", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
     "torchscript", "use_bfloat16", "tf_legacy_loss", "keys_to_ignore_at_inference", "_attn_implementation",
     "_attn_implementation_autoset", "add_cross_attention", "is_decoder", "cross_attention_hidden_size",
     "finetuning_task", "return_dict_in_generate", "output_scores", "output_router_logits",
-    "transformers.js_config",
+    "transformers.js_config", "quantization_config",
 })
+# fla settings that choose kernels or training losses, never the function computed: accepted with any value.
+FLA_KERNEL_KEYS = {"fuse_norm": True, "fuse_swiglu": True, "fuse_cross_entropy": True,
+                   "fuse_linear_cross_entropy": False, "use_l2warp": False}
+# Kept for older callers: every key from_dict accepts and drops.
+HF_IGNORED_KEYS = HF_BOILERPLATE | frozenset(FLA_KERNEL_KEYS)
+# Names in jax.checkpoint_policies that are policies themselves (not factories taking arguments).
+REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
+                  "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
 
 
-class _ConfigBase:
-    model_type = ""
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Fields every family shares (all gla-jax's own, none written to fla/HF files), and the one codec between our
+    configs and fla/HF ``config.json`` files.
+
+    ``dtype``: compute dtype ("float32" | "bfloat16" | "float16"); ``param_dtype``: parameter dtype;
+    ``scan_layers``: run the stacked layers with ``jax.lax.scan`` (compile time flat in depth) instead of a Python
+    loop; ``remat``: rematerialise each layer in the backward pass, saving what ``remat_policy`` (a name in
+    ``jax.checkpoint_policies``: REMAT_POLICIES) allows.
+
+    A subclass sets ``model_type``, ``HF_FIELDS`` (its fields that fla/HF also have, with the same defaults),
+    ``HF_ARCHITECTURES`` and optionally ``HF_UNSUPPORTED`` ((field, predicate, reason) for values only fla can
+    express) and ``hf_export_problem`` (our settings fla cannot express).
+    """
+
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+    remat_policy: str = "nothing_saveable"
+    scan_layers: bool = True
+
+    model_type: typing.ClassVar[str] = ""
+    HF_FIELDS: typing.ClassVar[frozenset] = frozenset()
+    HF_ARCHITECTURES: typing.ClassVar[tuple] = ()
+    HF_UNSUPPORTED: typing.ClassVar[tuple] = ()
 
     def _check_common(self):
         if self.hidden_size <= 0 or self.num_hidden_layers <= 0 or self.vocab_size <= 0 or self.num_heads <= 0:
@@ -41,6 +74,8 @@ class _ConfigBase:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.param_dtype not in DTYPES:
             raise ValueError(f"param_dtype must be one of {sorted(DTYPES)}, got {self.param_dtype!r}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.attnres_block_size is not None:
             raise ValueError("attnres_block_size: attention residuals (fla attnres) are not supported")
         if self.intermediate_size is not None and self.intermediate_size <= 0:
@@ -61,15 +96,25 @@ class _ConfigBase:
     def params_dtype(self):
         return DTYPES[self.param_dtype]
 
+    @property
+    def remat_policy_fn(self):
+        """The ``jax.checkpoint`` policy named by ``remat_policy``."""
+        return getattr(jax.checkpoint_policies, self.remat_policy)
+
+    # -- our own format ---------------------------------------------------------------------------------------------
+    @classmethod
+    def _field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], **overrides):
-        """Builds a config from an fla/HF ``config.json`` dict (or our own ``to_dict``); HF-only keys are dropped,
+        """Builds a config from our ``to_dict`` (or an fla/HF dict of this family); HF-only keys are dropped,
         unknown keys raise ValueError naming the key; ``overrides`` replace fields."""
         d = {**dict(d), **overrides}
         mt = d.get("model_type")
         if mt is not None and mt != cls.model_type:
             raise ValueError(f"model_type: expected {cls.model_type!r}, got {mt!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = cls._field_names()
         kwargs = {}
         for key, value in d.items():
             if key in names:
@@ -89,27 +134,89 @@ class _ConfigBase:
         """All fields (ours included) plus ``model_type``; ``from_dict`` inverts it."""
         return {"model_type": self.model_type, **dataclasses.asdict(self)}
 
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The fla/HF ``config.json`` content: fla's keys only (no gla-jax extras) plus ``model_type``."""
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k in self.HF_FIELDS}
-        return {"model_type": self.model_type, **d, "fuse_norm": True, "fuse_swiglu": True,
-                "fuse_cross_entropy": True, "fuse_linear_cross_entropy": False, "use_l2warp": False}
-
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
+    # -- fla / Hugging Face config.json ---------------------------------------------------------------------------
+    @classmethod
+    def hf_defaults(cls) -> dict[str, Any]:
+        """fla's defaults for its config fields (ours mirror them) plus its kernel-only switches."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        out = {}
+        for name in sorted(cls.HF_FIELDS):
+            f = fields[name]
+            out[name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        return {**out, **FLA_KERNEL_KEYS}
+
+    @classmethod
+    def from_hf(cls, raw: dict, **overrides):
+        """Our config from an fla/HF ``config.json`` dict. Unsupported values raise ValueError naming the key
+        (``config.json: key=value: why``); bookkeeping keys of fla/transformers (known or newer) are ignored;
+        ``overrides`` set our own fields (e.g. ``dtype``, ``impl``) on top."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"config.json: expected a JSON object, got {type(raw).__name__}")
+        model_type = raw.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(f"config.json: model_type {model_type!r} is not {cls.model_type!r}")
+        archs = raw.get("architectures") or list(cls.HF_ARCHITECTURES[:1])
+        if any(a not in cls.HF_ARCHITECTURES for a in archs):
+            raise ValueError(f"config.json: architectures {archs} is not [{cls.HF_ARCHITECTURES[0]!r}]")
+        for key, ok, why in cls.HF_UNSUPPORTED:
+            if key in raw and not ok(raw[key]):
+                raise ValueError(f"config.json: {key}={raw[key]!r}: {why}")
+        ours = cls._field_names()
+        defaults = cls.hf_defaults()
+        kwargs = {}
+        for key, value in raw.items():
+            if key in HF_BOILERPLATE or key in ("dtype",) or key in FLA_KERNEL_KEYS:
+                continue
+            if key in ours:  # fla's fields, and ours when the file was written by gla-jax
+                kwargs[key] = value
+            elif key in defaults and value != defaults[key]:
+                raise ValueError(f"config.json: {key}={value!r} is not supported by gla_jax's {cls.__name__}")
+            # other keys (newer fla/transformers bookkeeping) are ignored
+        for key, value in overrides.items():
+            if key not in ours:
+                raise ValueError(f"{key}: not a {cls.__name__} field (overrides: {sorted(overrides)})")
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def hf_export_problem(self) -> str | None:
+        """Why fla cannot express this config (a "field=value: reason" line), or None."""
+        return None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The fla/HF ``config.json`` content: fla's keys only (no gla-jax extras), ``model_type`` and
+        ``architectures``; ValueError naming the field when fla cannot express this config."""
+        problem = self.hf_export_problem()
+        if problem:
+            raise ValueError(f"config.{problem}")
+        out = self.hf_defaults()
+        out.update({k: v for k, v in dataclasses.asdict(self).items() if k in self.HF_FIELDS})
+        for key, ok, why in self.HF_UNSUPPORTED:
+            if key in out and not ok(out[key]):
+                raise ValueError(f"config.{key}={out[key]!r}: {why}")
+        if out.get("hidden_act") == "silu":  # the same function; fla's GatedMLP accepts only the name "swish"
+            out["hidden_act"] = "swish"
+        return {"model_type": self.model_type, "architectures": [self.HF_ARCHITECTURES[0]], **out}
+
+
+_SHARED_UNSUPPORTED = (
+    ("hidden_act", lambda v: v in ("swish", "silu"), "only the swish (SwiGLU) activation is supported"),
+    ("attnres_block_size", lambda v: v is None, "attention residuals (attnres) are not supported"),
+)
+
 
 @dataclasses.dataclass(frozen=True)
-class GLAConfig(_ConfigBase):
+class GLAConfig(ModelConfig):
     """GLA language model config. Fields up to ``attnres_block_size`` mirror fla's ``GLAConfig`` (names and
     defaults); ``attn_mode``, ``use_gk``, ``use_gv``, ``max_position_embeddings``, ``use_cache`` and the token ids are
     kept for round trips but do not change the math (fla's layer ignores use_gk/use_gv too).
 
     gla-jax fields: ``gate`` ("gla" | "scalar" | "fixed" | "none", the paper's ablation), ``impl`` (operator backend:
     one of ``gla_jax.ops.registry.choices()``, e.g. "auto", "chunk", "triton"), ``chunk_size``,
-    ``gate_logit_normalizer`` and ``gate_low_rank_dim`` (fixed at 16 in fla's models), ``conv_bias``, ``dtype``
-    (compute: "float32" | "bfloat16"), ``param_dtype`` ("float32"), ``remat`` (rematerialise each block in the backward
-    pass).
+    ``gate_logit_normalizer`` and ``gate_low_rank_dim`` (fixed at 16 in fla's models), ``conv_bias``, and the shared
+    ``dtype``, ``param_dtype``, ``scan_layers``, ``remat``, ``remat_policy`` (:class:`ModelConfig`).
     """
 
     model_type = "gla"
@@ -150,9 +257,6 @@ class GLAConfig(_ConfigBase):
     gate_logit_normalizer: float = 16
     gate_low_rank_dim: int = 16
     conv_bias: bool = False
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: bool = False
 
     HF_FIELDS = frozenset({
         "hidden_size", "expand_k", "expand_v", "hidden_ratio", "intermediate_size", "num_hidden_layers",
@@ -160,6 +264,20 @@ class GLAConfig(_ConfigBase):
         "clamp_min", "hidden_act", "max_position_embeddings", "elementwise_affine", "norm_eps", "use_gk", "use_gv",
         "attn", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings",
         "initializer_range", "vocab_size", "attnres_block_size"})
+    HF_ARCHITECTURES = ("GLAForCausalLM", "GLAModel")
+    HF_UNSUPPORTED = _SHARED_UNSUPPORTED + (
+        ("attn", lambda v: v is None, "hybrid models with softmax-attention layers are not supported"),)
+
+    def hf_export_problem(self):
+        if self.gate_low_rank_dim != 16:
+            return f"gate_low_rank_dim={self.gate_low_rank_dim}: fla's GLAForCausalLM always uses 16"
+        if self.gate_logit_normalizer != 16:
+            return f"gate_logit_normalizer={self.gate_logit_normalizer}: fla's GLAForCausalLM always uses 16"
+        if self.conv_bias:
+            return "conv_bias=True: fla's GLA layer has no short-convolution bias"
+        if self.gate != "gla":
+            return f"gate={self.gate!r}: fla's GLA layer has only the per-key gate ('gla')"
+        return None
 
     def __post_init__(self):
         self._check_common()
@@ -184,9 +302,9 @@ class GLAConfig(_ConfigBase):
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig(_ConfigBase):
+class TransformerConfig(ModelConfig):
     """Transformer++ (LLaMA-style) config; fields up to ``attnres_block_size`` mirror fla's ``TransformerConfig``.
-    ``window_size`` (sliding window) must be None. gla-jax fields: ``dtype``, ``param_dtype``, ``remat``,
+    ``window_size`` (sliding window) must be None. gla-jax fields: the shared ones (:class:`ModelConfig`) and
     ``attention_impl`` (``jax.nn.dot_product_attention`` implementation: None = let JAX choose, "xla", "cudnn")."""
 
     model_type = "transformer"
@@ -214,9 +332,6 @@ class TransformerConfig(_ConfigBase):
     vocab_size: int = 32000
     attnres_block_size: int | None = None
     # gla-jax
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    remat: bool = False
     attention_impl: str | None = None
 
     HF_FIELDS = frozenset({
@@ -224,6 +339,9 @@ class TransformerConfig(_ConfigBase):
         "rope_theta", "max_position_embeddings", "hidden_ratio", "intermediate_size", "hidden_act",
         "initializer_range", "elementwise_affine", "norm_eps", "use_cache", "pad_token_id", "bos_token_id",
         "eos_token_id", "tie_word_embeddings", "vocab_size", "attnres_block_size"})
+    HF_ARCHITECTURES = ("TransformerForCausalLM", "TransformerModel")
+    HF_UNSUPPORTED = _SHARED_UNSUPPORTED + (
+        ("window_size", lambda v: v is None, "sliding-window attention is not supported"),)
 
     def __post_init__(self):
         self._check_common()
@@ -240,36 +358,7 @@ class TransformerConfig(_ConfigBase):
         return self.hidden_size // self.num_heads
 
 
-# Presets: the paper's sizes (DESIGN §3) and small CPU models. Small ones use a 320-token vocabulary (the byte
-# tokenizer's 257 ids, padded to a multiple of 64);
-# override with get_config(name, vocab_size=...).
-PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
-    "gla-340m": (GLAConfig, dict(hidden_size=1024, num_hidden_layers=24, num_heads=4, vocab_size=32000,
-                                 tie_word_embeddings=True)),
-    "gla-1.3b": (GLAConfig, dict(hidden_size=2048, num_hidden_layers=24, num_heads=4, vocab_size=32000,
-                                 tie_word_embeddings=False)),
-    "transformer-340m": (TransformerConfig, dict(hidden_size=1024, num_hidden_layers=24, num_heads=16,
-                                                 vocab_size=32000, tie_word_embeddings=True)),
-    "transformer-1.3b": (TransformerConfig, dict(hidden_size=2048, num_hidden_layers=24, num_heads=32,
-                                                 vocab_size=32000, tie_word_embeddings=False)),
-    "gla-tiny": (GLAConfig, dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=320,
-                                 tie_word_embeddings=True)),
-    "gla-small": (GLAConfig, dict(hidden_size=256, num_hidden_layers=4, num_heads=4, vocab_size=320,
-                                  tie_word_embeddings=True)),
-    "transformer-tiny": (TransformerConfig, dict(hidden_size=64, num_hidden_layers=2, num_heads=2,
-                                                 vocab_size=320, tie_word_embeddings=True)),
-    "transformer-small": (TransformerConfig, dict(hidden_size=256, num_hidden_layers=4, num_heads=4,
-                                                  vocab_size=320, tie_word_embeddings=True)),
-}
+# Presets live with their families (gla_jax/models/gla.py, transformer.py); these names stay importable from here.
+from gla_jax.models.registry import PRESETS, get_config  # noqa: E402
 
-
-def get_config(name: str, **overrides):
-    """The preset ``name`` (see ``PRESETS``) as a GLAConfig/TransformerConfig, with field ``overrides``."""
-    if name not in PRESETS:
-        raise ValueError(f"name: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
-    cls, fields = PRESETS[name]
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in overrides:
-        if key not in names:
-            raise ValueError(f"{cls.__name__}: unknown config key {key!r}")
-    return cls(**{**fields, **overrides})
+__all__ = ["DTYPES", "GLAConfig", "ModelConfig", "PRESETS", "REMAT_POLICIES", "TransformerConfig", "get_config"]

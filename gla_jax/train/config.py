@@ -30,7 +30,7 @@ class ConfigError(UserError):
 
 @dataclass
 class ModelSection:
-    """Which model to build. ``arch``: "gla" or "transformer"; ``preset``: a named model config to start from
+    """Which model to build. ``arch``: a registered model family ("gla", "transformer", ...); ``preset``: a named model config to start from
     (``gla_jax.models`` presets); ``overrides``: fields of the model's config class (checked against it when the
     model is built; in YAML and on the command line they are written as ``model.<field>``)."""
 
@@ -351,8 +351,10 @@ def validate(cfg: Config) -> None:
         if not cond:
             raise ConfigError(f"{key}: {msg}")
 
-    need(cfg.model.arch in ("gla", "transformer"), "model.arch",
-         f"expected 'gla' or 'transformer', got {cfg.model.arch!r}")
+    from gla_jax.models.registry import families
+
+    need(cfg.model.arch in families(), "model.arch",
+         f"expected a registered model family ({', '.join(families())}), got {cfg.model.arch!r}")
     d = cfg.data
     need(d.format in ("auto", "text", "jsonl", "npy", "arrayrecord"), "data.format",
          f"expected auto/text/jsonl/npy/arrayrecord, got {d.format!r}")

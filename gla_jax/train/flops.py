@@ -51,29 +51,11 @@ def _head(cfg) -> float:
 
 
 def forward_flops_per_token(cfg, seq_len: int) -> float:
-    """Forward FLOPs per token of a GLAConfig or TransformerConfig model at sequence length ``seq_len``."""
-    D = cfg.hidden_size
-    H = cfg.num_heads
-    Hkv = cfg.num_kv_heads or H
-    kind = getattr(cfg, "model_type", "")
-    if kind == "gla":
-        dk = int(round(D * cfg.expand_k))
-        dv = int(round(D * cfg.expand_v))
-        dk_kv = dk // H * Hkv
-        dv_kv = dv // H * Hkv
-        r = getattr(cfg, "gate_low_rank_dim", 16)
-        proj = 2 * (D * dk + D * dk_kv + D * dv_kv + D * r + r * dk_kv + dv * D)
-        if cfg.use_output_gate:
-            proj += 2 * D * dv
-        if cfg.use_short_conv:
-            proj += 2 * cfg.conv_size * (dk + dk_kv + dv_kv)
-        op = gla_chunk_flops_per_token(H, dk // H, dv // H, getattr(cfg, "chunk_size", 64))
-        layer = proj + op + _mlp(cfg)
-    else:
-        hd = D // H
-        proj = 2 * (D * D + 2 * D * Hkv * hd + D * D)
-        attn = 2 * 2 * (seq_len / 2) * D  # q kᵀ and p v over on average T/2 causal keys
-        layer = proj + attn + _mlp(cfg)
+    """Forward FLOPs per token at sequence length ``seq_len`` of a model of any registered family: per layer its
+    mixer (the family's counter) and the SwiGLU MLP, plus the output head. ValueError for an unregistered config."""
+    from gla_jax.models.registry import family_of
+
+    layer = family_of(cfg).mixer_flops(cfg, seq_len) + _mlp(cfg)
     return cfg.num_hidden_layers * layer + _head(cfg)
 
 

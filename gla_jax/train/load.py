@@ -31,14 +31,14 @@ def find_upwards(start: Path, names, levels: int = LEVELS) -> Path | None:
 
 
 def config_from_dict(d: dict):
-    """A model config (GLAConfig/TransformerConfig) from its ``to_dict()`` form, chosen by ``model_type``."""
-    from gla_jax.models import GLAConfig, TransformerConfig
+    """A model config from its ``to_dict()`` form, the family chosen by ``model_type`` through the model registry."""
+    from gla_jax.models import config_from_dict as from_registry
+    from gla_jax.models import families
 
     kind = d.get("model_type", "gla")
-    cls = {"gla": GLAConfig, "transformer": TransformerConfig}.get(kind)
-    if cls is None:
-        raise UserError(f"model_type: unsupported {kind!r} (expected 'gla' or 'transformer')")
-    return cls.from_dict(d)
+    if kind not in families():
+        raise UserError(f"model_type: unsupported {kind!r} (registered families: {', '.join(families())})")
+    return from_registry(d)
 
 
 def find_model_config(path: str | Path, option: str = "--checkpoint"):
@@ -56,7 +56,7 @@ def find_model_config(path: str | Path, option: str = "--checkpoint"):
                 raise UserError(f"{option}: {f} is not valid JSON") from None
             if isinstance(d, dict) and isinstance(d.get("model_config"), dict):
                 d = d["model_config"]
-            if isinstance(d, dict) and d.get("model_type") in ("gla", "transformer"):
+            if isinstance(d, dict) and isinstance(d.get("model_type"), str):
                 return config_from_dict(d)
     raise UserError(f"{option}: no model_config.json or config.json (with a model_type) in or above {str(path)!r}")
 

@@ -5,33 +5,33 @@ Everything in the trainer that depends on the model family goes through ``model_
 
 from __future__ import annotations
 
-import dataclasses
-import typing
-
 from flax import nnx
 
 from gla_jax.train import config as config_lib
 
 
 def model_config(cfg: config_lib.Config, tokenizer_vocab: int | None = None):
-    """The GLAConfig/TransformerConfig for ``cfg.model`` (preset + overrides); ``train.compute_dtype`` and
-    ``train.remat`` fill ``dtype``/``remat`` unless set explicitly. ConfigError naming ``model.<key>``."""
-    from gla_jax.models import GLAConfig, TransformerConfig, get_config
-    from gla_jax.models.config import PRESETS
+    """The model config for ``cfg.model`` (``model.arch``: a registered family; preset + overrides);
+    ``train.compute_dtype`` and ``train.remat`` fill ``dtype``/``remat`` unless set explicitly. ConfigError naming
+    ``model.<key>``."""
+    from gla_jax.models.registry import PRESETS, config_field_types, get_config, get_family
 
-    cls = GLAConfig if cfg.model.arch == "gla" else TransformerConfig
+    try:
+        cls = get_family(cfg.model.arch).config_class
+    except ValueError as e:
+        raise config_lib.ConfigError(f"model.arch: {e}") from None
     ov = dict(cfg.model.overrides)
     if cfg.model.preset:
         if cfg.model.preset not in PRESETS:
             raise config_lib.ConfigError(f"model.preset: unknown preset {cfg.model.preset!r} "
                                          f"(known: {', '.join(sorted(PRESETS))})")
         cls = PRESETS[cfg.model.preset][0]
-        expected = "gla" if cls is GLAConfig else "transformer"
+        expected = cls.model_type
         if cfg.model.arch != expected:
             raise config_lib.ConfigError(f"model.arch: preset {cfg.model.preset!r} is a {expected} model, "
                                          f"but model.arch is {cfg.model.arch!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    type_hints = typing.get_type_hints(cls)
+    type_hints = config_field_types(cls)
+    names = set(type_hints)
     for key, value in list(ov.items()):
         if key not in names:
             raise config_lib.ConfigError(f"model.{key}: unknown key for {cls.__name__}")

@@ -100,7 +100,7 @@ def logical_to_spec(names, shape, mesh: Mesh, rules: dict) -> P:
 
 
 def _variable_names(var):
-    meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
+    meta = var.get_metadata()
     for key in ("out_sharding", "sharding_names", "sharding"):
         names = meta.get(key)
         if names is not None:
@@ -116,7 +116,7 @@ def state_shardings(abstract_state, mesh: Mesh, rules: dict = PARAM_RULES):
     from flax import nnx
 
     def one(var):
-        value = var.get_value() if hasattr(var, "get_value") else var.value
+        value = var.get_value()
         names = _variable_names(var)
         spec = logical_to_spec(names, value.shape, mesh, rules) if names else P()
         return NamedSharding(mesh, spec)
