@@ -33,7 +33,7 @@ def n_params(config) -> int:
 
 
 def expected_gla_params(D, L, H, V, tied, ffn, rank=16):
-    """Counted by hand from DESIGN §2: q,k [D, D/2]; v, g, o [D, D]; gate D·r + r·D/2 + D/2; g_norm D/H;
+    """Counted by hand from docs/design.md §3: q,k [D, D/2]; v, g, o [D, D]; gate D·r + r·D/2 + D/2; g_norm D/H;
     SwiGLU 3·D·ffn; two block norms; final norm; embeddings (+ lm_head when untied)."""
     attn = 2 * D * (D // 2) + 3 * D * D + D * rank + rank * (D // 2) + D // 2 + D // H
     block = attn + 3 * D * ffn + 2 * D
@@ -69,7 +69,7 @@ def test_gate_variants_parameter_sets():
 
 def test_config_mirrors_fla_defaults():
     ours = {f.name: f.default for f in dataclasses.fields(GLAConfig)}
-    # the values DESIGN §2 states for fla's GLAConfig
+    # the values docs/design.md §3 states for fla's GLAConfig
     assert (ours["hidden_size"], ours["num_hidden_layers"], ours["num_heads"], ours["expand_k"], ours["expand_v"],
             ours["hidden_ratio"], ours["norm_eps"], ours["vocab_size"], ours["tie_word_embeddings"]) == (
         2048, 24, 4, 0.5, 1.0, 4, 1e-6, 32000, False)

@@ -78,7 +78,7 @@ def test_presets_resolve(name):
     assert mcfg.model_type == cfg.model.arch
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     if name.endswith("340m") or name.endswith("1.3b"):
-        # the paper's recipe (DESIGN §3)
+        # the paper's recipe (docs/design.md §8)
         big = name.endswith("1.3b")
         assert mcfg.hidden_size == (2048 if big else 1024) and mcfg.num_hidden_layers == 24
         assert mcfg.tie_word_embeddings == (not big) and mcfg.vocab_size == 32000

@@ -1,4 +1,4 @@
-"""The Gated Linear Attention layer (fla-compatible parameters and math; DESIGN §2)."""
+"""The Gated Linear Attention layer (fla-compatible parameters and math; docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ carried state dropped (``keep = 0``) when a document starts inside the chunk.
 Backward (no per-step state is stored; the residuals are the inputs, the gate factors (``_Factors``, each the
 size of k), the chunk-start states ``[B, H, N, K, V]`` and the masked intra-chunk matrix ``A`` ``[B, H, N, C, C]``): a reverse scan over chunks gives the gradient dH of
 the state leaving each chunk (and of ``initial_state``); dq, dk, dv follow chunk by chunk with the same two-level
-structure. The gate gradient uses the reverse-cumulative-sum identity of DESIGN §1, applied per chunk: because
+structure. The gate gradient uses the reverse-cumulative-sum identity of docs/design.md §2, applied per chunk: because
 g_t only enters exponent differences across t,
 
     dg_t = sum_{s>=t, s in chunk} (q_s * dq_s - k_s * dk_s)[intra + inter parts]
