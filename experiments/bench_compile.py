@@ -35,7 +35,6 @@ def _parser():
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=1, help="compiles per setting (the minimum is reported)")
-    p.add_argument("--replace", action="store_true", help="overwrite an existing results file")
     return p
 
 
@@ -80,9 +79,7 @@ def main(argv=None) -> int:
         args.families, args.layers, args.width, args.seq_len, args.batch = args.families[:1], [1, 2], 32, 32, 2
     if min(args.layers) < 1:
         raise SystemExit(f"--layers: expected positive depths, got {args.layers}")
-    path = pathlib.Path(args.out) / f"{name}.json"
-    if path.exists() and not args.replace:
-        raise SystemExit(f"--out: {path} exists; pass --replace to overwrite it")
+    C.refuse_overwrite(args.out, name, args.replace)
     started = C.utc_now()
     rows = []
     for family in args.families:
