@@ -43,8 +43,9 @@ from gla_jax.models.registry import (PRESETS, Family, build_model, config_from_d
 from gla_jax.models.backbone import CausalLM, DecoderBlock, DecoderModel, MixContext
 from gla_jax.models.gla import GLABlock, GLAForCausalLM, GLAMixer
 from gla_jax.models.transformer import AttentionMixer, TransformerBlock, TransformerForCausalLM
+from gla_jax.models.mamba2 import Mamba2Config, Mamba2ForCausalLM
 
 __all__ = ["PRESETS", "AttentionMixer", "CausalLM", "DecoderBlock", "DecoderModel", "Family", "GLABlock", "GLAConfig",
-           "GLAForCausalLM", "GLAMixer", "MixContext", "ModelConfig", "TransformerBlock", "TransformerConfig",
+           "GLAForCausalLM", "GLAMixer", "Mamba2Config", "Mamba2ForCausalLM", "MixContext", "ModelConfig", "TransformerBlock", "TransformerConfig",
            "TransformerForCausalLM", "build_model", "config_from_dict", "families", "family_for_hf", "family_of",
            "get_config", "get_family", "register_family", "resolve_config", "unregister_family"]
