@@ -35,8 +35,13 @@ CASES = {
                                         num_hidden_layers=3, vocab_size=61, conv_kernel=3, use_bias=True,
                                         use_conv_bias=False, time_step_limit=(0.0, 0.8), layer_norm_epsilon=1e-6,
                                         chunk_size=8, tie_word_embeddings=True), 29, {}),
+    "mamba_tied": ("mamba", dict(hidden_size=32, state_size=8, num_hidden_layers=2, vocab_size=50), 40,
+                   dict(chunk_size=16)),
+    "mamba_bias_rank": ("mamba", dict(hidden_size=48, state_size=16, conv_kernel=3, time_step_rank=5, use_bias=True,
+                                      use_conv_bias=False, num_hidden_layers=2, vocab_size=57, layer_norm_epsilon=1e-6,
+                                      tie_word_embeddings=False), 33, dict(chunk_size=16)),
 }
-DEFAULT = ("mamba2_groups",)
+DEFAULT = ("mamba2_groups", "mamba_tied")
 PER_CASE = [n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in CASES]
 # config.json keys that are bookkeeping, not the model
 _BOOKKEEPING = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures"}
@@ -99,8 +104,8 @@ def test_save_hf_round_trip_reloads_in_pytorch(torch_runs, name):
 
 
 @needs_torch
-def test_negative_control_perturbed_weight_is_detected(torch_runs):
-    name = DEFAULT[0]
+@pytest.mark.parametrize("name", DEFAULT)
+def test_negative_control_perturbed_weight_is_detected(torch_runs, name):
     _, model = load_hf(torch_runs[name]["dir"], **CASES[name][3])
     a_log = model.model.layers.attn.A_log
     a_log.set_value(a_log[...].at[1].multiply(1.05))  # the last layer's decays, 5% off
@@ -113,7 +118,7 @@ def _random_model(preset, seed=0, **overrides):
     return build_model(get_config(preset, **overrides), rngs=nnx.Rngs(seed))
 
 
-@pytest.mark.parametrize("preset", ["mamba2-tiny"])
+@pytest.mark.parametrize("preset", ["mamba2-tiny", "mamba-tiny"])
 def test_cache_decoding_and_generate_equal_teacher_forcing(preset):
     from gla_jax.generate import generate
 
@@ -138,7 +143,7 @@ def test_cache_decoding_and_generate_equal_teacher_forcing(preset):
         assert got == seq[len(prompt):]
 
 
-@pytest.mark.parametrize("arch,preset", [("mamba2", "mamba2-tiny")])
+@pytest.mark.parametrize("arch,preset", [("mamba2", "mamba2-tiny"), ("mamba", "mamba-tiny")])
 def test_trainer_builds_the_family_and_one_step_lowers_the_loss(arch, preset):
     import optax
 
@@ -183,7 +188,8 @@ def test_presets_parameter_counts():
     """The parameter counts stated in the family files' preset comments."""
     from gla_jax.models import build_model, get_config
 
-    stated = {"mamba2-340m": 349_619_712, "mamba2-1.3b": 1_371_839_488}
+    stated = {"mamba2-340m": 349_619_712, "mamba2-1.3b": 1_371_839_488, "mamba-340m": 352_797_696,
+              "mamba-1.3b": 1_400_276_992}
     for preset, count in stated.items():
         abstract = nnx.eval_shape(lambda: build_model(get_config(preset), rngs=nnx.Rngs(0)))
         assert sum(v.size for v in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == count, preset
@@ -206,3 +212,14 @@ def test_bad_configs_name_the_field(tmp_path):
     assert Mamba2Config.from_hf(raw) == c
     raw["time_step_limit"] = [0.0, {"__float__": "Infinity"}]
     assert Mamba2Config.from_hf(raw) == c
+
+    from gla_jax.models.mamba import MambaConfig
+
+    with pytest.raises(ValueError, match="time_step_rank"):
+        MambaConfig(time_step_rank=0)
+    with pytest.raises(ValueError, match="intermediate_size"):
+        MambaConfig.from_hf({"model_type": "mamba", "hidden_size": 32, "expand": 2, "intermediate_size": 96})
+    with pytest.raises(ValueError, match="architectures"):
+        MambaConfig.from_hf({"model_type": "mamba", "architectures": ["Mamba2ForCausalLM"]})
+    m = MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=11, time_step_rank=3)
+    assert MambaConfig.from_hf(json.loads(json.dumps(m.to_hf_dict()))) == m

@@ -44,8 +44,9 @@ from gla_jax.models.backbone import CausalLM, DecoderBlock, DecoderModel, MixCon
 from gla_jax.models.gla import GLABlock, GLAForCausalLM, GLAMixer
 from gla_jax.models.transformer import AttentionMixer, TransformerBlock, TransformerForCausalLM
 from gla_jax.models.mamba2 import Mamba2Config, Mamba2ForCausalLM
+from gla_jax.models.mamba import MambaConfig, MambaForCausalLM
 
 __all__ = ["PRESETS", "AttentionMixer", "CausalLM", "DecoderBlock", "DecoderModel", "Family", "GLABlock", "GLAConfig",
-           "GLAForCausalLM", "GLAMixer", "Mamba2Config", "Mamba2ForCausalLM", "MixContext", "ModelConfig", "TransformerBlock", "TransformerConfig",
+           "GLAForCausalLM", "GLAMixer", "Mamba2Config", "Mamba2ForCausalLM", "MambaConfig", "MambaForCausalLM", "MixContext", "ModelConfig", "TransformerBlock", "TransformerConfig",
            "TransformerForCausalLM", "build_model", "config_from_dict", "families", "family_for_hf", "family_of",
            "get_config", "get_family", "register_family", "resolve_config", "unregister_family"]
