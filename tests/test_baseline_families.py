@@ -1,10 +1,12 @@
-"""The baseline families (Mamba2, Mamba) as whole causal LMs against PyTorch: a randomly initialised
-transformers model written with ``save_pretrained`` is read by ``gla_jax.convert.load_hf`` and gives the same float32
+"""The baseline families (Mamba2, Mamba, RetNet) as whole causal LMs against PyTorch: a randomly initialised
+transformers (Mamba2ForCausalLM, MambaForCausalLM) or fla (RetNetForCausalLM) model written with
+``save_pretrained`` is read by ``gla_jax.convert.load_hf`` and gives the same float32
 logits; ``save_hf`` writes a directory PyTorch reads back to the same logits and config; decoding through the cache
 protocol equals the full forward and greedy ``generate`` equals teacher forcing; the trainer builds each family from
 ``model.arch`` and one step lowers the loss; FLOP counts against the model's own matrices; presets' sizes.
 
-The PyTorch side runs in a subprocess (tests/family_harness.py); torch and transformers are never imported here.
+The PyTorch side runs in a subprocess (tests/family_harness.py; fla's Triton kernels in the interpreter); torch,
+transformers and fla are never imported here.
 """
 
 from __future__ import annotations
@@ -40,8 +42,14 @@ CASES = {
     "mamba_bias_rank": ("mamba", dict(hidden_size=48, state_size=16, conv_kernel=3, time_step_rank=5, use_bias=True,
                                       use_conv_bias=False, num_hidden_layers=2, vocab_size=57, layer_norm_epsilon=1e-6,
                                       tie_word_embeddings=False), 33, dict(chunk_size=16)),
+    "retnet_fused_gate": ("retnet", dict(hidden_size=64, num_heads=2, num_hidden_layers=2, vocab_size=50,
+                                         tie_word_embeddings=False), 40, dict(chunk_size=16)),
+    "retnet_gqa_nogate": ("retnet", dict(hidden_size=64, num_heads=4, num_kv_heads=2, expand_k=0.5, expand_v=1.0,
+                                         hidden_ratio=4, use_output_gate=False, feature_map="swish", fuse_norm=False,
+                                         num_hidden_layers=2, vocab_size=47, tie_word_embeddings=True), 37,
+                          dict(chunk_size=16)),
 }
-DEFAULT = ("mamba2_groups", "mamba_tied")
+DEFAULT = ("mamba2_groups", "mamba_tied", "retnet_fused_gate")
 PER_CASE = [n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in CASES]
 # config.json keys that are bookkeeping, not the model
 _BOOKKEEPING = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures"}
@@ -107,8 +115,9 @@ def test_save_hf_round_trip_reloads_in_pytorch(torch_runs, name):
 @pytest.mark.parametrize("name", DEFAULT)
 def test_negative_control_perturbed_weight_is_detected(torch_runs, name):
     _, model = load_hf(torch_runs[name]["dir"], **CASES[name][3])
-    a_log = model.model.layers.attn.A_log
-    a_log.set_value(a_log[...].at[1].multiply(1.05))  # the last layer's decays, 5% off
+    attn = model.model.layers.attn  # the last layer's decays (RetNet: output norm, its decays are fixed), 5% off
+    w = attn.g_norm.weight if CASES[name][0] == "retnet" else attn.A_log
+    w.set_value(w[...].at[1].multiply(1.05))
     assert rel_err(_forward(model, _ids(name)), torch_runs[name]["logits"]) > 10 * TOL
 
 
@@ -118,13 +127,15 @@ def _random_model(preset, seed=0, **overrides):
     return build_model(get_config(preset, **overrides), rngs=nnx.Rngs(seed))
 
 
-@pytest.mark.parametrize("preset", ["mamba2-tiny", "mamba-tiny"])
+@pytest.mark.parametrize("preset", ["mamba2-tiny", pytest.param("mamba-tiny", marks=pytest.mark.slow),
+                                    pytest.param("retnet-tiny", marks=pytest.mark.slow)])
 def test_cache_decoding_and_generate_equal_teacher_forcing(preset):
     from gla_jax.generate import generate
 
-    model = _random_model(preset, vocab_size=64, chunk_size=16)
+    model = _random_model(preset, vocab_size=64, chunk_size=16, num_hidden_layers=2)
     ids = np.random.default_rng(0).integers(0, 64, (2, 21))
-    full = np.asarray(_forward(model, ids))
+    forward = nnx.jit(lambda m, i: m(i))
+    full = np.asarray(forward(model, jnp.asarray(ids, jnp.int32)))
     # the cache protocol: a prefix with the chunk form, then one token at a time (the recurrent step)
     step = nnx.jit(lambda m, i, c: m(i, cache=c))
     logits, cache = step(model, jnp.asarray(ids[:, :13], jnp.int32), model.init_cache(2))
@@ -136,14 +147,19 @@ def test_cache_decoding_and_generate_equal_teacher_forcing(preset):
     # greedy generation from prompts of different lengths = argmax of the full forward, token by token
     prompts, n = [[5, 7, 1], [2, 9, 4, 4, 8, 3, 3, 1, 0, 7]], 6
     out = generate(model, prompts, max_new_tokens=n).sequences()
-    for prompt, got in zip(prompts, out):
-        seq = list(prompt)
-        for _ in range(n):
-            seq.append(int(np.argmax(np.asarray(_forward(model, [seq]))[0, -1])))
-        assert got == seq[len(prompt):]
+    buf = np.zeros(ids.shape, np.int32)  # both rows at once, the shape compiled above (causal: later slots unused)
+    for b, prompt in enumerate(prompts):
+        buf[b, :len(prompt)] = prompt
+    for k in range(n):
+        logits = np.asarray(forward(model, jnp.asarray(buf)))
+        for b, prompt in enumerate(prompts):
+            buf[b, len(prompt) + k] = int(np.argmax(logits[b, len(prompt) + k - 1]))
+    assert out == [list(buf[b, len(p):len(p) + n]) for b, p in enumerate(prompts)]
 
 
-@pytest.mark.parametrize("arch,preset", [("mamba2", "mamba2-tiny"), ("mamba", "mamba-tiny")])
+@pytest.mark.parametrize("arch,preset", [("mamba2", "mamba2-tiny"),
+                                         pytest.param("mamba", "mamba-tiny", marks=pytest.mark.slow),
+                                         pytest.param("retnet", "retnet-tiny", marks=pytest.mark.slow)])
 def test_trainer_builds_the_family_and_one_step_lowers_the_loss(arch, preset):
     import optax
 
@@ -157,7 +173,7 @@ def test_trainer_builds_the_family_and_one_step_lowers_the_loss(arch, preset):
     mcfg = loop.model_config(cfg)
     assert mcfg.model_type == arch and mcfg.num_hidden_layers == 2
     model = nnx.jit(lambda: loop.build_model(mcfg, 0))()
-    assert model.model.layers.mlp is None  # blocks without an MLP
+    assert (model.model.layers.mlp is None) == (arch != "retnet")  # Mamba blocks have no MLP
     graphdef, params = nnx.split(model, nnx.Param)
     ids = jnp.asarray(np.tile(np.arange(8), (2, 4)), jnp.int32)  # a repeated pattern: learnable
     tx = optim.make_optimizer(cfg.optim, total_steps=3)
@@ -179,7 +195,7 @@ def test_trainer_builds_the_family_and_one_step_lowers_the_loss(arch, preset):
     abstract = nnx.eval_shape(lambda: loop.build_model(mcfg, 0))
     matmul = sum(math.prod(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
                  if len(v.shape) - ("layers" in map(str, p)) == 2 and "conv1d" not in map(str, p)
-                 and "A_log" not in map(str, p))
+                 and "A_log" not in map(str, p) and "g_norm" not in map(str, p))
     scan = flops.forward_flops_per_token(mcfg, 32) - 2 * matmul
     assert 0 < scan < 0.5 * 2 * matmul
 
@@ -189,7 +205,7 @@ def test_presets_parameter_counts():
     from gla_jax.models import build_model, get_config
 
     stated = {"mamba2-340m": 349_619_712, "mamba2-1.3b": 1_371_839_488, "mamba-340m": 352_797_696,
-              "mamba-1.3b": 1_400_276_992}
+              "mamba-1.3b": 1_400_276_992, "retnet-340m": 347_403_264, "retnet-1.3b": 1_351_727_104}
     for preset, count in stated.items():
         abstract = nnx.eval_shape(lambda: build_model(get_config(preset), rngs=nnx.Rngs(0)))
         assert sum(v.size for v in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == count, preset
@@ -223,3 +239,12 @@ def test_bad_configs_name_the_field(tmp_path):
         MambaConfig.from_hf({"model_type": "mamba", "architectures": ["Mamba2ForCausalLM"]})
     m = MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=11, time_step_rank=3)
     assert MambaConfig.from_hf(json.loads(json.dumps(m.to_hf_dict()))) == m
+
+    from gla_jax.models.retnet import RetNetConfig
+
+    with pytest.raises(ValueError, match="expand_k"):
+        RetNetConfig(hidden_size=64, num_heads=3)
+    with pytest.raises(ValueError, match="attn"):
+        RetNetConfig.from_hf({"model_type": "retnet", "attn": {"layers": [0]}})
+    r = RetNetConfig(hidden_size=64, num_heads=2, num_hidden_layers=1, vocab_size=11)
+    assert RetNetConfig.from_hf(json.loads(json.dumps(r.to_hf_dict()))) == r
