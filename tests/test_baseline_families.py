@@ -51,8 +51,10 @@ CASES = {
 }
 DEFAULT = ("mamba2_groups", "mamba_tied", "retnet_fused_gate")
 PER_CASE = [n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in CASES]
-# config.json keys that are bookkeeping, not the model
-_BOOKKEEPING = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures"}
+# config.json keys that are bookkeeping or kernel choices (fla's fuse_* switches: save_hf writes fla's defaults),
+# not the model
+_BOOKKEEPING = {"transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures", "fuse_norm",
+                "fuse_swiglu", "fuse_cross_entropy", "fuse_linear_cross_entropy", "use_l2warp"}
 
 
 def _ids(name):
@@ -61,16 +63,25 @@ def _ids(name):
     return r.integers(0, kw["vocab_size"], (2, T)).tolist()
 
 
+def _selected_cases(request) -> list[str]:
+    """The cases some selected test of this module uses (the PyTorch side is slow: it runs only those)."""
+    names = {item.callspec.params.get("name") for item in request.session.items
+             if item.module is request.module and hasattr(item, "callspec")}
+    return [n for n in CASES if n in names]
+
+
 @pytest.fixture(scope="module")
-def torch_runs(tmp_path_factory):
-    """Every case created in PyTorch (``save_pretrained``), loaded here with ``load_hf``, written back with
+def torch_runs(tmp_path_factory, request):
+    """Each selected case created in PyTorch (``save_pretrained``), loaded here with ``load_hf``, written back with
     ``save_hf`` and reloaded in PyTorch: {case: dict(dir, logits, config, saved, reloaded_logits, reloaded_config)}."""
     work = tmp_path_factory.mktemp("families")
-    jobs = [dict(op="create", kind=kind, config=kw, dir=str(work / name), ids=_ids(name), seed=i,
-                 out=str(work / f"{name}.npz")) for i, (name, (kind, kw, _, _)) in enumerate(CASES.items())]
+    selected = _selected_cases(request)
+    jobs = [dict(op="create", kind=CASES[name][0], config=CASES[name][1], dir=str(work / name), ids=_ids(name),
+                 seed=list(CASES).index(name), out=str(work / f"{name}.npz")) for name in selected]
     run_family_harness(jobs, work / "create")
     out = {}
-    for name, (kind, kw, _, overrides) in CASES.items():
+    for name in selected:
+        overrides = CASES[name][3]
         data = np.load(work / f"{name}.npz")
         out[name] = dict(dir=work / name, logits=data["logits"], config=json.loads(str(data["config"])))
         _, model = load_hf(work / name, **overrides)
