@@ -154,9 +154,11 @@ def _normalize_tensors(tensors: dict[str, np.ndarray], layout: dict, tied: bool)
                     tensors[other] = tensors.pop(name)
     if tied and "lm_head.weight" in tensors:
         head = tensors.pop("lm_head.weight")
-        emb = tensors.get("model.embeddings.weight")
+        emb_name = next((n for n, e in layout.items() if e.ours == ("model", "embeddings", "embedding")),
+                        "model.embeddings.weight")
+        emb = tensors.get(emb_name)
         if emb is None or head.shape != emb.shape or not np.array_equal(head, emb):
-            raise ValueError("lm_head.weight: present and different from model.embeddings.weight although "
+            raise ValueError(f"lm_head.weight: present and different from {emb_name} although "
                              "tie_word_embeddings is true")
     return tensors
 

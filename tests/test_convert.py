@@ -358,5 +358,5 @@ def test_load_hf_dispatches_on_model_type_and_round_trips_transformer(saved, tmp
     _assert_same_params(tmodel, model2)
     with pytest.raises(ValueError, match="model_type"):
         load_fla(out)  # load_fla stays GLA-only
-    bad = _copy_with(out, tmp_path / "unknown", config={"model_type": "mamba"})
+    bad = _copy_with(out, tmp_path / "unknown", config={"model_type": "no-such-family"})
     _one_line_error(lambda: load_hf(bad), "model_type")

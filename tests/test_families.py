@@ -229,9 +229,9 @@ def test_registry_errors(toy):
     with pytest.raises(ValueError, match="already registered"):
         registry.register_family(toy)
     with pytest.raises(ValueError, match="model_type"):
-        get_family("mamba")
+        get_family("no-such-family")
     with pytest.raises(ValueError, match="model_type"):
-        family_for_hf("mamba")
+        family_for_hf("no-such-family")
     with pytest.raises(ValueError, match="config_class"):
         registry.Family("other-name", MeanConfig, MeanForCausalLM, mixer_flops=lambda c, t: 0.0)
 
@@ -258,4 +258,4 @@ def test_resolve_config_and_config_from_dict():
     with pytest.raises(ValueError, match="arch"):
         resolve_config("gla-tiny", arch="transformer")
     with pytest.raises(ValueError, match="model_type"):
-        config_from_dict({"model_type": "mamba"})
+        config_from_dict({"model_type": "no-such-family"})

@@ -1,5 +1,5 @@
-"""Flax NNX language models: model families (GLA, Transformer++) on one decoder backbone, their configs, presets
-and registry (docs/design.md §4).
+"""Flax NNX language models: model families (GLA, Transformer++, Mamba2, Mamba, RetNet) on one decoder backbone,
+their configs, presets and registry (docs/design.md §4).
 
     from gla_jax.models import build_model, get_config
     model = build_model(get_config("gla-tiny"), rngs=nnx.Rngs(0))    # or GLAForCausalLM(config, rngs=...)
@@ -43,8 +43,11 @@ from gla_jax.models.registry import (PRESETS, Family, build_model, config_from_d
 from gla_jax.models.backbone import CausalLM, DecoderBlock, DecoderModel, MixContext
 from gla_jax.models.gla import GLABlock, GLAForCausalLM, GLAMixer
 from gla_jax.models.transformer import AttentionMixer, TransformerBlock, TransformerForCausalLM
+from gla_jax.models.mamba2 import Mamba2Config, Mamba2ForCausalLM
+from gla_jax.models.mamba import MambaConfig, MambaForCausalLM
+from gla_jax.models.retnet import RetNetConfig, RetNetForCausalLM
 
 __all__ = ["PRESETS", "AttentionMixer", "CausalLM", "DecoderBlock", "DecoderModel", "Family", "GLABlock", "GLAConfig",
-           "GLAForCausalLM", "GLAMixer", "MixContext", "ModelConfig", "TransformerBlock", "TransformerConfig",
+           "GLAForCausalLM", "GLAMixer", "Mamba2Config", "Mamba2ForCausalLM", "MambaConfig", "MambaForCausalLM", "RetNetConfig", "RetNetForCausalLM", "MixContext", "ModelConfig", "TransformerBlock", "TransformerConfig",
            "TransformerForCausalLM", "build_model", "config_from_dict", "families", "family_for_hf", "family_of",
            "get_config", "get_family", "register_family", "resolve_config", "unregister_family"]

@@ -66,7 +66,8 @@ class MixContext:
 
 class DecoderBlock(nnx.Module):
     """Pre-norm block ``x += attn(attn_norm(x)); x += mlp(mlp_norm(x))`` (fla's names; ``attn`` is the family's
-    mixer, ``mixer_class`` of the subclass). x: [B, T, D] in the compute dtype."""
+    mixer, ``mixer_class`` of the subclass). x: [B, T, D] in the compute dtype. A config whose
+    ``mlp_intermediate_size`` is 0 has no MLP sub-block (``mlp_norm`` and ``mlp`` are None: Mamba's blocks)."""
 
     mixer_class: type = None
 
@@ -75,15 +76,19 @@ class DecoderBlock(nnx.Module):
         dt, pdt = c.compute_dtype, c.params_dtype
         self.attn_norm = RMSNorm(c.hidden_size, eps=c.norm_eps, dtype=dt, param_dtype=pdt)
         self.attn = self.mixer_class.from_config(c, rngs=rngs)
-        self.mlp_norm = RMSNorm(c.hidden_size, eps=c.norm_eps, dtype=dt, param_dtype=pdt)
-        self.mlp = GatedMLP(c.hidden_size, c.mlp_intermediate_size, hidden_act=c.hidden_act,
-                            initializer_range=c.initializer_range, dtype=dt, param_dtype=pdt, rngs=rngs)
+        if c.mlp_intermediate_size:
+            self.mlp_norm = RMSNorm(c.hidden_size, eps=c.norm_eps, dtype=dt, param_dtype=pdt)
+            self.mlp = GatedMLP(c.hidden_size, c.mlp_intermediate_size, hidden_act=c.hidden_act,
+                                initializer_range=c.initializer_range, dtype=dt, param_dtype=pdt, rngs=rngs)
+        else:
+            self.mlp_norm = self.mlp = None
 
     def __call__(self, x, ctx: MixContext, cache=None):
         """-> (x [B, T, D], new layer cache or None)."""
         h, new_cache = self.attn.mix(self.attn_norm(x), ctx, cache)
         x = constrain(x + h.astype(x.dtype), ACT)
-        x = constrain(x + self.mlp(self.mlp_norm(x)).astype(x.dtype), ACT)
+        if self.mlp is not None:
+            x = constrain(x + self.mlp(self.mlp_norm(x)).astype(x.dtype), ACT)
         return x, new_cache
 
 

@@ -62,6 +62,10 @@ class ModelConfig:
     HF_FIELDS: typing.ClassVar[frozenset] = frozenset()
     HF_ARCHITECTURES: typing.ClassVar[tuple] = ()
     HF_UNSUPPORTED: typing.ClassVar[tuple] = ()
+    # Settings of the file's library that choose kernels, not the function (fla's; transformers families: {}).
+    HF_KERNEL_KEYS: typing.ClassVar[dict] = FLA_KERNEL_KEYS
+    # Activation names rewritten on export (fla's GatedMLP accepts only "swish" for SiLU).
+    HF_ACT_NAMES: typing.ClassVar[dict] = {"silu": "swish"}
 
     def _check_common(self):
         if self.hidden_size <= 0 or self.num_hidden_layers <= 0 or self.vocab_size <= 0 or self.num_heads <= 0:
@@ -70,16 +74,20 @@ class ModelConfig:
             raise ValueError(f"num_kv_heads must divide num_heads={self.num_heads}, got {self.num_kv_heads}")
         if self.hidden_act not in ("swish", "silu"):
             raise ValueError(f"hidden_act must be 'swish', got {self.hidden_act!r}")
+        self._check_shared()
+        if self.attnres_block_size is not None:
+            raise ValueError("attnres_block_size: attention residuals (fla attnres) are not supported")
+        if self.intermediate_size is not None and self.intermediate_size <= 0:
+            raise ValueError(f"intermediate_size must be positive, got {self.intermediate_size}")
+
+    def _check_shared(self):
+        """Checks the fields of this class (dtypes, remat policy)."""
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.param_dtype not in DTYPES:
             raise ValueError(f"param_dtype must be one of {sorted(DTYPES)}, got {self.param_dtype!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
-        if self.attnres_block_size is not None:
-            raise ValueError("attnres_block_size: attention residuals (fla attnres) are not supported")
-        if self.intermediate_size is not None and self.intermediate_size <= 0:
-            raise ValueError(f"intermediate_size must be positive, got {self.intermediate_size}")
 
     @property
     def mlp_intermediate_size(self) -> int:
@@ -146,7 +154,7 @@ class ModelConfig:
         for name in sorted(cls.HF_FIELDS):
             f = fields[name]
             out[name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        return {**out, **FLA_KERNEL_KEYS}
+        return {**out, **cls.HF_KERNEL_KEYS}
 
     @classmethod
     def from_hf(cls, raw: dict, **overrides):
@@ -168,7 +176,7 @@ class ModelConfig:
         defaults = cls.hf_defaults()
         kwargs = {}
         for key, value in raw.items():
-            if key in HF_BOILERPLATE or key in ("dtype",) or key in FLA_KERNEL_KEYS:
+            if key in HF_BOILERPLATE or key in ("dtype",) or key in cls.HF_KERNEL_KEYS:
                 continue
             if key in ours:  # fla's fields, and ours when the file was written by gla-jax
                 kwargs[key] = value
@@ -196,8 +204,8 @@ class ModelConfig:
         for key, ok, why in self.HF_UNSUPPORTED:
             if key in out and not ok(out[key]):
                 raise ValueError(f"config.{key}={out[key]!r}: {why}")
-        if out.get("hidden_act") == "silu":  # the same function; fla's GatedMLP accepts only the name "swish"
-            out["hidden_act"] = "swish"
+        if out.get("hidden_act") in self.HF_ACT_NAMES:  # the same function under the name the library accepts
+            out["hidden_act"] = self.HF_ACT_NAMES[out["hidden_act"]]
         return {"model_type": self.model_type, "architectures": [self.HF_ARCHITECTURES[0]], **out}
 
 

@@ -81,6 +81,24 @@ class HFTensor:
             out["lm_head.weight"] = HFTensor(("lm_head", "kernel"), None, "linear", (vocab, D))
         return out
 
+    @staticmethod
+    def backbone_layout(config, per_layer, *, vocab: int) -> dict[str, "HFTensor"]:
+        """The whole map of a transformers Mamba/Mamba2-style model (``backbone.embeddings``,
+        ``backbone.layers.{i}.norm`` and ``.mixer.*``, ``backbone.norm_f``, ``lm_head``): blocks of one norm and
+        the mixer, no MLP. ``per_layer``: the mixer's entries ``(hf suffix after "mixer.", our path under
+        ``attn``, kind, hf shape)``."""
+        D = config.hidden_size
+        rows = [("norm.weight", ("attn_norm", "weight"), "plain", (D,))]
+        rows += [("mixer." + name, ("attn",) + tuple(path), kind, shape) for name, path, kind, shape in per_layer]
+        out = {"backbone.embeddings.weight": HFTensor(("model", "embeddings", "embedding"), None, "plain", (vocab, D))}
+        for i in range(config.num_hidden_layers):
+            for name, path, kind, shape in rows:
+                out[f"backbone.layers.{i}.{name}"] = HFTensor(("model", "layers") + tuple(path), i, kind, tuple(shape))
+        out["backbone.norm_f.weight"] = HFTensor(("model", "norm", "weight"), None, "plain", (D,))
+        if not config.tie_word_embeddings:
+            out["lm_head.weight"] = HFTensor(("lm_head", "kernel"), None, "linear", (vocab, D))
+        return out
+
 
 _FAMILIES: dict[str, Family] = {}
 # Preset name -> (config class, fields), kept in step with the registered families (``get_config`` reads it).

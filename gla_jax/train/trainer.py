@@ -217,7 +217,7 @@ class Trainer:
                 params = self.load_initial_params(cfg.train.init_from, params)
         if self.is_main:
             self.log(f"model: {self.mcfg.model_type} {self.n_params / 1e6:.2f}M parameters "
-                     f"(D={self.mcfg.hidden_size}, layers={self.mcfg.num_hidden_layers}, heads={self.mcfg.num_heads}); "
+                     f"(D={self.mcfg.hidden_size}, layers={self.mcfg.num_hidden_layers}, heads={getattr(self.mcfg, 'num_heads', '-')}); "
                      f"mesh {dict(self.mesh.shape)}; batch {cfg.data.batch_size}x{cfg.data.seq_len} tokens; "
                      f"{len(self.train_docs)} train / {len(self.val_docs)} held-out documents")
 
