@@ -259,3 +259,16 @@ def test_bad_configs_name_the_field(tmp_path):
         RetNetConfig.from_hf({"model_type": "retnet", "attn": {"layers": [0]}})
     r = RetNetConfig(hidden_size=64, num_heads=2, num_hidden_layers=1, vocab_size=11)
     assert RetNetConfig.from_hf(json.loads(json.dumps(r.to_hf_dict()))) == r
+
+
+def test_another_family_without_a_preset_names_one():
+    """The embedded default's model.* sizes are GLA's: another family without a preset is one line naming a preset
+    that works (and that preset builds)."""
+    from gla_jax.train import config as C
+    from gla_jax.train import model as M
+
+    for arch in ("mamba", "mamba2"):
+        with pytest.raises(ValueError, match=rf"^model.*model.preset={arch}-tiny\)$") as info:
+            M.model_config(C.load_config(None, [f"model.arch={arch}"]))
+        assert "\n" not in str(info.value)
+        assert M.model_config(C.load_config(None, [f"model.arch={arch}", f"model.preset={arch}-tiny"])).model_type == arch

@@ -34,14 +34,14 @@ def model_config(cfg: config_lib.Config, tokenizer_vocab: int | None = None):
     names = set(type_hints)
     for key, value in list(ov.items()):
         if key not in names:
-            raise config_lib.ConfigError(f"model.{key}: unknown key for {cls.__name__}")
+            raise config_lib.ConfigError(f"model.{key}: unknown key for {cls.__name__}{_preset_hint(cfg)}")
         ov[key] = config_lib.coerce(f"model.{key}", value, type_hints[key])
     ov.setdefault("dtype", cfg.train.compute_dtype)
     ov.setdefault("remat", cfg.train.remat)
     try:
         mcfg = get_config(cfg.model.preset, **ov) if cfg.model.preset else cls(**ov)
     except (ValueError, TypeError) as e:
-        raise config_lib.ConfigError(f"model: {e}") from None
+        raise config_lib.ConfigError(f"model: {e}{_preset_hint(cfg)}") from None
     if tokenizer_vocab is not None and mcfg.vocab_size < tokenizer_vocab:
         raise config_lib.ConfigError(f"model.vocab_size: {mcfg.vocab_size} is smaller than the tokenizer's "
                                      f"vocabulary ({tokenizer_vocab})")
@@ -53,3 +53,17 @@ def build_model(mcfg, seed: int):
     from gla_jax.models import build_model as _build
 
     return _build(mcfg, rngs=nnx.Rngs(seed))
+
+
+def _preset_hint(cfg: config_lib.Config) -> str:
+    """For another family without a preset: the embedded default's model.* sizes are GLA's, so say which presets
+    give the family a consistent starting point."""
+    from gla_jax.models.registry import PRESETS
+
+    if cfg.model.preset or cfg.model.arch == config_lib.ModelSection.arch:
+        return ""
+    names = sorted(n for n, (c, _) in PRESETS.items() if getattr(c, "model_type", None) == cfg.model.arch)
+    if not names:
+        return ""
+    pick = next((n for n in names if n.endswith("-tiny")), names[0])
+    return f" (the default model.* sizes are GLA's; start from a preset, e.g. model.preset={pick})"
