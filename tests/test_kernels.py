@@ -12,12 +12,12 @@ from jax.experimental import pallas as pl
 from gla_jax.kernels import chunk_gla
 from gla_jax.kernels.triton.lowering import lower_for_cuda, triton_kernel_count
 from gla_jax.kernels.triton.tiling import compiler_params
-from reference import reference_gla, rel_err
+from kernel_checks import assert_matches_reference, assert_non_finite_reach
+from reference import rel_err
 from zero_gates import PATTERNS, place_zero_gates
 
 F32_TOL = 1e-4
 BF16_TOL = 3e-3
-NAMES = ("dq", "dk", "dv", "dg", "dh0")
 
 
 def _inputs(B, T, H, K, V, dtype, seed, *, gate="layer", segments=False):
@@ -69,22 +69,8 @@ def _check(case, dtype, *, with_state, final_state, segments, gate="layer", seed
     if zeros is not None:
         g = place_zero_gates(g, zeros, seed=seed)
     o, s, grads = _run(q, k, v, g, h0, seg, do, dst, dtype, with_state=with_state, final_state=final_state, **kw)
-    assert o.dtype == dtype and o.shape == v.shape
-    ro, rs, rgrads = reference_gla(q, k, v, g, initial_state=h0 if with_state else None, segment_ids=seg, do=do,
-                                   ds=dst if final_state else None)
-    tol = F32_TOL if dtype == jnp.float32 else BF16_TOL
-    errs = {"o": rel_err(o, ro)}
-    if final_state:
-        assert s.dtype == jnp.float32 and s.shape == h0.shape
-        errs["final_state"] = rel_err(s, rs)
-    else:
-        assert s is None
-    names = NAMES if with_state else NAMES[:4]
-    for name, x, ref in zip(names, grads, rgrads):
-        assert np.all(np.isfinite(np.asarray(x, np.float32))), name
-        errs[name] = rel_err(x, ref)
-    for name, err in errs.items():
-        assert err <= tol, f"{name}: rel err {err:.3g} > {tol:g} (all: {errs})"
+    errs = assert_matches_reference(o, s, grads, (q, k, v, g, h0, seg, do, dst), dtype=dtype, with_state=with_state,
+                                    final_state=final_state, tol=F32_TOL if dtype == jnp.float32 else BF16_TOL)
     if zeros is not None:
         assert np.all(np.asarray(grads[3])[g <= -104.0] == 0.0), "dg != 0 at a zero gate"
     return errs
@@ -142,19 +128,7 @@ def test_non_finite_input_reach(name):
     """The operator's contract (gla's docstring): a NaN at position t = 100 poisons its row and head from the start of
     its chunk (64) on; earlier positions, other rows and heads are bit-for-bit as without it."""
     q, k, v, g, h0, _, _, _ = _inputs(2, 200, 2, 16, 16, jnp.float32, 13)
-    x = dict(q=q, k=k, v=v, g=g)
-    run = lambda x: np.asarray(chunk_gla(*(jnp.asarray(x[n]) for n in "qkvg"), initial_state=jnp.asarray(h0),
-                                         interpret=True)[0])
-    o_clean = run(x)
-    x[name] = x[name].copy()
-    x[name][0, 100, 0, 3] = np.nan
-    o = run(x)
-    np.testing.assert_array_equal(o[1], o_clean[1])
-    np.testing.assert_array_equal(o[0, :, 1], o_clean[0, :, 1])
-    np.testing.assert_array_equal(o[0, :64, 0], o_clean[0, :64, 0])
-    assert not np.isfinite(o[0, 100:, 0]).all(axis=-1).any()
-    if name == "v":
-        assert not np.isfinite(o[0, 64, 0]).all()
+    assert_non_finite_reach(chunk_gla, (q, k, v, g, h0), name, t=100, chunk=64)
 
 
 def test_large_heads_small_t():

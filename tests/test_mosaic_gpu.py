@@ -17,10 +17,10 @@ from gla_jax.kernels.mosaic_gpu.compat import races_found
 from gla_jax.kernels.mosaic_gpu.products import chunk_products
 from gla_jax.kernels.mosaic_gpu.states import state_pass
 from gla_jax.kernels.mosaic_gpu.tiles import SMEM_LIMIT_BYTES, check_smem, smem_bytes
+from kernel_checks import assert_matches_reference
 from reference import reference_gla, rel_err
 
 TOL = 4e-3  # bf16/fp16 inputs; fla's own bound for bf16 chunk vs naive is 4e-3..5e-3
-NAMES = ("dq", "dk", "dv", "dg", "dh0")
 
 
 def _hopper() -> bool:
@@ -78,20 +78,8 @@ def _check(case, dtype, interpret, capfd, *, with_state=True, final_state=True, 
     cast = lambda x: jnp.asarray(x, dtype)
     (o, s), vjp = jax.vjp(f, cast(q), cast(k), cast(v), jnp.asarray(g), jnp.asarray(h0))
     grads = vjp((cast(do), jnp.asarray(dst) if final_state else None))
-    assert o.dtype == dtype and o.shape == v.shape
-    ro, rs, rgrads = reference_gla(q, k, v, g, initial_state=h0 if with_state else None, segment_ids=seg, do=do,
-                                   ds=dst if final_state else None)
-    errs = {"o": rel_err(o, ro)}
-    if final_state:
-        assert s.dtype == jnp.float32 and s.shape == h0.shape
-        errs["final_state"] = rel_err(s, rs)
-    else:
-        assert s is None
-    for name, x, ref in zip(NAMES if with_state else NAMES[:4], grads, rgrads):
-        assert np.all(np.isfinite(np.asarray(x, np.float32))), name
-        errs[name] = rel_err(x, ref)
-    for name, err in errs.items():
-        assert err <= TOL, f"{name}: rel err {err:.3g} > {TOL:g} (all: {errs})"
+    errs = assert_matches_reference(o, s, grads, (q, k, v, g, h0, seg, do, dst), dtype=dtype, with_state=with_state,
+                                    final_state=final_state, tol=TOL)
     if interpret:
         _assert_no_races(capfd)
     return errs

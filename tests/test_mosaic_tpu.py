@@ -15,12 +15,12 @@ import pytest
 from gla_jax.kernels.mosaic_tpu import Tiling, check_vmem, chunk_gla, vmem_bytes
 from gla_jax.kernels.mosaic_tpu import forward as tpu_forward
 from gla_jax.kernels.mosaic_tpu.tiling import SCOPED_VMEM_BYTES
+from kernel_checks import assert_matches_reference, assert_non_finite_reach
 from reference import reference_gla, rel_err
 from zero_gates import PATTERNS, place_zero_gates
 
 F32_TOL = 1e-4
 BF16_TOL = 4e-3  # fla's own bound for bf16 chunk vs naive is 4e-3..5e-3
-NAMES = ("dq", "dk", "dv", "dg", "dh0")
 
 
 def _races_found() -> bool:
@@ -69,21 +69,8 @@ def _check(case, dtype, *, with_state, final_state, segments, gate="layer", seed
     cast = lambda x: jnp.asarray(x, dtype)
     (o, s), vjp = jax.vjp(f, cast(q), cast(k), cast(v), cast(g), jnp.asarray(h0))
     grads = vjp((cast(do), jnp.asarray(dst) if final_state else None))
-    assert o.dtype == dtype and o.shape == v.shape
-    ro, rs, rgrads = reference_gla(q, k, v, g, initial_state=h0 if with_state else None, segment_ids=seg, do=do,
-                                   ds=dst if final_state else None)
-    tol = F32_TOL if dtype == jnp.float32 else BF16_TOL
-    errs = {"o": rel_err(o, ro)}
-    if final_state:
-        assert s.dtype == jnp.float32 and s.shape == h0.shape
-        errs["final_state"] = rel_err(s, rs)
-    else:
-        assert s is None
-    for name, x, ref in zip(NAMES if with_state else NAMES[:4], grads, rgrads):
-        assert np.all(np.isfinite(np.asarray(x, np.float32))), name
-        errs[name] = rel_err(x, ref)
-    for name, err in errs.items():
-        assert err <= tol, f"{name}: rel err {err:.3g} > {tol:g} (all: {errs})"
+    errs = assert_matches_reference(o, s, grads, (q, k, v, g, h0, seg, do, dst), dtype=dtype, with_state=with_state,
+                                    final_state=final_state, tol=F32_TOL if dtype == jnp.float32 else BF16_TOL)
     assert not _races_found()
     if zeros is not None:
         assert np.all(np.asarray(grads[3])[g <= -104.0] == 0.0), "dg != 0 at a zero gate"
@@ -135,19 +122,7 @@ def test_non_finite_input_reach(name):
     """The operator's contract (gla's docstring): a NaN at position t = 150 poisons its row and head from the start of
     its chunk (128) on; earlier positions, other rows and heads are bit-for-bit as without it."""
     q, k, v, g, h0, _, _, _ = _inputs(2, 200, 2, 16, 16, jnp.float32, 13)
-    x = dict(q=q, k=k, v=v, g=g)
-    run = lambda x: np.asarray(chunk_gla(*(jnp.asarray(x[n]) for n in "qkvg"), initial_state=jnp.asarray(h0),
-                                         interpret=True)[0])
-    o_clean = run(x)
-    x[name] = x[name].copy()
-    x[name][0, 150, 0, 3] = np.nan
-    o = run(x)
-    np.testing.assert_array_equal(o[1], o_clean[1])
-    np.testing.assert_array_equal(o[0, :, 1], o_clean[0, :, 1])
-    np.testing.assert_array_equal(o[0, :128, 0], o_clean[0, :128, 0])
-    assert not np.isfinite(o[0, 150:, 0]).all(axis=-1).any()
-    if name == "v":
-        assert not np.isfinite(o[0, 128, 0]).all()
+    assert_non_finite_reach(chunk_gla, (q, k, v, g, h0), name, t=150, chunk=128)
 
 
 @pytest.mark.slow

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gla_jax.layers.linear import linear_factory
 from gla_jax.layers.norm import RMSNorm
 from gla_jax.layers.rotary import apply_rotary
-from gla_jax.layers.sharding import with_axes
 
 
 class Attention(nnx.Module):
@@ -34,12 +34,7 @@ class Attention(nnx.Module):
         self.rope_theta = None if rope_theta is None else float(rope_theta)
         self.implementation = implementation
         self.dtype = dtype
-        init = nnx.initializers.normal(initializer_range)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-        def linear(n_in, n_out, axes, bias):
-            return nnx.Linear(n_in, n_out, use_bias=bias, kernel_init=with_axes(init, axes),
-                              bias_init=with_axes(nnx.initializers.zeros, axes[1:]), **kw)
+        linear = linear_factory(initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
         kv_dim = self.num_kv_heads * self.head_dim
         self.q_proj = linear(hidden_size, hidden_size, ("embed", "heads"), qkv_bias)

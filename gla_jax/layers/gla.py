@@ -2,46 +2,24 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gla_jax.layers.conv import ShortConvolution
-from gla_jax.layers.norm import RMSNorm, rms_norm
-from gla_jax.layers.sharding import mesh_axes, with_axes
+from gla_jax.layers.linear_attention import ACTIVATIONS, LinearAttentionMixer, fixed_decay_log
+from gla_jax.layers.sharding import mesh_axes
 from gla_jax.ops import gla as gla_op
 from gla_jax.ops import registry
 
 GATES = ("gla", "scalar", "fixed", "none")
 _FEATURE_MAPS = {
-    "relu": jax.nn.relu,
-    "sigmoid": jax.nn.sigmoid,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
+    **ACTIVATIONS,
     "logsigmoid": jax.nn.log_sigmoid,
     "sqrelu": lambda x: jnp.square(jax.nn.relu(x)),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
-_GATE_FNS = {"swish": jax.nn.silu, "silu": jax.nn.silu, "sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu,
-             "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
-def _exact_dim(hidden_size: int, expand: float, name: str) -> int:
-    dim = hidden_size * expand
-    if not math.isclose(dim, round(dim)):
-        raise ValueError(f"{name}: hidden_size * {name} must be an integer, got {dim}")
-    return int(round(dim))
-
-
-def fixed_decay_log(num_heads: int):
-    """RetNet-style per-head constant log decay ``log(1 - 2^(-5-h))``, h = 0..H-1 ([H] float32)."""
-    h = jnp.arange(num_heads, dtype=jnp.float32)
-    return jnp.log1p(-jnp.exp2(-5.0 - h))
-
-
-class GatedLinearAttention(nnx.Module):
+class GatedLinearAttention(LinearAttentionMixer):
     """GLA token mixer. ``x: [B, T, D]`` -> ``[B, T, D]`` (in ``dtype``).
 
     key width ``Dk = D·expand_k``, value width ``Dv = D·expand_v``, split into ``num_heads`` heads; with
@@ -62,70 +40,31 @@ class GatedLinearAttention(nnx.Module):
                  gate_low_rank_dim: int = 16, clamp_min: float | None = None, *, gate: str = "gla",
                  impl: str = "auto", chunk_size: int = 64, initializer_range: float = 0.02, dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads must divide num_heads, got num_heads={num_heads}, "
-                             f"num_kv_heads={num_kv_heads}")
         if gate not in GATES:
-            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+            raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
         registry.check_impl(impl)
         if feature_map is not None and feature_map not in _FEATURE_MAPS:
-            raise ValueError(f"feature_map must be None or one of {sorted(_FEATURE_MAPS)}, got {feature_map!r}")
-        if gate_fn not in _GATE_FNS:
-            raise ValueError(f"gate_fn must be one of {sorted(_GATE_FNS)}, got {gate_fn!r}")
-        self.hidden_size = int(hidden_size)
-        self.num_heads = int(num_heads)
-        self.num_kv_heads = int(num_kv_heads)
-        self.num_kv_groups = self.num_heads // self.num_kv_heads
-        self.key_dim = _exact_dim(hidden_size, expand_k, "expand_k")
-        self.value_dim = _exact_dim(hidden_size, expand_v, "expand_v")
-        if self.key_dim % self.num_heads or self.value_dim % self.num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide key dim {self.key_dim} and value dim "
-                             f"{self.value_dim}")
-        self.head_k_dim = self.key_dim // self.num_heads
-        self.head_v_dim = self.value_dim // self.num_heads
+            raise ValueError(f"feature_map: expected None or one of {sorted(_FEATURE_MAPS)}, got {feature_map!r}")
+        self._init_heads(hidden_size, expand_k, expand_v, num_heads, num_kv_heads)
         self.key_dim_per_group = self.key_dim // self.num_kv_groups
         self.value_dim_per_group = self.value_dim // self.num_kv_groups
         self.feature_map = feature_map
-        self.use_short_conv = bool(use_short_conv)
-        self.conv_size = int(conv_size)
-        self.use_output_gate = bool(use_output_gate)
-        self.gate_fn = gate_fn
         self.gate_logit_normalizer = float(gate_logit_normalizer)
         self.clamp_min = None if clamp_min is None else float(clamp_min)
         self.gate = gate
         self.impl = impl
-        self.chunk_size = int(chunk_size)
-        self.dtype = dtype
-
-        init = nnx.initializers.normal(initializer_range)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-        def linear(n_in, n_out, axes, bias=False):
-            return nnx.Linear(n_in, n_out, use_bias=bias, kernel_init=with_axes(init, axes),
-                              bias_init=with_axes(nnx.initializers.zeros, axes[1:]), **kw)
-
-        D = self.hidden_size
-        self.q_proj = linear(D, self.key_dim, ("embed", "heads"))
-        self.k_proj = linear(D, self.key_dim_per_group, ("embed", "kv"))
-        self.v_proj = linear(D, self.value_dim_per_group, ("embed", "kv"))
-        self.g_proj = linear(D, self.value_dim, ("embed", "heads")) if self.use_output_gate else None
-        if self.use_short_conv:
-            ckw = dict(bias=conv_bias, activation="silu", initializer_range=initializer_range, **kw)
-            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, axis_name="heads", **ckw)
-            self.k_conv1d = ShortConvolution(self.key_dim_per_group, conv_size, axis_name="kv", **ckw)
-            self.v_conv1d = ShortConvolution(self.value_dim_per_group, conv_size, axis_name="kv", **ckw)
-        else:
-            self.q_conv1d = self.k_conv1d = self.v_conv1d = None
+        linear = self._init_projections(use_output_gate=use_output_gate, use_short_conv=use_short_conv,
+                                        conv_size=conv_size, conv_bias=conv_bias, chunk_size=chunk_size,
+                                        initializer_range=initializer_range, dtype=dtype, param_dtype=param_dtype,
+                                        rngs=rngs)
         if gate in ("gla", "scalar"):
             gk_out = self.key_dim_per_group if gate == "gla" else self.num_kv_heads
-            self.gk_proj_0 = linear(D, int(gate_low_rank_dim), ("embed", None))
+            self.gk_proj_0 = linear(self.hidden_size, int(gate_low_rank_dim), ("embed", None))
             self.gk_proj_1 = linear(int(gate_low_rank_dim), gk_out, (None, "kv"), bias=True)
         else:
             self.gk_proj_0 = self.gk_proj_1 = None
-        self.o_proj = linear(self.value_dim, D, ("heads", "embed"))
-        self.g_norm = RMSNorm(self.head_v_dim, eps=norm_eps, elementwise_affine=bool(elementwise_affine),
-                              dtype=jnp.float32, param_dtype=param_dtype)
+        self._init_output(linear, gate_fn=gate_fn, norm_eps=norm_eps, elementwise_affine=elementwise_affine,
+                          param_dtype=param_dtype)
 
     # -- pieces ---------------------------------------------------------------------------------------------------
     def _heads(self, x, head_dim):
@@ -164,12 +103,7 @@ class GatedLinearAttention(nnx.Module):
     def init_cache(self, batch_size: int):
         """Zero decoding state: {'recurrent': [B, H, K, V] float32, 'conv': (q, k, v) tails [B, W-1, C] or None}."""
         s = jnp.zeros((batch_size, self.num_heads, self.head_k_dim, self.head_v_dim), jnp.float32)
-        conv = None
-        if self.use_short_conv:
-            W = self.conv_size - 1
-            conv = tuple(jnp.zeros((batch_size, W, c), self.dtype)
-                         for c in (self.key_dim, self.key_dim_per_group, self.value_dim_per_group))
-        return {"recurrent": s, "conv": conv}
+        return {"recurrent": s, "conv": self._zero_conv_cache(batch_size)}
 
     def __call__(self, x, *, segment_ids=None, cache=None, return_cache: bool = False, impl: str | None = None):
         """x: [B, T, D]; segment_ids: [B, T] int (packed documents); cache: a dict from :meth:`init_cache` or a
@@ -179,14 +113,7 @@ class GatedLinearAttention(nnx.Module):
             raise ValueError(f"x must be [B, T, {self.hidden_size}], got shape {x.shape}")
         impl = self.impl if impl is None else impl
         x = x.astype(self.dtype)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        conv_cache = None
-        if self.use_short_conv:
-            cq, ck, cv = cache["conv"] if cache is not None and cache.get("conv") is not None else (None,) * 3
-            q, cq = self.q_conv1d(q, segment_ids=segment_ids, cache=cq, output_final_state=return_cache)
-            k, ck = self.k_conv1d(k, segment_ids=segment_ids, cache=ck, output_final_state=return_cache)
-            v, cv = self.v_conv1d(v, segment_ids=segment_ids, cache=cv, output_final_state=return_cache)
-            conv_cache = (cq, ck, cv)
+        q, k, v, conv_cache = self._project_qkv(x, segment_ids, cache, return_cache)
         q = self._heads(q, self.head_k_dim)
         k = self._heads(k, self.head_k_dim)
         v = self._heads(v, self.head_v_dim)
@@ -202,13 +129,7 @@ class GatedLinearAttention(nnx.Module):
             o, new_state = gla_op(q, k, v, g, initial_state=state, output_final_state=return_cache,
                                   segment_ids=segment_ids, impl=impl, chunk_size=self.chunk_size,
                                   batch_axes=mesh_axes("batch"), head_axes=mesh_axes("heads"))
-        w = self.g_norm.weight[...] if self.g_norm.weight is not None else None
-        o = rms_norm(o, w, self.g_norm.eps)  # float32 [B, T, H, Dv/H]
-        B, T = x.shape[:2]
-        o = o.reshape(B, T, self.value_dim)
-        if self.use_output_gate:
-            o = o * _GATE_FNS[self.gate_fn](self.g_proj(x).astype(jnp.float32))
-        y = self.o_proj(o.astype(self.dtype))
+        y = self._gated_output(o, x)
         if return_cache:
             return y, {"recurrent": new_state, "conv": conv_cache}
         return y

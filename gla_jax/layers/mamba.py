@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gla_jax.layers.conv import ShortConvolution
-from gla_jax.layers.sharding import param, with_axes
+from gla_jax.layers.linear import linear_factory
+from gla_jax.layers.sharding import param
 from gla_jax.ops.selective_scan import selective_scan, selective_scan_step
 
 
@@ -52,12 +53,8 @@ class MambaMixer(nnx.Module):
         self.conv_kernel = W
         self.chunk_size = _positive_int(chunk_size, "chunk_size")
         self.dtype = dtype
-        init = nnx.initializers.normal(initializer_range)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-        def linear(n_in, n_out, axes, bias):
-            return nnx.Linear(n_in, n_out, use_bias=bias, kernel_init=with_axes(init, axes),
-                              bias_init=with_axes(nnx.initializers.zeros, axes[1:]), **kw)
+        linear = linear_factory(initializer_range, **kw)
 
         # the in/x projections' outputs are concatenations of differently-used pieces: replicated output axis
         self.in_proj = linear(D, 2 * I, ("embed", None), use_bias)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gla_jax.layers.conv import ShortConvolution
-from gla_jax.layers.sharding import param, with_axes
+from gla_jax.layers.linear import linear_factory
+from gla_jax.layers.sharding import param
 from gla_jax.ops.scalar import gla_scalar, gla_scalar_step
 
 
@@ -74,12 +75,8 @@ class Mamba2Mixer(nnx.Module):
         self.time_step_limit = (float(time_step_limit[0]), float(time_step_limit[1]))
         self.chunk_size = int(chunk_size)
         self.dtype = dtype
-        init = nnx.initializers.normal(initializer_range)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-        def linear(n_in, n_out, axes, bias):
-            return nnx.Linear(n_in, n_out, use_bias=bias, kernel_init=with_axes(init, axes),
-                              bias_init=with_axes(nnx.initializers.zeros, axes[1:]), **kw)
+        linear = linear_factory(initializer_range, **kw)
 
         self.in_proj = linear(D, I + self.conv_dim + H, ("embed", None), use_bias)  # a concatenation: replicated
         self.conv1d = ShortConvolution(self.conv_dim, W, bias=use_conv_bias, activation="silu",

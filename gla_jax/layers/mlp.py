@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gla_jax.layers.sharding import with_axes
+from gla_jax.layers.linear import linear_factory
 
 
 def default_intermediate_size(hidden_size: int, hidden_ratio: float | None = 4) -> int:
@@ -32,11 +32,10 @@ class GatedMLP(nnx.Module):
             intermediate_size = default_intermediate_size(hidden_size, hidden_ratio)
         self.hidden_size = int(hidden_size)
         self.intermediate_size = int(intermediate_size)
-        init = nnx.initializers.normal(initializer_range)
-        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = nnx.Linear(hidden_size, intermediate_size, kernel_init=with_axes(init, ("embed", "mlp")), **kw)
-        self.up_proj = nnx.Linear(hidden_size, intermediate_size, kernel_init=with_axes(init, ("embed", "mlp")), **kw)
-        self.down_proj = nnx.Linear(intermediate_size, hidden_size, kernel_init=with_axes(init, ("mlp", "embed")), **kw)
+        linear = linear_factory(initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = linear(hidden_size, intermediate_size, ("embed", "mlp"))
+        self.up_proj = linear(hidden_size, intermediate_size, ("embed", "mlp"))
+        self.down_proj = linear(intermediate_size, hidden_size, ("mlp", "embed"))
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -13,32 +13,15 @@ thing; the weight is ``g_norm.weight`` here either way.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gla_jax.layers.conv import ShortConvolution
-from gla_jax.layers.norm import RMSNorm, rms_norm
+from gla_jax.layers.linear_attention import ACTIVATIONS, LinearAttentionMixer, fixed_decay_log
 from gla_jax.layers.rotary import apply_rotary
-from gla_jax.layers.sharding import with_axes
 from gla_jax.ops.scalar import gla_scalar, gla_scalar_step
 
-FEATURE_MAPS = {
-    "relu": jax.nn.relu,
-    "sigmoid": jax.nn.sigmoid,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-}
-GATE_FNS = FEATURE_MAPS
-
-
-def retention_log_decays(num_heads: int):
-    """log(1 - 2^(-5-h)) for h = 0..H-1: the fixed per-head log decays of multi-scale retention ([H] float32)."""
-    h = jnp.arange(num_heads, dtype=jnp.float32)
-    return jnp.log1p(-jnp.exp2(-5.0 - h))
+FEATURE_MAPS = ACTIVATIONS
 
 
 def positions_in_documents(segment_ids, offset=0):
@@ -52,14 +35,7 @@ def positions_in_documents(segment_ids, offset=0):
     return t - first + jnp.where(in_first, jnp.asarray(offset, jnp.int32).reshape(-1, 1), 0)
 
 
-def _exact(hidden_size, ratio, name):
-    dim = hidden_size * ratio
-    if not math.isclose(dim, round(dim)) or round(dim) < 1:
-        raise ValueError(f"{name}: hidden_size * {name} must be a positive integer, got {dim}")
-    return int(round(dim))
-
-
-class MultiScaleRetention(nnx.Module):
+class MultiScaleRetention(LinearAttentionMixer):
     """RetNet token mixer. ``x: [B, T, D]`` -> ``[B, T, D]`` (in ``dtype``).
 
     Key width ``Dk = D·expand_k``, value width ``Dv = D·expand_v`` over ``num_heads`` heads; ``num_kv_heads`` < heads
@@ -76,75 +52,28 @@ class MultiScaleRetention(nnx.Module):
                  elementwise_affine: bool = True, norm_eps: float = 1e-5, *, chunk_size: int = 64,
                  rope_theta: float = 10000.0, initializer_range: float = 0.02, dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
-            raise ValueError(f"num_kv_heads: expected a divisor of num_heads={num_heads}, got {num_kv_heads}")
         if feature_map is not None and feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map: expected None or one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
-        if gate_fn not in GATE_FNS:
-            raise ValueError(f"gate_fn: expected one of {sorted(GATE_FNS)}, got {gate_fn!r}")
-        self.hidden_size = int(hidden_size)
-        self.num_heads, self.num_kv_heads = int(num_heads), int(num_kv_heads)
-        self.num_kv_groups = self.num_heads // self.num_kv_heads
-        self.key_dim = _exact(hidden_size, expand_k, "expand_k")
-        self.value_dim = _exact(hidden_size, expand_v, "expand_v")
-        if self.key_dim % self.num_heads or self.value_dim % self.num_heads:
-            raise ValueError(f"num_heads: expected a divisor of the key dim {self.key_dim} and value dim "
-                             f"{self.value_dim}, got {num_heads}")
-        self.head_k_dim = self.key_dim // self.num_heads
-        self.head_v_dim = self.value_dim // self.num_heads
+        self._init_heads(hidden_size, expand_k, expand_v, num_heads, num_kv_heads)
         if self.head_k_dim % 2:
             raise ValueError(f"expand_k: the head key dim must be even for the rotary embedding, got {self.head_k_dim}")
         self.feature_map = feature_map
-        self.use_short_conv = bool(use_short_conv)
-        self.conv_size = int(conv_size)
-        self.use_output_gate = bool(use_output_gate)
-        self.gate_fn = gate_fn
-        self.chunk_size = int(chunk_size)
         self.rope_theta = float(rope_theta)
-        self.dtype = dtype
-        init = nnx.initializers.normal(initializer_range)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-        def linear(n_in, n_out, axes):
-            return nnx.Linear(n_in, n_out, use_bias=False, kernel_init=with_axes(init, axes), **kw)
-
-        D, G = self.hidden_size, self.num_kv_groups
-        self.q_proj = linear(D, self.key_dim, ("embed", "heads"))
-        self.k_proj = linear(D, self.key_dim // G, ("embed", "kv"))
-        self.v_proj = linear(D, self.value_dim // G, ("embed", "kv"))
-        self.g_proj = linear(D, self.value_dim, ("embed", "heads")) if self.use_output_gate else None
-        if self.use_short_conv:
-            ckw = dict(bias=conv_bias, activation="silu", initializer_range=initializer_range, **kw)
-            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, axis_name="heads", **ckw)
-            self.k_conv1d = ShortConvolution(self.key_dim // G, conv_size, axis_name="kv", **ckw)
-            self.v_conv1d = ShortConvolution(self.value_dim // G, conv_size, axis_name="kv", **ckw)
-        else:
-            self.q_conv1d = self.k_conv1d = self.v_conv1d = None
-        self.o_proj = linear(self.value_dim, D, ("heads", "embed"))
-        self.g_norm = RMSNorm(self.head_v_dim, eps=norm_eps, elementwise_affine=bool(elementwise_affine),
-                              dtype=jnp.float32, param_dtype=param_dtype)
+        linear = self._init_projections(use_output_gate=use_output_gate, use_short_conv=use_short_conv,
+                                        conv_size=conv_size, conv_bias=conv_bias, chunk_size=chunk_size,
+                                        initializer_range=initializer_range, dtype=dtype, param_dtype=param_dtype,
+                                        rngs=rngs)
+        self._init_output(linear, gate_fn=gate_fn, norm_eps=norm_eps, elementwise_affine=elementwise_affine,
+                          param_dtype=param_dtype)
 
     def init_cache(self, batch_size: int):
         """Zero decoding state (see the class docstring)."""
-        conv = None
-        if self.use_short_conv:
-            G, W = self.num_kv_groups, self.conv_size - 1
-            conv = tuple(jnp.zeros((batch_size, W, c), self.dtype)
-                         for c in (self.key_dim, self.key_dim // G, self.value_dim // G))
         return {"recurrent": jnp.zeros((batch_size, self.num_heads, self.head_k_dim, self.head_v_dim), jnp.float32),
-                "conv": conv, "offset": jnp.zeros((batch_size,), jnp.int32)}
+                "conv": self._zero_conv_cache(batch_size), "offset": jnp.zeros((batch_size,), jnp.int32)}
 
     def _qkv(self, x, segment_ids, cache, return_cache):
         B, T, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        conv_cache = None
-        if self.use_short_conv:
-            cq, ck, cv = cache["conv"] if cache is not None and cache.get("conv") is not None else (None,) * 3
-            q, cq = self.q_conv1d(q, segment_ids=segment_ids, cache=cq, output_final_state=return_cache)
-            k, ck = self.k_conv1d(k, segment_ids=segment_ids, cache=ck, output_final_state=return_cache)
-            v, cv = self.v_conv1d(v, segment_ids=segment_ids, cache=cv, output_final_state=return_cache)
-            conv_cache = (cq, ck, cv)
+        q, k, v, conv_cache = self._project_qkv(x, segment_ids, cache, return_cache)
         q = q.reshape(B, T, self.num_heads, self.head_k_dim)
         k = k.reshape(B, T, self.num_kv_heads, self.head_k_dim)
         v = v.reshape(B, T, self.num_kv_heads, self.head_v_dim)
@@ -158,14 +87,6 @@ class MultiScaleRetention(nnx.Module):
             k, v = (jnp.repeat(a, self.num_kv_groups, axis=2) for a in (k, v))
         return q, k, v, conv_cache, pos[:, -1] + 1
 
-    def _output(self, o, x):
-        B, T = x.shape[:2]
-        w = self.g_norm.weight[...] if self.g_norm.weight is not None else None
-        o = rms_norm(o, w, self.g_norm.eps).reshape(B, T, self.value_dim)
-        if self.use_output_gate:
-            o = o * GATE_FNS[self.gate_fn](self.g_proj(x).astype(jnp.float32))
-        return self.o_proj(o.astype(self.dtype))
-
     def __call__(self, x, *, segment_ids=None, cache=None, return_cache: bool = False):
         """x: [B, T, D]; segment_ids: [B, T] int (packed documents: state, conv taps and rotary positions restart);
         cache: from :meth:`init_cache` or a previous call. Returns y, or (y, new cache) with ``return_cache``."""
@@ -174,10 +95,10 @@ class MultiScaleRetention(nnx.Module):
         x = x.astype(self.dtype)
         q, k, v, conv_cache, offset = self._qkv(x, segment_ids, cache, return_cache)
         B, T = x.shape[:2]
-        g = jnp.broadcast_to(retention_log_decays(self.num_heads), (B, T, self.num_heads))
+        g = jnp.broadcast_to(fixed_decay_log(self.num_heads), (B, T, self.num_heads))
         o, s = gla_scalar(q, k, v, g, initial_state=None if cache is None else cache["recurrent"],
                           output_final_state=return_cache, segment_ids=segment_ids, chunk_size=self.chunk_size)
-        y = self._output(o, x)
+        y = self._gated_output(o, x)
         return (y, {"recurrent": s, "conv": conv_cache, "offset": offset}) if return_cache else y
 
     def step(self, x_t, cache):
@@ -186,6 +107,6 @@ class MultiScaleRetention(nnx.Module):
             raise ValueError(f"x_t: expected shape [B, {self.hidden_size}], got {x_t.shape}")
         x = x_t[:, None].astype(self.dtype)
         q, k, v, conv_cache, offset = self._qkv(x, None, cache, True)
-        g = jnp.broadcast_to(retention_log_decays(self.num_heads), (x.shape[0], self.num_heads))
+        g = jnp.broadcast_to(fixed_decay_log(self.num_heads), (x.shape[0], self.num_heads))
         o, s = gla_scalar_step(q[:, 0], k[:, 0], v[:, 0], g, cache["recurrent"])
-        return self._output(o[:, None], x)[:, 0], {"recurrent": s, "conv": conv_cache, "offset": offset}
+        return self._gated_output(o[:, None], x)[:, 0], {"recurrent": s, "conv": conv_cache, "offset": offset}

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from gla_jax.ops import registry
-from gla_jax.ops.checks import check_gla_inputs
+from gla_jax.ops.checks import check_gla_inputs, query_scale
 
 
 def resolve_impl(impl: str, *, platform: str | None = None, interpret: bool = False) -> str:
@@ -111,9 +111,7 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
                                      impl=impl, chunk_size=chunk_size)
     batch_axes, head_axes = _axes_tuple(batch_axes, "batch_axes"), _axes_tuple(head_axes, "head_axes")
     out_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
-    if scale is None:
-        scale = K ** -0.5
-    scale = float(scale)
+    scale = query_scale(scale, K)
     platform = jax.default_backend()
     scalar_gate = g.ndim == 3
     problem = registry.Problem(B, T, H, K, V, jnp.dtype(out_dtype).name, chunk_size, segment_ids is not None,

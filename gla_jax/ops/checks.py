@@ -15,6 +15,11 @@ def _is_float(x) -> bool:
     return jnp.issubdtype(x.dtype, jnp.floating)
 
 
+def query_scale(scale, head_k_dim: int) -> float:
+    """The query scale an operator applies: ``scale`` (a validated Python number), or head_k_dim ** -0.5 when None."""
+    return head_k_dim ** -0.5 if scale is None else float(scale)
+
+
 def check_gla_inputs(q, k, v, g, *, scale, initial_state, segment_ids, impl, chunk_size):
     """Validates ``gla`` arguments; returns ``(B, T, H, K, V)``.
 
@@ -62,3 +67,11 @@ def check_gla_inputs(q, k, v, g, *, scale, initial_state, segment_ids, impl, chu
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
         raise ValueError(f"scale: expected a Python float or None, got {type(scale).__name__}")
     return B, T, H, K, V
+
+
+def check_kernel_inputs(q, k, v, g, *, scale, initial_state, segment_ids, impl, chunk_size) -> float:
+    """A kernel package's public entry: validates like ``check_gla_inputs`` and returns the query scale to use
+    (``query_scale``)."""
+    check_gla_inputs(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids, impl=impl,
+                     chunk_size=chunk_size)
+    return query_scale(scale, q.shape[-1])

@@ -56,19 +56,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from gla_jax.ops.chunk_math import SUB_CHUNK, document_index
+from gla_jax.ops.chunk_math import SUB_CHUNK, custom_vjp_op, document_index, state_scan
+from gla_jax.ops.chunk_math import mm as _mm
 from gla_jax.ops.chunk_math import cumsum_rows as _cumsum_rows
 from gla_jax.ops.gates import finite_gates, zero_steps
 
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
-
-
-def _mm(spec, a, b, dtype=None):
-    """einsum with float32 accumulation; operands cast to ``dtype`` (float32 when None, at full precision)."""
-    if dtype is None or dtype == _F32:
-        return jnp.einsum(spec, a.astype(_F32), b.astype(_F32), precision=_HI, preferred_element_type=_F32)
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=_F32)
 
 
 def _masks(doc):
@@ -227,24 +221,13 @@ def _intra_matrix(q6, k6, F, cdt, same):
     return A if same is None else A * same
 
 
-def _state_scan(a, u, s0):
-    """S_{n+1} = a_n * S_n + u_n over chunks; returns (final state, chunk-start states [B, H, N, K, V])."""
-
-    def step(s, x):
-        a_n, u_n = x
-        return a_n[..., None] * s + u_n, s
-
-    s_final, starts = lax.scan(step, s0, (jnp.moveaxis(a, 2, 0), jnp.moveaxis(u, 2, 0)))
-    return s_final, jnp.moveaxis(starts, 0, 2)
-
-
 def _forward(cfg, q, k, v, g, s0, doc):
     scale, c, cdt = cfg
     B, H, N, C, K = q.shape
     F, masks = _factors(g, doc, c)
     qf, kf = q.astype(_F32), k.astype(_F32)
     u = _mm("bhnck,bhncv->bhnkv", kf * F.ek, v)  # each chunk's contribution to the state leaving it
-    s_final, starts = _state_scan(F.a, u, s0)
+    s_final, starts = state_scan(F.a, u, s0)
     o = _mm("bhnck,bhnkv->bhncv", qf * F.eq, starts)  # inter-chunk term
     q6, k6 = qf.reshape(F.b6.shape), kf.reshape(F.b6.shape)
     A = _intra_matrix(q6, k6, F, cdt, None if masks is None else masks[3])
@@ -252,48 +235,20 @@ def _forward(cfg, q, k, v, g, s0, doc):
     return (o, s_final), (q, k, v, doc, starts, A, F)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunk_op(cfg, q, k, v, g, s0, doc):
-    return _forward(cfg, q, k, v, g, s0, doc)[0]
+def qk_gate_grads(qf, kf, do, v, same, dq_inter, dk_state, starts, dh, F, *, c: int, cdt):
+    """The intra-chunk and gate part of the backward: (dq, dk, dg) [B, H, N, C, K] float32.
 
-
-def _chunk_op_fwd(cfg, q, k, v, g, s0, doc):
-    return _forward(cfg, q, k, v, g, s0, doc)
-
-
-def _chunk_op_bwd(cfg, res, cts):
-    scale, c, cdt = cfg
-    q, k, v, doc, starts, A, F = res
-    do, ds_final = cts
-    B, H, N, C, K = q.shape
+    qf, kf: [B, H, N, C, K] float32; do (already times the query scale), v: [B, H, N, C, V]; same: [B, 1, N, C, C]
+    same-document mask or None; dq_inter = (do Sᵀ) ⊙ e^b and dk_state = (v dHᵀ) ⊙ e^{b_C - b}: the inter-chunk
+    parts [B, H, N, C, K]; starts, dh: [B, H, N, K, V] float32 states entering and gradients of the states leaving
+    each chunk; F: ``_factors`` of the gates; c: the sub-chunk; cdt: matmul operand dtype (None: float32).
+    dg is the chunk-local identity (module docstring) before the zero-gate rule."""
+    B, H, N, C, K = qf.shape
     ns = C // c
-    do = do.astype(_F32) * scale
-    ds_final = ds_final.astype(_F32)
-    qf, kf = q.astype(_F32), k.astype(_F32)
     q6, k6 = qf.reshape(F.b6.shape), kf.reshape(F.b6.shape)
-    qdec, kdec = qf * F.eq, kf * F.ek
-
-    # Reverse pass over chunks: dS_n = a_n dS_{n+1} + (q e^b)^T do; dH_n = dS_{n+1} is the gradient of the
-    # state leaving chunk n, dS_0 that of the initial state.
-    w = _mm("bhnck,bhncv->bhnkv", qdec, do)
-
-    def rstep(ds, x):
-        a_n, w_n = x
-        return a_n[..., None] * ds + w_n, ds
-
-    ds0, dh = lax.scan(rstep, ds_final, (jnp.moveaxis(F.a, 2, 0), jnp.moveaxis(w, 2, 0)), reverse=True)
-    dh = jnp.moveaxis(dh, 0, 2)  # [B, H, N, K, V]
-
-    # Inter-chunk and state-update parts.
-    dq_inter = _mm("bhncv,bhnkv->bhnck", do, starts) * F.eq
-    dk_state = _mm("bhncv,bhnkv->bhnck", v, dh) * F.ek
-    dv = _mm("bhnck,bhnkv->bhncv", kdec, dh)
-
-    # Intra-chunk part: dA = do v^T on the causal (same-document) pattern, dv += A^T do.
-    dA = _mm("bhniv,bhnjv->bhnij", do, v, cdt)
+    # dA = do v^T on the causal (same-document) pattern.
     causal = jnp.asarray(np.tril(np.ones((C, C), np.float32)))
-    dA = dA * (causal if doc is None else causal * _masks(doc)[3])
-    dv = dv + _mm("bhnij,bhniv->bhnjv", A, do, cdt)
+    dA = _mm("bhniv,bhnjv->bhnij", do, v, cdt) * (causal if same is None else causal * same)
     # Off-diagonal sub-chunk pairs (J < I), one row block at a time, as matmuls.
     qhat, kt = q6 * F.eqs, k6 * F.eks
     dq_rows = [jnp.zeros((B, H, N, c, K), _F32)]
@@ -306,29 +261,53 @@ def _chunk_op_bwd(cfg, res, cts):
         dk_off = dk_off + jnp.pad(t, ((0, 0),) * 3 + ((0, ns - I),) + ((0, 0),) * 2)
     dq_off = jnp.stack(dq_rows, axis=3) * F.eqs
     dk_off = dk_off * F.eks
-    # Diagonal sub-blocks, strictly below the diagonal (the i == j terms are added afterwards).
+    # Diagonal sub-blocks, strictly below the diagonal (the i == j terms are added last).
     d_blk = jnp.stack([dA[:, :, :, I * c:(I + 1) * c, I * c:(I + 1) * c] for I in range(ns)], axis=3)
     dq_diag, dk_diag = _diag_grads(q6, k6, F.b6, F.z6, d_blk)
     d_self = jnp.diagonal(d_blk, axis1=-2, axis2=-1)[..., None]  # [B, H, N, ns, c, 1]
 
-    dq_intra = (dq_off + dq_diag).reshape(B, H, N, C, K)
+    dq = dq_inter + (dq_off + dq_diag).reshape(B, H, N, C, K)
     dk_intra = (dk_off + dk_diag).reshape(B, H, N, C, K)
-    dq = dq_inter + dq_intra
     # Gate gradient (chunk-local identity, see the module docstring).
     x = qf * dq - kf * dk_intra
     y = kf * dk_state
     carried = jnp.sum(dh * F.a[..., None] * starts, axis=-1)  # [B, H, N, K]
     dg = _cumsum_rows(x, "reverse") + _cumsum_rows(y, "exclusive") + carried[:, :, :, None, :]
+    dq = dq + (d_self * k6).reshape(B, H, N, C, K)
+    dk = dk_intra + dk_state + (d_self * q6).reshape(B, H, N, C, K)
+    return dq, dk, dg
+
+
+def _chunk_op_bwd(cfg, res, cts):
+    scale, c, cdt = cfg
+    q, k, v, doc, starts, A, F = res
+    do, ds_final = cts
+    B, H, N, C, K = q.shape
+    do = do.astype(_F32) * scale
+    ds_final = ds_final.astype(_F32)
+    qf, kf = q.astype(_F32), k.astype(_F32)
+    qdec, kdec = qf * F.eq, kf * F.ek
+
+    # Reverse pass over chunks: dS_n = a_n dS_{n+1} + (q e^b)^T do; dH_n = dS_{n+1} is the gradient of the
+    # state leaving chunk n, dS_0 that of the initial state.
+    w = _mm("bhnck,bhncv->bhnkv", qdec, do)
+    ds0, dh = state_scan(F.a, w, ds_final, reverse=True)  # dh: [B, H, N, K, V]
+
+    # Inter-chunk and state-update parts.
+    dq_inter = _mm("bhncv,bhnkv->bhnck", do, starts) * F.eq
+    dk_state = _mm("bhncv,bhnkv->bhnck", v, dh) * F.ek
+    dv = _mm("bhnck,bhnkv->bhncv", kdec, dh) + _mm("bhnij,bhniv->bhnjv", A, do, cdt)  # state part + A^T do
+
+    # Intra-chunk and gate parts (shared with the Mosaic GPU backward).
+    dq, dk, dg = qk_gate_grads(qf, kf, do, v, None if doc is None else _masks(doc)[3], dq_inter, dk_state, starts,
+                               dh, F, c=c, cdt=cdt)
     # At a zero gate dg is 0 (the limit g -> -inf; the identity gives 0 there only up to rounding).
     z = F.z6.reshape(B, H, N, C, K)
     dg = jnp.where(z != jnp.pad(z[:, :, :, :-1], ((0, 0),) * 3 + ((1, 0), (0, 0))), 0.0, dg)
-
-    dq = dq + (d_self * k6).reshape(B, H, N, C, K)
-    dk = dk_intra + dk_state + (d_self * q6).reshape(B, H, N, C, K)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0, None
 
 
-_chunk_op.defvjp(_chunk_op_fwd, _chunk_op_bwd)
+_chunk_op = custom_vjp_op(_forward, _chunk_op_bwd)
 
 
 def _to_chunks(x, n, C):

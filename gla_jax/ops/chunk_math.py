@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -37,6 +38,45 @@ def triangle(C: int, mode: str = "inclusive") -> np.ndarray:
     out = {"inclusive": np.tril(ones), "exclusive": np.tril(ones, -1), "reverse": np.triu(ones)}[mode]
     out.setflags(write=False)
     return out
+
+
+def mm(spec: str, a, b, dtype=None):
+    """``jnp.einsum(spec, a, b)`` with float32 accumulation; operands cast to ``dtype`` (float32 when None, then at
+    full precision). Returns float32."""
+    if dtype is None or dtype == _F32:
+        return jnp.einsum(spec, a.astype(_F32), b.astype(_F32), precision=lax.Precision.HIGHEST,
+                          preferred_element_type=_F32)
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=_F32)
+
+
+def state_scan(a, u, s0, reverse: bool = False):
+    """The chunk-level recurrence S_{n+1} = a_n ⊙ S_n + u_n over the chunk axis 2 (backwards with ``reverse``: the
+    state gradients dS_n = a_n ⊙ dS_{n+1} + u_n).
+
+    a: [B, H, N, K] per-key decays of each chunk ([B, H, N, 1] for one per head); u: [B, H, N, K, V]; s0: [B, H, K, V]
+    the state entering the first chunk (the last one with ``reverse``). Returns (the state leaving the last chunk,
+    [B, H, N, K, V] the state entering each chunk)."""
+
+    def step(s, x):
+        a_n, u_n = x
+        return a_n[..., None] * s + u_n, s
+
+    s_end, entering = lax.scan(step, s0, (jnp.moveaxis(a, 2, 0), jnp.moveaxis(u, 2, 0)), reverse=reverse)
+    return s_end, jnp.moveaxis(entering, 0, 2)
+
+
+def custom_vjp_op(forward, backward):
+    """``op(cfg, *arrays) -> outputs`` with a hand-written backward, the form of the pure-JAX chunk operators.
+
+    forward(cfg, *arrays) -> (outputs, residuals); backward(cfg, residuals, output cotangents) -> one cotangent per
+    array. ``cfg`` is static (hashable)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def op(cfg, *arrays):
+        return forward(cfg, *arrays)[0]
+
+    op.defvjp(forward, backward)
+    return op
 
 
 def cumsum_rows(x, mode: str = "inclusive", same=None):

@@ -34,7 +34,6 @@ many orders of magnitude smaller than the individual q·dq terms.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -42,18 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from gla_jax.ops.checks import query_scale
+from gla_jax.ops.chunk_math import custom_vjp_op, state_scan
+from gla_jax.ops.chunk_math import mm as _mm
 from gla_jax.ops.gates import finite_gates, is_zero_gate, zero_steps
 from gla_jax.ops.segments import segment_starts
 
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
-
-
-def _mm(spec, a, b, dtype):
-    """einsum with float32 accumulation; operands in ``dtype`` (float32 at full precision)."""
-    if dtype == _F32:
-        return jnp.einsum(spec, a.astype(_F32), b.astype(_F32), precision=_HI, preferred_element_type=_F32)
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=_F32)
 
 
 def _tri(C, k=0, upper=False):
@@ -102,35 +97,15 @@ def _decays(g, doc):
     return eq, ek, a, D
 
 
-def _state_scan(a, u, s0):
-    """S_{n+1} = a_n S_n + u_n over the chunk axis; returns (final state, chunk-start states [B, H, N, K, V])."""
-
-    def step(s, x):
-        a_n, u_n = x
-        return a_n[..., None, None] * s + u_n, s
-
-    s_final, starts = lax.scan(step, s0, (jnp.moveaxis(a, 2, 0), jnp.moveaxis(u, 2, 0)))
-    return s_final, jnp.moveaxis(starts, 0, 2)
-
-
 def _forward(cfg, q, k, v, g, s0, doc):
     scale, mdt = cfg
     eq, ek, a, D = _decays(g, doc)
     u = _mm("bhnck,bhncv->bhnkv", k.astype(_F32) * ek[..., None], v, _F32)
-    s_final, starts = _state_scan(a, u, s0)
+    s_final, starts = state_scan(a[..., None], u, s0)
     o = _mm("bhnck,bhnkv->bhncv", q.astype(_F32) * eq[..., None], starts, _F32)
     A = _mm("bhnik,bhnjk->bhnij", q, k, mdt) * D
     o = (o + _mm("bhnij,bhnjv->bhniv", A, v, mdt)) * scale
     return (o, s_final), (q, k, v, g, doc, starts)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scalar_op(cfg, q, k, v, g, s0, doc):
-    return _forward(cfg, q, k, v, g, s0, doc)[0]
-
-
-def _scalar_op_fwd(cfg, q, k, v, g, s0, doc):
-    return _forward(cfg, q, k, v, g, s0, doc)
 
 
 def _scalar_op_bwd(cfg, res, cts):
@@ -144,12 +119,7 @@ def _scalar_op_bwd(cfg, res, cts):
     # Reverse pass over chunks: dS_n = a_n dH_n + (q e^b)ᵀ do, with dH_n = dS_{n+1} (the state leaving chunk n).
     w = _mm("bhnck,bhncv->bhnkv", qf * eq[..., None], do, _F32)
 
-    def rstep(ds, x):
-        a_n, w_n = x
-        return a_n[..., None, None] * ds + w_n, ds
-
-    ds0, dh = lax.scan(rstep, ds_final.astype(_F32), (jnp.moveaxis(a, 2, 0), jnp.moveaxis(w, 2, 0)), reverse=True)
-    dh = jnp.moveaxis(dh, 0, 2)  # [B, H, N, K, V]
+    ds0, dh = state_scan(a[..., None], w, ds_final.astype(_F32), reverse=True)  # dh: [B, H, N, K, V]
 
     dq_inter = _mm("bhncv,bhnkv->bhnck", do, starts, _F32) * eq[..., None]
     dk_state = _mm("bhncv,bhnkv->bhnck", v, dh, _F32) * ek[..., None]
@@ -173,7 +143,7 @@ def _scalar_op_bwd(cfg, res, cts):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), ds0, None
 
 
-_scalar_op.defvjp(_scalar_op_fwd, _scalar_op_bwd)
+_scalar_op = custom_vjp_op(_forward, _scalar_op_bwd)
 
 
 def check_scalar_inputs(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
@@ -246,7 +216,7 @@ def gla_scalar(q, k, v, g, *, scale=None, initial_state=None, output_final_state
     B, T, H, K, V = check_scalar_inputs(q, k, v, g, scale=scale, initial_state=initial_state,
                                         segment_ids=segment_ids, chunk_size=chunk_size)
     out_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
-    scale = K ** -0.5 if scale is None else float(scale)
+    scale = query_scale(scale, K)
     in_dtype = out_dtype if jnp.finfo(out_dtype).bits <= 32 else jnp.dtype(_F32)
     C = int(chunk_size)
     n = max(1, math.ceil(T / C))
@@ -288,7 +258,7 @@ def gla_scalar_step(q, k, v, g, state, *, scale=None):
         raise ValueError(f"g: expected shape {(B, H)} ([B, H]), got {g.shape}")
     if state.shape != (B, H, K, v.shape[-1]):
         raise ValueError(f"state: expected shape {(B, H, K, v.shape[-1])} ([B, H, K, V]), got {state.shape}")
-    scale = K ** -0.5 if scale is None else float(scale)
+    scale = query_scale(scale, K)
     f = _F32
     s = state.astype(f) * jnp.exp(g.astype(f))[..., None, None] + k.astype(f)[..., :, None] * v.astype(f)[..., None, :]
     o = jnp.einsum("bhk,bhkv->bhv", q.astype(f) * scale, s, precision=_HI)

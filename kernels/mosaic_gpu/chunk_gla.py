@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from gla_jax.ops import chunk as xla_chunk  # shared two-level building blocks (jax-only module)
-from gla_jax.ops.checks import check_gla_inputs  # the operator's input contract (a jax-only leaf module)
+from gla_jax.ops.checks import check_kernel_inputs  # the operator's input contract (a jax-only leaf module)
 from gla_jax.ops.segments import segment_starts
 
 from .grads import qkg_grads
@@ -140,8 +140,8 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
       (o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] float32 or None). Differentiable in q, k, v,
       g and initial_state.
     """
-    check_gla_inputs(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids, impl="mosaic_gpu",
-                     chunk_size=chunk_size)
+    scale = check_kernel_inputs(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+                                impl="mosaic_gpu", chunk_size=chunk_size)
     if chunk_size != CHUNK:
         raise ValueError(f"chunk_size: the Mosaic GPU kernels use chunks of {CHUNK} (one wgmma tile), got "
                          f"{chunk_size}")
@@ -152,8 +152,6 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"v: expected q, k and v in one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_smem(padded_width(q.shape[-1]), q.dtype)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
     from .compat import interpret_params
 
     params = interpret_params(interpret)  # validates ``interpret``

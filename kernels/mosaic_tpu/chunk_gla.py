@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-from gla_jax.ops.checks import check_gla_inputs  # the operator's input contract (a jax-only leaf module)
+from gla_jax.ops.checks import check_kernel_inputs  # the operator's input contract (a jax-only leaf module)
 from gla_jax.ops.chunk_math import chunk_cumsum  # shared pure-jnp pieces (jax-only)
 from gla_jax.ops.gates import is_zero_gate  # zero gates (alpha = 0): jax-only too
 
@@ -137,10 +137,8 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
       (o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] float32 or None). Differentiable in q, k, v,
       g and initial_state.
     """
-    check_gla_inputs(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids, impl="mosaic_tpu",
-                     chunk_size=chunk_size)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = check_kernel_inputs(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+                                impl="mosaic_tpu", chunk_size=chunk_size)
     dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     if dtype != jnp.bfloat16:
         dtype = jnp.float32

@@ -37,6 +37,7 @@ from gla_jax.ops.chunk_math import SUB_CHUNK, chunk_cumsum, cumsum_rows  # share
 from gla_jax.ops.gates import is_zero_gate  # a jax-only leaf module
 
 from .forward import F32, _split, one_sided, state_pass
+from .grids import per_chunk, per_chunk_v_tile, state_loop
 from .tiling import SQUEEZED as SQ, Tiling, dot, launch
 
 # ----------------------------------------------------------------------------------------------------- kernels
@@ -172,69 +173,23 @@ def _dqk_kernel(q_ref, k_ref, g_ref, z_ref, do_ref, v_ref, hs_ref, dhs_ref, da_r
 def dstate_pass(q, gs, do, dht, rel, *, scale: float, tiling: Tiling, interpret: bool, state_dtype):
     """Gradients of each chunk's end state dhs [B, NT, H, K, V] (``state_dtype``) and of the initial state
     [B, H, K, V] float32."""
-    B, T, H, K = q.shape
-    V = do.shape[-1]
-    C, BK, BV = tiling.chunk_size, tiling.block_k, tiling.block_v
-    NT = T // C
-    kmap = lambda b, h, i, j: (b, 0, h, i)
-    smap = lambda b, h, i, j: (b, h, i, j)
-    in_specs = [
-        pl.BlockSpec((SQ, T, SQ, BK), kmap),
-        pl.BlockSpec((SQ, T, SQ, BK), kmap),
-        pl.BlockSpec((SQ, T, SQ, BV), lambda b, h, i, j: (b, 0, h, j)),
-        pl.BlockSpec((SQ, SQ, BK, BV), smap),
-    ]
-    return launch(
-        _dstate_kernel, [q, gs, do, dht], in_specs, rel=rel,
-        rel_spec=pl.BlockSpec((SQ, T), lambda b, h, i, j: (b, 0)),
-        grid=(B, H, K // BK, V // BV),
-        out_specs=[pl.BlockSpec((SQ, NT, SQ, BK, BV), lambda b, h, i, j: (b, 0, h, i, j)),
-                   pl.BlockSpec((SQ, SQ, BK, BV), smap)],
-        out_shape=[jax.ShapeDtypeStruct((B, NT, H, K, V), state_dtype), jax.ShapeDtypeStruct((B, H, K, V), F32)],
-        tiling=tiling, interpret=interpret, name="gla_state_bwd",
-        C=C, NT=NT, scale=scale, dt=q.dtype,
-    )
+    return state_loop(_dstate_kernel, [q, gs, do, dht], ["k", "k", "v", "state"], rel=rel, state_dtype=state_dtype,
+                      tiling=tiling, interpret=interpret, name="gla_state_bwd", scale=scale, dt=q.dtype)
 
 
 def attn_grad(do, v, rel, *, tiling: Tiling, interpret: bool):
     """dA [B, T, H, C] float32 (causal, same document)."""
-    B, T, H, V = v.shape
-    C, BV = tiling.chunk_size, tiling.block_v
-    cmap = lambda b, h, n: (b, n, h, 0)
-    return launch(
-        _attn_grad_kernel, [do, v], [pl.BlockSpec((SQ, C, SQ, V), cmap)] * 2, rel=rel,
-        rel_spec=pl.BlockSpec((SQ, C), lambda b, h, n: (b, n)),
-        grid=(B, H, T // C),
-        out_specs=pl.BlockSpec((SQ, C, SQ, C), cmap),
-        out_shape=jax.ShapeDtypeStruct((B, T, H, C), F32),
-        tiling=tiling, interpret=interpret, name="gla_attn_bwd",
-        C=C, NV=V // BV, BV=BV, dt=v.dtype,
-    )
+    V, BV = v.shape[-1], tiling.block_v
+    return per_chunk(_attn_grad_kernel, [do, v], rel=rel, tiling=tiling, interpret=interpret, name="gla_attn_bwd",
+                     NV=V // BV, BV=BV, dt=v.dtype)
 
 
 def value_grad(a, do, k, ge, dhs, rel, *, tiling: Tiling, interpret: bool):
     """dv [B, T, H, V] float32."""
-    B, T, H, K = k.shape
-    V = do.shape[-1]
-    C, BK, BV = tiling.chunk_size, tiling.block_k, tiling.block_v
-    cmap = lambda b, h, n, j: (b, n, h, 0)
-    vmap = lambda b, h, n, j: (b, n, h, j)
-    in_specs = [
-        pl.BlockSpec((SQ, C, SQ, C), cmap),
-        pl.BlockSpec((SQ, C, SQ, BV), vmap),
-        pl.BlockSpec((SQ, C, SQ, K), cmap),
-        pl.BlockSpec((SQ, C, SQ, K), cmap),
-        pl.BlockSpec((SQ, SQ, SQ, K, BV), lambda b, h, n, j: (b, n, h, 0, j)),
-    ]
-    return launch(
-        _dv_kernel, [a, do, k, ge, dhs], in_specs, rel=rel,
-        rel_spec=pl.BlockSpec((SQ, C), lambda b, h, n, j: (b, n)),
-        grid=(B, H, T // C, V // BV),
-        out_specs=pl.BlockSpec((SQ, C, SQ, BV), vmap),
-        out_shape=jax.ShapeDtypeStruct((B, T, H, V), F32),
-        tiling=tiling, interpret=interpret, name="gla_dv_bwd",
-        C=C, NK=K // BK, BK=BK, dt=k.dtype,
-    )
+    K, BK = k.shape[-1], tiling.block_k
+    return per_chunk_v_tile(_dv_kernel, [a, do, k, ge, dhs], ["full", "v", "full", "full", "state"], rel=rel,
+                            out_dtype=F32, tiling=tiling, interpret=interpret, name="gla_dv_bwd",
+                            C=tiling.chunk_size, NK=K // BK, BK=BK, dt=k.dtype)
 
 
 def query_key_grad(q, k, gc, zc, do, v, hs, dhs, da, rel, *, scale: float, tiling: Tiling, interpret: bool):

@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from gla_jax.ops.checks import check_gla_inputs  # the operator's input contract (a jax-only leaf module)
+from gla_jax.ops.checks import check_kernel_inputs  # the operator's input contract (a jax-only leaf module)
 from gla_jax.ops.chunk_math import chunk_relative, document_index
 
 from .backward import backward
@@ -90,10 +90,8 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
       (o [B, T, H, V] in the inputs' dtype, final_state [B, H, K, V] float32 or None). Differentiable in q, k, v,
       g and initial_state.
     """
-    check_gla_inputs(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids, impl="triton",
-                     chunk_size=chunk_size)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
+    scale = check_kernel_inputs(q, k, v, g, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+                                impl="triton", chunk_size=chunk_size)
     if matmul_dtype is not None:
         try:
             ok = jnp.dtype(matmul_dtype) in (jnp.float32, jnp.bfloat16, jnp.float16)

@@ -30,14 +30,14 @@ the chunk only when the last position has ``rel == 0``.
 from __future__ import annotations
 
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
 from gla_jax.ops.chunk_math import SUB_CHUNK, chunk_cumsum  # shared pure-jnp pieces (a jax-only leaf module)
 
-from .tiling import SQUEEZED as SQ, Tiling, dot, launch
+from .grids import per_chunk, per_chunk_v_tile, state_loop
+from .tiling import Tiling, dot
 
 F32 = jnp.float32
 
@@ -141,71 +141,24 @@ def _output_kernel(q_ref, gs_ref, v_ref, a_ref, hs_ref, *rest, NK, BK, scale, ha
 def state_pass(k, v, gs, ge, h0, rel, *, tiling: Tiling, interpret: bool, state_dtype):
     """Chunk-start states hs [B, NT, H, K, V] (``state_dtype``) and the final state [B, H, K, V] float32; gs, ge
     from ``one_sided``."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    C, BK, BV = tiling.chunk_size, tiling.block_k, tiling.block_v
-    NT = T // C
-    kmap = lambda b, h, i, j: (b, 0, h, i)
-    smap = lambda b, h, i, j: (b, h, i, j)
-    in_specs = [
-        pl.BlockSpec((SQ, T, SQ, BK), kmap),
-        pl.BlockSpec((SQ, T, SQ, BV), lambda b, h, i, j: (b, 0, h, j)),
-        pl.BlockSpec((SQ, T, SQ, BK), kmap),
-        pl.BlockSpec((SQ, T, SQ, BK), kmap),
-        pl.BlockSpec((SQ, SQ, BK, BV), smap),
-    ]
-    return launch(
-        _state_kernel, [k, v, ge, gs, h0], in_specs, rel=rel,
-        rel_spec=pl.BlockSpec((SQ, T), lambda b, h, i, j: (b, 0)),
-        grid=(B, H, K // BK, V // BV),
-        out_specs=[pl.BlockSpec((SQ, NT, SQ, BK, BV), lambda b, h, i, j: (b, 0, h, i, j)),
-                   pl.BlockSpec((SQ, SQ, BK, BV), smap)],
-        out_shape=[jax.ShapeDtypeStruct((B, NT, H, K, V), state_dtype), jax.ShapeDtypeStruct((B, H, K, V), F32)],
-        tiling=tiling, interpret=interpret, name="gla_state_fwd",
-        C=C, NT=NT, dt=k.dtype,
-    )
+    return state_loop(_state_kernel, [k, v, ge, gs, h0], ["k", "v", "k", "k", "state"], rel=rel,
+                      state_dtype=state_dtype, tiling=tiling, interpret=interpret, name="gla_state_fwd", dt=k.dtype)
 
 
 def intra_chunk(q, k, gc, zc, rel, *, scale: float, tiling: Tiling, interpret: bool):
     """A [B, T, H, C] float32: A[t, j] = scale Σ_d q_td k_sd e^{b_td - b_sd} for s = chunk_start + j <= t (same
     document), else 0."""
-    B, T, H, K = q.shape
-    C, BK = tiling.chunk_size, tiling.block_k
-    cmap = lambda b, h, n: (b, n, h, 0)
-    return launch(
-        _intra_kernel, [q, k, gc, zc], [pl.BlockSpec((SQ, C, SQ, K), cmap)] * 4, rel=rel,
-        rel_spec=pl.BlockSpec((SQ, C), lambda b, h, n: (b, n)),
-        grid=(B, H, T // C),
-        out_specs=pl.BlockSpec((SQ, C, SQ, C), cmap),
-        out_shape=jax.ShapeDtypeStruct((B, T, H, C), F32),
-        tiling=tiling, interpret=interpret, name="gla_intra_fwd",
-        C=C, NK=K // BK, BK=BK, scale=scale, dt=q.dtype,
-    )
+    K, BK = q.shape[-1], tiling.block_k
+    return per_chunk(_intra_kernel, [q, k, gc, zc], rel=rel, tiling=tiling, interpret=interpret,
+                     name="gla_intra_fwd", NK=K // BK, BK=BK, scale=scale, dt=q.dtype)
 
 
 def output(q, gs, v, a, hs, rel, *, scale: float, tiling: Tiling, interpret: bool):
     """o [B, T, H, V] in v's dtype from A, the chunk-start states and the queries."""
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    C, BK, BV = tiling.chunk_size, tiling.block_k, tiling.block_v
-    cmap = lambda b, h, n, j: (b, n, h, 0)
-    vmap = lambda b, h, n, j: (b, n, h, j)
-    in_specs = [
-        pl.BlockSpec((SQ, C, SQ, K), cmap),
-        pl.BlockSpec((SQ, C, SQ, K), cmap),
-        pl.BlockSpec((SQ, C, SQ, BV), vmap),
-        pl.BlockSpec((SQ, C, SQ, C), cmap),
-        pl.BlockSpec((SQ, SQ, SQ, K, BV), lambda b, h, n, j: (b, n, h, 0, j)),
-    ]
-    return launch(
-        _output_kernel, [q, gs, v, a, hs], in_specs, rel=rel,
-        rel_spec=pl.BlockSpec((SQ, C), lambda b, h, n, j: (b, n)),
-        grid=(B, H, T // C, V // BV),
-        out_specs=pl.BlockSpec((SQ, C, SQ, BV), vmap),
-        out_shape=jax.ShapeDtypeStruct((B, T, H, V), v.dtype),
-        tiling=tiling, interpret=interpret, name="gla_output_fwd",
-        NK=K // BK, BK=BK, scale=scale, dt=q.dtype,
-    )
+    K, BK = q.shape[-1], tiling.block_k
+    return per_chunk_v_tile(_output_kernel, [q, gs, v, a, hs], ["full", "full", "v", "full", "state"], rel=rel,
+                            out_dtype=v.dtype, tiling=tiling, interpret=interpret, name="gla_output_fwd",
+                            NK=K // BK, BK=BK, scale=scale, dt=q.dtype)
 
 
 def forward(q, k, v, g, h0, rel, *, scale: float, tiling: Tiling, interpret: bool):
