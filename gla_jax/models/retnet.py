@@ -79,12 +79,13 @@ class RetNetConfig(ModelConfig):
                 or self.chunk_size & (self.chunk_size - 1)):
             raise ValueError(f"chunk_size: expected a power of two >= 16, got {self.chunk_size!r}")
         # the layer's own checks (widths divisible by the heads, even head key dim, feature map) name the field
-        from gla_jax.layers.retention import FEATURE_MAPS, _exact
+        from gla_jax.layers.linear_attention import exact_dim
+        from gla_jax.layers.retention import FEATURE_MAPS
 
         if self.feature_map is not None and self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map: expected None or one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}")
         for name in ("expand_k", "expand_v"):
-            dim = _exact(self.hidden_size, getattr(self, name), name)
+            dim = exact_dim(self.hidden_size, getattr(self, name), name)
             if dim % self.num_heads:
                 raise ValueError(f"{name}: hidden_size * {name} = {dim} must be divisible by num_heads="
                                  f"{self.num_heads}")
