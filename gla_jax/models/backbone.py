@@ -207,3 +207,23 @@ class CausalLM(nnx.Module):
         ctx = dataclasses.replace(ctx, index=index, slot_segments=new_cache.get("segments"))
         h, new_cache["layers"] = self.model(input_ids, ctx, cache["layers"])
         return self.logits(h), new_cache
+
+
+class RecurrentLayerMixer:
+    """Mixin that adapts a baseline layer with an O(1) recurrent state (``__call__(x, *, segment_ids, cache,
+    return_cache)``, ``init_cache(batch)``, ``step(x_t, cache)``) to the mixer protocol: no KV slots, ``max_len``
+    ignored, and a one-token call with a cache takes the layer's recurrent ``step`` (it continues the cache's document
+    whatever its segment id). Put it first among the bases: ``class M(RecurrentLayerMixer, Layer)``."""
+
+    uses_slots = False
+
+    def init_cache(self, batch_size: int, max_len: int | None = None):
+        return super().init_cache(batch_size)
+
+    def mix(self, x, ctx: MixContext, cache=None):
+        if cache is None:
+            return self(x, segment_ids=ctx.segment_ids), None
+        if x.shape[1] == 1:
+            y, new_cache = self.step(x[:, 0], cache)
+            return y[:, None], new_cache
+        return self(x, segment_ids=ctx.segment_ids, cache=cache, return_cache=True)

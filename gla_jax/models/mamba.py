@@ -14,7 +14,7 @@ import dataclasses
 import math
 
 from gla_jax.layers.mamba import MambaMixer
-from gla_jax.models.backbone import CausalLM, DecoderBlock, MixContext
+from gla_jax.models.backbone import CausalLM, DecoderBlock, RecurrentLayerMixer
 from gla_jax.models.config import ModelConfig
 from gla_jax.models.registry import Family, HFTensor, register_family
 
@@ -115,11 +115,9 @@ class MambaConfig(ModelConfig):
         return math.ceil(self.hidden_size / 16) if self.time_step_rank == "auto" else int(self.time_step_rank)
 
 
-class MambaLMMixer(MambaMixer):
+class MambaLMMixer(RecurrentLayerMixer, MambaMixer):
     """MambaMixer as a backbone mixer: a fixed-size decoding state (``max_len`` is ignored); one-token calls with a
-    cache take the recurrent step."""
-
-    uses_slots = False
+    cache take the recurrent step. Cache per layer: {'ssm': [B, I, N] float32, 'conv': [B, W-1, I]}."""
 
     @classmethod
     def from_config(cls, c: MambaConfig, *, rngs):
@@ -127,18 +125,6 @@ class MambaLMMixer(MambaMixer):
                    time_step_rank=c.dt_rank, use_conv_bias=c.use_conv_bias, use_bias=c.use_bias,
                    hidden_act=c.hidden_act, chunk_size=c.chunk_size, initializer_range=c.initializer_range,
                    dtype=c.compute_dtype, param_dtype=c.params_dtype, rngs=rngs)
-
-    def init_cache(self, batch_size: int, max_len: int | None = None):
-        """{'ssm': [B, I, N] float32, 'conv': [B, W-1, I]}."""
-        return super().init_cache(batch_size)
-
-    def mix(self, x, ctx: MixContext, cache=None):
-        if cache is None:
-            return self(x, segment_ids=ctx.segment_ids), None
-        if x.shape[1] == 1:  # one token continues the cache's document whatever its segment id
-            y, new_cache = self.step(x[:, 0], cache)
-            return y[:, None], new_cache
-        return self(x, segment_ids=ctx.segment_ids, cache=cache, return_cache=True)
 
 
 class MambaBlock(DecoderBlock):

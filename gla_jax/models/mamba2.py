@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from gla_jax.layers.mamba2 import Mamba2Mixer
-from gla_jax.models.backbone import CausalLM, DecoderBlock, MixContext
+from gla_jax.models.backbone import CausalLM, DecoderBlock, RecurrentLayerMixer
 from gla_jax.models.config import ModelConfig
 from gla_jax.models.registry import Family, HFTensor, register_family
 
@@ -121,11 +121,9 @@ class Mamba2Config(ModelConfig):
         return max(16, 1 << (self.chunk_size.bit_length() - 1))
 
 
-class Mamba2LMMixer(Mamba2Mixer):
+class Mamba2LMMixer(RecurrentLayerMixer, Mamba2Mixer):
     """Mamba2Mixer as a backbone mixer: a fixed-size decoding state (``max_len`` is ignored); one-token calls with a
-    cache take the recurrent step."""
-
-    uses_slots = False
+    cache take the recurrent step. Cache per layer: {'ssm': [B, H, N, P] float32, 'conv': [B, W-1, I + 2GN]}."""
 
     @classmethod
     def from_config(cls, c: Mamba2Config, *, rngs):
@@ -134,18 +132,6 @@ class Mamba2LMMixer(Mamba2Mixer):
                    layer_norm_epsilon=c.layer_norm_epsilon, time_step_limit=c.time_step_limit,
                    hidden_act=c.hidden_act, chunk_size=c.scan_chunk_size, initializer_range=c.initializer_range,
                    dtype=c.compute_dtype, param_dtype=c.params_dtype, rngs=rngs)
-
-    def init_cache(self, batch_size: int, max_len: int | None = None):
-        """{'ssm': [B, H, N, P] float32, 'conv': [B, W-1, I + 2GN]}."""
-        return super().init_cache(batch_size)
-
-    def mix(self, x, ctx: MixContext, cache=None):
-        if cache is None:
-            return self(x, segment_ids=ctx.segment_ids), None
-        if x.shape[1] == 1:  # one token continues the cache's document whatever its segment id
-            y, new_cache = self.step(x[:, 0], cache)
-            return y[:, None], new_cache
-        return self(x, segment_ids=ctx.segment_ids, cache=cache, return_cache=True)
 
 
 class Mamba2Block(DecoderBlock):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from gla_jax.layers.retention import MultiScaleRetention
-from gla_jax.models.backbone import CausalLM, DecoderBlock, MixContext
+from gla_jax.models.backbone import CausalLM, DecoderBlock, RecurrentLayerMixer
 from gla_jax.models.config import _SHARED_UNSUPPORTED, ModelConfig
 from gla_jax.models.gla import fused_norm_gate
 from gla_jax.models.registry import Family, HFTensor, register_family
@@ -102,11 +102,9 @@ class RetNetConfig(ModelConfig):
         return int(round(self.hidden_size * self.expand_v))
 
 
-class RetentionMixer(MultiScaleRetention):
+class RetentionMixer(RecurrentLayerMixer, MultiScaleRetention):
     """MultiScaleRetention as a backbone mixer: a fixed-size decoding state (``max_len`` is ignored); one-token
-    calls with a cache take the recurrent step."""
-
-    uses_slots = False
+    calls with a cache take the recurrent step. Cache per layer: {'recurrent': [B, H, K, V] float32, 'conv': None, 'offset': [B] int32}."""
 
     @classmethod
     def from_config(cls, c: RetNetConfig, *, rngs):
@@ -116,18 +114,6 @@ class RetentionMixer(MultiScaleRetention):
                    elementwise_affine=bool(c.elementwise_affine), norm_eps=c.norm_eps, chunk_size=c.chunk_size,
                    initializer_range=c.initializer_range, dtype=c.compute_dtype, param_dtype=c.params_dtype,
                    rngs=rngs)
-
-    def init_cache(self, batch_size: int, max_len: int | None = None):
-        """{'recurrent': [B, H, K, V] float32, 'conv': None, 'offset': [B] int32}."""
-        return super().init_cache(batch_size)
-
-    def mix(self, x, ctx: MixContext, cache=None):
-        if cache is None:
-            return self(x, segment_ids=ctx.segment_ids), None
-        if x.shape[1] == 1:  # one token continues the cache's document whatever its segment id
-            y, new_cache = self.step(x[:, 0], cache)
-            return y[:, None], new_cache
-        return self(x, segment_ids=ctx.segment_ids, cache=cache, return_cache=True)
 
 
 class RetNetBlock(DecoderBlock):
