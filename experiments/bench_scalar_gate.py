@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import base_parser, format_table, utc_now, write_results
+from common import base_parser, format_table, refuse_overwrite, utc_now, write_results
 from gla_jax.ops import gla
 from gla_jax.ops.scalar import gla_scalar
 
@@ -70,14 +70,10 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=64, help="K = V")
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--replace", action="store_true", help="overwrite an existing results file")
     args = p.parse_args(argv)
     if args.smoke:
         args.lengths, args.heads, args.head_dim, args.repeats = [64], 2, 16, 2
-    out = args.out / f"{NAME}_{jax.default_backend()}.json"
-    if not args.smoke and out.exists() and not args.replace:
-        print(f"error: {out.name} exists; pass --replace to overwrite it or --out for another folder", file=sys.stderr)
-        return 2
+    refuse_overwrite(args.out, f"{NAME}_{jax.default_backend()}", args.replace or args.smoke)
     started = utc_now()
     rows = [bench_one(1, T, args.heads, args.head_dim, args.head_dim, args.chunk, args.repeats)
             for T in args.lengths]

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import base_parser, format_table, memory_estimate, utc_now, write_results
+from common import base_parser, format_table, memory_estimate, refuse_overwrite, utc_now, write_results
 from gla_jax.ops.selective_scan import selective_scan, selective_scan_sequential
 
 NAME = "bench_selective_scan"
@@ -68,14 +68,10 @@ def main(argv=None):
     p.add_argument("--state", type=int, default=16, help="N")
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--replace", action="store_true", help="overwrite an existing results file")
     args = p.parse_args(argv)
     if args.smoke:
         args.lengths, args.inner, args.state, args.repeats = [128], 16, 4, 1
-    out = args.out / f"{NAME}_{jax.default_backend()}.json"
-    if not args.smoke and out.exists() and not args.replace:
-        print(f"error: {out.name} exists; pass --replace to overwrite it or --out for another folder", file=sys.stderr)
-        return 2
+    refuse_overwrite(args.out, f"{NAME}_{jax.default_backend()}", args.replace or args.smoke)
     started = utc_now()
     rows = [bench_one(T, args.inner, args.state, args.chunk, args.repeats) for T in args.lengths]
     print(format_table(rows, ["T", "per_step_state_MiB", "chunked_seq_temp_MiB", "chunked_assoc_temp_MiB",

@@ -328,3 +328,15 @@ def test_write_results_and_table(common, tmp_path):
     table = common.format_table([{"a": 1, "b": 0.5}, {"a": 22, "b": None}])
     lines = table.splitlines()
     assert len(lines) == 4 and "22" in lines[3] and "0.5" in lines[2]
+
+
+@pytest.mark.parametrize("name", ["bench_scalar_gate", "bench_selective_scan"])
+def test_baseline_benchmarks_never_overwrite_results(name, tmp_path):
+    """The shared --replace/refuse_overwrite: an existing results file stops the run before any timing."""
+    import jax
+
+    bench = _load(name)
+    (tmp_path / f"{name}_{jax.default_backend()}.json").write_text("{}")
+    with pytest.raises(SystemExit, match="--replace"):
+        bench.main(["--out", str(tmp_path)])
+    assert (tmp_path / f"{name}_{jax.default_backend()}.json").read_text() == "{}"
