@@ -185,7 +185,7 @@ def test_strong_gates_stay_finite_and_exact(interpret, capfd):
 
 
 @pytest.mark.parametrize("interpret", MODES)
-def test_zero_gates_are_floored(interpret):
+def test_zero_gates_match_the_recurrence(interpret):
     """g = -inf (a gate of exactly zero) forgets the state: finite outputs equal to the recurrence's."""
     q, k, v, g, h0, *_ = _inputs(1, 70, 1, 16, 16, jnp.bfloat16, 4, segments=False)
     g[:, 10] = -np.inf

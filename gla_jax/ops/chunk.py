@@ -242,7 +242,7 @@ def qk_gate_grads(qf, kf, do, v, same, dq_inter, dk_state, starts, dh, F, *, c: 
     same-document mask or None; dq_inter = (do Sᵀ) ⊙ e^b and dk_state = (v dHᵀ) ⊙ e^{b_C - b}: the inter-chunk
     parts [B, H, N, C, K]; starts, dh: [B, H, N, K, V] float32 states entering and gradients of the states leaving
     each chunk; F: ``_factors`` of the gates; c: the sub-chunk; cdt: matmul operand dtype (None: float32).
-    dg is the chunk-local identity (module docstring) before the zero-gate rule."""
+    dg is the chunk-local identity (module docstring), 0 at a zero gate (the limit g -> -inf)."""
     B, H, N, C, K = qf.shape
     ns = C // c
     q6, k6 = qf.reshape(F.b6.shape), kf.reshape(F.b6.shape)
@@ -273,6 +273,9 @@ def qk_gate_grads(qf, kf, do, v, same, dq_inter, dk_state, starts, dh, F, *, c: 
     y = kf * dk_state
     carried = jnp.sum(dh * F.a[..., None] * starts, axis=-1)  # [B, H, N, K]
     dg = _cumsum_rows(x, "reverse") + _cumsum_rows(y, "exclusive") + carried[:, :, :, None, :]
+    # At a zero gate dg is 0 (the limit g -> -inf; the identity gives 0 there only up to rounding).
+    z = F.z6.reshape(B, H, N, C, K)
+    dg = jnp.where(z != jnp.pad(z[:, :, :, :-1], ((0, 0),) * 3 + ((1, 0), (0, 0))), 0.0, dg)
     dq = dq + (d_self * k6).reshape(B, H, N, C, K)
     dk = dk_intra + dk_state + (d_self * q6).reshape(B, H, N, C, K)
     return dq, dk, dg
@@ -301,9 +304,6 @@ def _chunk_op_bwd(cfg, res, cts):
     # Intra-chunk and gate parts (shared with the Mosaic GPU backward).
     dq, dk, dg = qk_gate_grads(qf, kf, do, v, None if doc is None else _masks(doc)[3], dq_inter, dk_state, starts,
                                dh, F, c=c, cdt=cdt)
-    # At a zero gate dg is 0 (the limit g -> -inf; the identity gives 0 there only up to rounding).
-    z = F.z6.reshape(B, H, N, C, K)
-    dg = jnp.where(z != jnp.pad(z[:, :, :, :-1], ((0, 0),) * 3 + ((1, 0), (0, 0))), 0.0, dg)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0, None
 
 

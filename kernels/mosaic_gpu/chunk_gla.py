@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from gla_jax.ops import chunk as xla_chunk  # shared two-level building blocks (jax-only module)
 from gla_jax.ops.checks import check_kernel_inputs  # the operator's input contract (a jax-only leaf module)
+from gla_jax.ops.chunk_math import SUB_CHUNK
 from gla_jax.ops.segments import segment_starts
 
 from .grads import qkg_grads
@@ -22,12 +23,6 @@ from .products import chunk_products
 from .states import state_pass
 from .tiles import CHUNK, F32, check_smem, padded_width
 
-#: Log-gate floor: e^{-100} ~ 4e-44 is below float32's normal range, so a floored gate forgets the state as
-#: completely as a zero gate (log gate = -inf) while the chunk-local cumulative sums stay finite (>= -6400 per
-#: chunk), so no exponent difference becomes inf - inf = NaN.
-GATE_FLOOR = -100.0
-#: Sub-chunk of the intra-chunk matrix (XLA part): 16 rows, as in gla_jax.ops.chunk.
-SUB_CHUNK = 16
 #: Input dtypes the kernels take (wgmma's 16-bit operand types).
 DTYPES = ("bfloat16", "float16")
 
@@ -101,7 +96,7 @@ def _chunk_gla(q, k, v, g, initial_state, segment_ids, *, scale, output_final_st
     Tp = -(-T // C) * C
     pad = lambda x, w: jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, w - x.shape[-1])))
     # zero q/k/v on the padding add nothing; zero gates there keep the state
-    g = jnp.maximum(g.astype(F32), GATE_FLOOR)
+    g = g.astype(F32)  # zero gates (-inf) are exact through the factors (gla_jax.ops.gates)
     q_, k_, g_, v_ = (_to_chunks(pad(x, w), C) for x, w in ((q, Kp), (k, Kp), (g, Kp), (v, Vp)))
     if initial_state is None:
         s0 = jnp.zeros((B, H, Kp, Vp), F32)
@@ -122,8 +117,8 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
     ``custom_vjp`` backward.
 
     Args:
-      q, k: [B, T, H, K] queries and keys; g: [B, T, H, K] log forget gates (<= 0; -inf allowed: floored at
-        ``GATE_FLOOR``); v: [B, T, H, V]. q, k, v in bfloat16 or float16 (one dtype; wgmma's operand types);
+      q, k: [B, T, H, K] queries and keys; g: [B, T, H, K] log forget gates (<= 0; -inf is a zero gate, exact as
+        in the other backends); v: [B, T, H, V]. q, k, v in bfloat16 or float16 (one dtype; wgmma's operand types);
         gates, states, the diagonal sub-blocks and every accumulation are float32. Any T, K, V (padded to 64).
       scale: query scale (default K ** -0.5).
       initial_state: [B, H, K, V] state before position 0 (belongs to the first document), or None.

@@ -23,7 +23,7 @@ def qkg_grads(q, k, v, do, F, same, starts, dh, *, scale: float, c: int, cdt):
     """(dq, dk, dg) [B, H, N, C, K] float32.
 
     q, k: [B, H, N, C, K]; v, do: [B, H, N, C, V] (any float dtype); F: ``gla_jax.ops.chunk._Factors`` of the
-    floored gates (masks folded in); same: [B, 1, N, C, C] float32 same-document mask or None; starts: chunk-start
+    gates (masks folded in); same: [B, 1, N, C, C] float32 same-document mask or None; starts: chunk-start
     states and dh: gradients of the states leaving each chunk, both [B, H, N, K, V]; cdt: matmul operand dtype.
     """
     do = do.astype(F32) * scale
