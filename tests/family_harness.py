@@ -1,11 +1,13 @@
-"""PyTorch side of the baseline-family tests: whole causal LMs (transformers MambaForCausalLM / Mamba2ForCausalLM,
-fla RetNetForCausalLM) with random weights, written with ``save_pretrained`` and run on given token ids, or read
+"""PyTorch side of the family tests: whole causal LMs (transformers MambaForCausalLM / Mamba2ForCausalLM, fla
+RetNetForCausalLM / GLAForCausalLM / TransformerForCausalLM, the last with PyTorch's own attention standing in for
+flash-attn, a GPU package) with random weights, written with ``save_pretrained`` and run on given token ids, or read
 back from a directory gla-jax wrote. A separate process (Triton interpreter on, as in baseline_harness.py).
 
     python tests/family_harness.py JOBS.json
 
-JOBS.json is a list of jobs, each ``{"op": "create" | "reload", "kind": "mamba" | "mamba2" | "retnet", "dir": ...,
-"ids": [[int]], "out": npz path}`` plus, for "create", ``"config"`` (the PyTorch config's kwargs) and ``"seed"``.
+JOBS.json is a list of jobs, each ``{"op": "create" | "reload", "kind": "mamba" | "mamba2" | "retnet" | "gla" |
+"transformer", "dir": ..., "ids": [[int]], "out": npz path}`` plus, for "create", ``"config"`` (the PyTorch
+config's kwargs) and ``"seed"``.
 "create" builds the model, randomises it, ``save_pretrained(dir)`` and writes its float32 logits for ``ids``;
 "reload" loads ``dir`` with ``from_pretrained`` and writes its logits and config (``config`` as JSON in the npz).
 
@@ -58,7 +60,31 @@ def _classes(kind):
         from fla.models import RetNetConfig, RetNetForCausalLM
 
         return RetNetConfig, RetNetForCausalLM
+    if kind == "gla":
+        from fla.models import GLAConfig, GLAForCausalLM
+
+        return GLAConfig, GLAForCausalLM
+    if kind == "transformer":
+        import fla.layers.attn as fla_attn
+        from fla.models import TransformerConfig, TransformerForCausalLM
+
+        if fla_attn.flash_attn_func is None:  # flash-attn is a GPU package: PyTorch's own attention stands in
+            fla_attn.flash_attn_func = _causal_attention
+        return TransformerConfig, TransformerForCausalLM
     raise SystemExit(f"family_harness: unknown kind {kind!r}")
+
+
+def _causal_attention(q, k, v, *, causal, window_size=(-1, -1), **unused):
+    """flash-attn's ``flash_attn_func`` contract on CPU (``[B, T, H, D]`` tensors, grouped kv heads, causal, no
+    window) with ``torch.nn.functional.scaled_dot_product_attention``."""
+    import torch
+
+    if not causal or tuple(window_size) != (-1, -1) or unused:
+        raise SystemExit(f"family_harness: attention stand-in supports causal, unwindowed calls only ({unused})")
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
 
 def _randomize(model, torch, seed):

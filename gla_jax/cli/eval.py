@@ -19,7 +19,9 @@ def _parser():
     p = argparse.ArgumentParser(prog="gla-jax eval", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True, help="a training run directory (config.yaml + checkpoints/)")
     p.add_argument("--checkpoint", default=None,
-                   help="parameters to evaluate: a step folder or save_params folder (default: newest in workdir)")
+                   help="parameters to evaluate: a step folder or save_params folder (default: newest in workdir); "
+                        "one saved with its own model config outside the run (gla-jax convert --from-hf) is "
+                        "evaluated as that model, any family")
     p.add_argument("--seq-len", type=int, default=0, help="evaluation row length, >= 2 (default 4x training length)")
     p.add_argument("--batches", type=int, default=8, help="number of held-out batches, >= 1 (default 8)")
     p.add_argument("--batch-size", type=int, default=0, help="rows per batch (default: training batch size)")

@@ -47,12 +47,37 @@ def check_options(*, seq_len: int, batches: int, batch_size: int) -> None:
         raise UserError(f"--batch-size: expected >= 1 (0: the training batch size), got {batch_size}")
 
 
+def checkpoint_model_config(checkpoint: Path, workdir: Path, run_config, tokenizer_vocab: int):
+    """The model config to evaluate ``checkpoint`` with. A checkpoint whose own ``model_config.json``/``config.json``
+    lies outside ``workdir`` (one made by ``gla-jax convert --from-hf``, another run's) is evaluated as the model it
+    was saved as (any registered family, its own sizes and options), with the run's compute ``dtype`` and ``remat``;
+    a checkpoint of the run itself (or one without a config) with the run's ``run_config``. UserError naming
+    ``--checkpoint`` when the model's vocabulary is smaller than the run's tokenizer's."""
+    from gla_jax.train.load import config_from_dict, find_model_config_file
+
+    found = find_model_config_file(checkpoint, "--checkpoint")
+    if found is None or found[0].resolve().is_relative_to(Path(workdir).resolve()):
+        return run_config
+    file, d = found
+    try:
+        config = config_from_dict(d).replace(dtype=run_config.dtype, remat=run_config.remat)
+    except UserError as e:
+        raise UserError(f"--checkpoint: {file}: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise UserError(f"--checkpoint: {file}: {str(e).strip().splitlines()[0]}") from None
+    if config.vocab_size < tokenizer_vocab:
+        raise UserError(f"--checkpoint: the model's vocabulary ({config.vocab_size}, {file}) is smaller than the "
+                        f"run's tokenizer's ({tokenizer_vocab}, data.tokenizer)")
+    return config
+
+
 def evaluate_run(workdir, *, checkpoint=None, seq_len=0, batches=8, batch_size=0, overrides=()) -> dict:
     """The held-out evaluation of the run in ``workdir`` (its ``config.yaml``, plus ``overrides``) with the
     parameters of ``checkpoint`` (default: the run's newest step). Returns a dict: ``loss``/``ppl`` over positions
     inside the training length, ``loss_all_positions``, ``buckets`` and what was evaluated (``checkpoint``, ``step``,
-    lengths, batches, tokens). The model is the run's (``config.yaml``'s model section, as trained). UserError for bad
-    options or an evaluation with no scored position."""
+    lengths, batches, tokens). The model is the run's (``config.yaml``'s model section, as trained), or for a
+    ``checkpoint`` saved with its own model config outside the run (a converted one, any family) that model
+    (``checkpoint_model_config``). UserError for bad options or an evaluation with no scored position."""
     import jax
     from jax.sharding import NamedSharding
 
@@ -75,8 +100,10 @@ def evaluate_run(workdir, *, checkpoint=None, seq_len=0, batches=8, batch_size=0
     params_dir = ckpt_lib.find_params_dir(source)
     mesh = shard_lib.make_mesh(cfg.mesh)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
-    _, model = load_model(source, config=model_config(cfg, tokenizer.vocab_size), mesh=mesh,
-                          option="--checkpoint" if checkpoint else "--workdir")
+    config = model_config(cfg, tokenizer.vocab_size)
+    if checkpoint:
+        config = checkpoint_model_config(Path(checkpoint), workdir, config, tokenizer.vocab_size)
+    _, model = load_model(source, config=config, mesh=mesh, option="--checkpoint" if checkpoint else "--workdir")
     apply, params = step_lib.split_model(model)
     train_len = cfg.data.seq_len
     L = seq_len or 4 * train_len

@@ -41,9 +41,9 @@ def config_from_dict(d: dict):
     return from_registry(d)
 
 
-def find_model_config(path: str | Path, option: str = "--checkpoint"):
-    """The model config saved with the checkpoint at ``path`` (see the module docstring); UserError naming
-    ``option`` when there is none."""
+def find_model_config_file(path: str | Path, option: str = "--checkpoint") -> tuple[Path, dict] | None:
+    """``(file, dict)``: the ``model_config.json`` or ``config.json`` (with a ``model_type``) saved with the
+    checkpoint at ``path`` (see the module docstring), or None when there is none."""
     path = Path(path).absolute()
     for folder in [path, *list(path.parents)[:LEVELS - 1]]:
         for name in ("model_config.json", "config.json"):
@@ -57,8 +57,25 @@ def find_model_config(path: str | Path, option: str = "--checkpoint"):
             if isinstance(d, dict) and isinstance(d.get("model_config"), dict):
                 d = d["model_config"]
             if isinstance(d, dict) and isinstance(d.get("model_type"), str):
-                return config_from_dict(d)
-    raise UserError(f"{option}: no model_config.json or config.json (with a model_type) in or above {str(path)!r}")
+                return f, d
+    return None
+
+
+def find_model_config(path: str | Path, option: str = "--checkpoint"):
+    """The model config saved with the checkpoint at ``path`` (see the module docstring); UserError naming
+    ``option`` when there is none or its ``model_type`` is not a registered family."""
+    found = find_model_config_file(path, option)
+    if found is None:
+        raise UserError(f"{option}: no model_config.json or config.json (with a model_type) in or above "
+                        f"{str(Path(path).absolute())!r}")
+    file, d = found
+    try:
+        return config_from_dict(d)
+    except UserError as e:
+        raise UserError(f"{option}: {file}: {e}") from None
+    except (ValueError, TypeError) as e:  # a field the config class refuses: its message names the field
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{option}: {file}: {first}") from None
 
 
 def find_run_config(path: str | Path):
