@@ -297,6 +297,13 @@ def test_unknown_model_type_is_one_line_naming_the_field_and_the_families(tmp_pa
         assert "\n" not in err and "model_type" in err and "'hyena'" in err
         assert all(f in err for f in families()), err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # a field the family's config does not have: one line naming it (was a traceback)
+    for name in ("config.json", "model_config.json"):
+        d = json.loads((ckpt / name).read_text())
+        (ckpt / name).write_text(json.dumps({**d, "model_type": "mamba2", "hiden_size": 32}))
+    assert gla_main(["generate", "--checkpoint", str(ckpt), "--ids", "1,2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("gla-jax generate: error: --checkpoint:") and "'hiden_size'" in err
 
 
 def test_to_hf_refuses_a_family_without_an_hf_map(tmp_path, capsys):
