@@ -13,9 +13,7 @@ Mamba2), and the per-family FLOP counts against a hand count.
 from __future__ import annotations
 
 import json
-import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -252,8 +250,8 @@ def test_eval_scores_a_converted_checkpoint_as_its_own_model(family, tmp_path, c
     same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] > 0)
     nll = -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
     want = float((nll * same).sum() / same.sum())
+    # (the run's own model is GLA with other sizes: a loss from it could not match this one)
     assert res["tokens"] == int(same.sum()) and res["loss"] == pytest.approx(want, rel=1e-4)
-    assert abs(want - math.log(320)) < 1.5  # a random model: near chance, so a GLA stand-in would not pass by luck
 
 
 def test_eval_refuses_a_converted_model_smaller_than_the_tokenizer(tmp_path, capsys):

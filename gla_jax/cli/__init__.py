@@ -14,7 +14,7 @@ import sys
 from gla_jax.errors import UserError
 
 COMMANDS = {
-    "train": "train a language model of any family: GLA, Transformer++, RetNet, Mamba, Mamba2 (default: a small GLA on CPU)",
+    "train": "train a GLA, Transformer++, RetNet, Mamba or Mamba2 language model (default: a small GLA on CPU)",
     "eval": "held-out loss/perplexity of a run or checkpoint, per position bucket",
     "generate": "sample text from a checkpoint (O(1)-state decoding for the recurrent families)",
     "convert": "convert between fla/HF checkpoints (every family) and gla-jax (orbax) checkpoints",

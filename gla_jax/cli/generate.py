@@ -4,9 +4,10 @@
     gla-jax generate --preset gla-tiny --prompt "hello" --max-new-tokens 20     # random weights: a smoke test
 
 ``--checkpoint`` accepts a training run directory (its newest checkpoint), a step folder, or a ``save_params``
-folder (such as ``gla-jax convert --from-hf`` writes, any model family); the model config comes from ``model_config.json`` (written by training) or ``config.json`` found there or
-in a parent folder, the tokenizer from the run's ``config.yaml`` (``data.tokenizer``) unless ``--tokenizer`` is
-given. Prompts are token ids with ``--ids`` (comma separated) instead of text.
+folder (such as ``gla-jax convert --from-hf`` writes, any model family); the model config comes from
+``model_config.json`` (written by training) or ``config.json`` found there or in a parent folder, the tokenizer from
+the run's ``config.yaml`` (``data.tokenizer``) unless ``--tokenizer`` is given. Prompts are token ids with ``--ids``
+(comma separated) instead of text.
 """
 
 from __future__ import annotations
