@@ -119,7 +119,7 @@ class TrainSection:
     sample_temperature: float = 0.7
     # "START:STOP": a jax.profiler trace of steps START+1..STOP in <workdir>/profile ("" = none)
     profile: str = ""
-    # Parameters to start a new run from (a `gla-jax convert --from-fla` output, a `save_params` folder or another
+    # Parameters to start a new run from (a `gla-jax convert --from-hf` output, a `save_params` folder or another
     # run's workdir); the model config must match them. Ignored when the workdir already holds a checkpoint.
     init_from: str | None = None
 

@@ -1,7 +1,7 @@
 """Loading a saved model: find its config up the folder tree, build it, restore its parameters (docs/design.md §6).
 
 A *checkpoint path* is a training run directory (its newest step), its ``checkpoints`` folder, one step folder, or a
-``save_params``/``gla-jax convert --from-fla`` folder. The model config is ``model_config.json`` (written by
+``save_params``/``gla-jax convert --from-hf`` folder. The model config is ``model_config.json`` (written by
 training and conversion) or ``config.json`` in that folder or up to three folders above it; a run's training config
 (``config.yaml``: tokenizer, data) is found the same way. ``gla-jax eval``, ``generate`` and ``convert`` all load
 through ``load_model``.
