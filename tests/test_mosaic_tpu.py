@@ -305,3 +305,24 @@ def test_tpu_check_targets_and_generation():
     res = {t["target"].split()[-1]: t for t in mod.evaluate_targets(rows, interpret=False)}
     assert res["chunk_xla"]["ratio"] == 0.5 and res["chunk_xla"]["met"] is True
     assert res["splash_attention"]["ratio"] == 1.25 and res["splash_attention"]["met"] is False
+
+
+@pytest.mark.parametrize("nproc, warns", [("2", True), ("8", True), ("16", False)])
+def test_interpret_under_cpu_mesh_warns_when_the_pool_can_deadlock(monkeypatch, nproc, warns):
+    """Traced under a mesh of 8 CPU devices, TPU interpret mode warns unless NPROC leaves XLA's CPU pool a thread
+    beyond one per device (tests/repro_cpu_callback_deadlock.py shows the hang it prevents). Only traced here."""
+    import warnings
+
+    from gla_jax.ops import gla
+
+    monkeypatch.setenv("NPROC", nproc)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    x = jax.ShapeDtypeStruct((8, 128, 1, 16), jnp.float32)
+    with jax.set_mesh(mesh), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jax.eval_shape(lambda q, k, v, g: gla(q, k, v, g, impl="mosaic_tpu", interpret=True, batch_axes="data"),
+                       x, x, x, x)
+    hits = [w for w in caught if "can deadlock" in str(w.message)]
+    assert bool(hits) == warns, [str(w.message) for w in caught]
+    if warns:
+        assert "8 CPU devices" in str(hits[0].message) and "NPROC=16" in str(hits[0].message)

@@ -14,6 +14,7 @@ from gla_jax.ops.gates import is_zero_gate  # zero gates (alpha = 0): jax-only t
 
 from .backward import backward
 from .forward import chunk_states, forward
+from .interpret_pool import warn_if_cpu_pool_too_small
 from .tiling import LANE, Tiling, check_vmem, padded_width
 
 F32 = jnp.float32
@@ -127,7 +128,8 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
       segment_ids: [B, T] integer document ids (documents contiguous); the state restarts from zero at each
         document start.
       interpret: False: compile for the TPU. True: TPU interpret mode on the CPU with race detection and
-        NaN-filled uninitialised memory; or a ``pltpu.InterpretParams``.
+        NaN-filled uninitialised memory; or a ``pltpu.InterpretParams``. Under a mesh of N CPU devices, set
+        ``NPROC`` > N (e.g. 2N) before jax starts, or it can deadlock (``interpret_pool``; warned).
       chunk_size: chunk length; raised to a multiple of 128 (the lane width; the result does not depend on it),
         so the operator's default 64 runs with 128. 256 suits v6e's 256x256 MXU.
       sub_chunk: secondary chunk (a multiple of 16 dividing the chunk), see ``tiling.Tiling``.
@@ -147,6 +149,7 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
     tiling.validate()
     check_vmem(tiling, padded_width(q.shape[-1]), padded_width(v.shape[-1]), dtype,
                has_seg=segment_ids is not None)
+    warn_if_cpu_pool_too_small(interpret)
     return _chunk_gla(q, k, v, g, initial_state, segment_ids, scale=float(scale),
                       output_final_state=bool(output_final_state), tiling=tiling,
                       interpret=interpret_params(interpret), dtype=jnp.dtype(dtype).name)
