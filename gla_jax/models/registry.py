@@ -72,14 +72,7 @@ class HFTensor:
             ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), "linear", (I, D)),
             ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), "linear", (I, D)),
             ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), "linear", (D, I))]
-        out = {"model.embeddings.weight": HFTensor(("model", "embeddings", "embedding"), None, "plain", (vocab, D))}
-        for i in range(config.num_hidden_layers):
-            for name, path, kind, shape in rows:
-                out[f"model.layers.{i}.{name}"] = HFTensor(("model", "layers") + tuple(path), i, kind, tuple(shape))
-        out["model.norm.weight"] = HFTensor(("model", "norm", "weight"), None, "plain", (D,))
-        if not config.tie_word_embeddings:
-            out["lm_head.weight"] = HFTensor(("lm_head", "kernel"), None, "linear", (vocab, D))
-        return out
+        return HFTensor._model_layout(config, "model", "norm", rows, vocab)
 
     @staticmethod
     def backbone_layout(config, per_layer, *, vocab: int) -> dict[str, "HFTensor"]:
@@ -90,11 +83,19 @@ class HFTensor:
         D = config.hidden_size
         rows = [("norm.weight", ("attn_norm", "weight"), "plain", (D,))]
         rows += [("mixer." + name, ("attn",) + tuple(path), kind, shape) for name, path, kind, shape in per_layer]
-        out = {"backbone.embeddings.weight": HFTensor(("model", "embeddings", "embedding"), None, "plain", (vocab, D))}
+        return HFTensor._model_layout(config, "backbone", "norm_f", rows, vocab)
+
+    @staticmethod
+    def _model_layout(config, prefix: str, final_norm: str, rows, vocab: int) -> dict[str, "HFTensor"]:
+        """The map both layouts share: ``{prefix}.embeddings``, ``{prefix}.layers.{i}.*`` from the per-layer
+        ``rows`` (hf suffix, our path under the block, kind, hf shape), ``{prefix}.{final_norm}`` and ``lm_head``
+        when untied (our paths: ``model.embeddings``, ``model.layers``, ``model.norm``, ``lm_head``)."""
+        D = config.hidden_size
+        out = {f"{prefix}.embeddings.weight": HFTensor(("model", "embeddings", "embedding"), None, "plain", (vocab, D))}
         for i in range(config.num_hidden_layers):
             for name, path, kind, shape in rows:
-                out[f"backbone.layers.{i}.{name}"] = HFTensor(("model", "layers") + tuple(path), i, kind, tuple(shape))
-        out["backbone.norm_f.weight"] = HFTensor(("model", "norm", "weight"), None, "plain", (D,))
+                out[f"{prefix}.layers.{i}.{name}"] = HFTensor(("model", "layers") + tuple(path), i, kind, tuple(shape))
+        out[f"{prefix}.{final_norm}.weight"] = HFTensor(("model", "norm", "weight"), None, "plain", (D,))
         if not config.tie_word_embeddings:
             out["lm_head.weight"] = HFTensor(("lm_head", "kernel"), None, "linear", (vocab, D))
         return out
