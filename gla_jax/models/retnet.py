@@ -13,65 +13,34 @@ import dataclasses
 
 from gla_jax.layers.retention import MultiScaleRetention
 from gla_jax.models.backbone import CausalLM, DecoderBlock, RecurrentLayerMixer
-from gla_jax.models.config import _SHARED_UNSUPPORTED, ModelConfig
+from gla_jax.models.config import FLA_LINEAR_ATTENTION_FIELDS, FlaLinearAttentionConfig
 from gla_jax.models.gla import fused_norm_gate
 from gla_jax.models.registry import Family, HFTensor, register_family
 
 
 @dataclasses.dataclass(frozen=True)
-class RetNetConfig(ModelConfig):
-    """RetNet config. Fields up to ``attnres_block_size`` mirror fla's ``RetNetConfig`` (names and defaults).
-    ``attn_mode``, ``max_position_embeddings``, ``use_cache`` and the token ids do not change the math; fla's
-    ``RetNetBlock`` never passes ``use_short_conv``/``conv_size`` to its retention layer, so they are kept for round
-    trips and build no convolution here either. ``hidden_act`` is both the MLP activation and the output gate's
-    function (fla's ``gate_fn``). gla-jax fields: ``chunk_size`` (operator chunk length) and the shared ones
-    (:class:`ModelConfig`)."""
+class RetNetConfig(FlaLinearAttentionConfig):
+    """RetNet config. fla's ``RetNetConfig`` fields (names and defaults): those of
+    :class:`FlaLinearAttentionConfig` (with RetNet's ``expand_k`` 1, ``expand_v`` 2, ``hidden_ratio`` 2) plus
+    ``num_heads``. fla's ``RetNetBlock`` never passes ``use_short_conv``/``conv_size`` to its retention layer, so they
+    are kept for round trips and build no convolution here either. ``hidden_act`` is both the MLP activation and the
+    output gate's function (fla's ``gate_fn``). gla-jax fields: ``chunk_size`` (operator chunk length) and the shared
+    ones (:class:`ModelConfig`)."""
 
     model_type = "retnet"
 
-    attn_mode: str = "chunk"
-    hidden_size: int = 2048
     expand_k: float = 1.0
     expand_v: float = 2.0
     hidden_ratio: int | None = 2
-    intermediate_size: int | None = None
-    num_hidden_layers: int = 24
     num_heads: int = 8
-    num_kv_heads: int | None = None
-    feature_map: str | None = None
-    hidden_act: str = "swish"
-    use_short_conv: bool = False
-    conv_size: int = 4
-    use_output_gate: bool = True
-    max_position_embeddings: int = 2048
-    elementwise_affine: bool | None = True
-    norm_eps: float = 1e-6
-    attn: dict | None = None
-    use_cache: bool = True
-    pad_token_id: int | None = None
-    bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
-    vocab_size: int = 32000
-    attnres_block_size: int | None = None
     # gla-jax
     chunk_size: int = 64
 
-    HF_FIELDS = frozenset({
-        "attn_mode", "hidden_size", "expand_k", "expand_v", "hidden_ratio", "intermediate_size", "num_hidden_layers",
-        "num_heads", "num_kv_heads", "feature_map", "hidden_act", "use_short_conv", "conv_size", "use_output_gate",
-        "max_position_embeddings", "elementwise_affine", "norm_eps", "attn", "use_cache", "pad_token_id",
-        "bos_token_id", "eos_token_id", "tie_word_embeddings", "initializer_range", "vocab_size",
-        "attnres_block_size"})
+    HF_FIELDS = FLA_LINEAR_ATTENTION_FIELDS | {"num_heads"}
     HF_ARCHITECTURES = ("RetNetForCausalLM", "RetNetModel")
-    HF_UNSUPPORTED = _SHARED_UNSUPPORTED + (
-        ("attn", lambda v: v is None, "hybrid models with softmax-attention layers are not supported"),)
 
     def __post_init__(self):
         self._check_common()
-        if self.attn is not None:
-            raise ValueError("attn: hybrid softmax-attention layers are not supported (set attn to null)")
         if self.attn_mode not in ("chunk", "fused_chunk", "parallel", "fused_recurrent"):
             raise ValueError(f"attn_mode must be 'chunk', 'fused_chunk', 'parallel' or 'fused_recurrent', got "
                              f"{self.attn_mode!r}")
