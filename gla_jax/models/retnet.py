@@ -15,7 +15,7 @@ from gla_jax.layers.retention import MultiScaleRetention
 from gla_jax.models.backbone import CausalLM, DecoderBlock, RecurrentLayerMixer
 from gla_jax.models.config import FLA_LINEAR_ATTENTION_FIELDS, FlaLinearAttentionConfig
 from gla_jax.models.gla import fused_norm_gate
-from gla_jax.models.registry import Family, HFTensor, register_family
+from gla_jax.models.registry import Family, HFTensor, paper_presets, register_family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,16 +133,7 @@ def retnet_hf_layout(c: RetNetConfig, raw: dict | None = None) -> dict[str, HFTe
 # defaults) with the 32,000-token vocabulary. Parameters (tests/test_baseline_families.py checks these):
 #   retnet-340m: 347,403,264 (tied)     retnet-1.3b: 1,351,727,104 (untied)
 register_family(Family("retnet", RetNetConfig, RetNetForCausalLM, mixer_flops=retnet_mixer_flops,
-                       hf_layout=retnet_hf_layout, presets={
-    "retnet-340m": dict(hidden_size=1024, num_hidden_layers=24, num_heads=4, vocab_size=32000,
-                        tie_word_embeddings=True),
-    "retnet-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_heads=8, vocab_size=32000,
-                        tie_word_embeddings=False),
-    # small CPU models (byte tokenizer ids padded to 320)
-    "retnet-tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=320, tie_word_embeddings=True),
-    "retnet-small": dict(hidden_size=256, num_hidden_layers=4, num_heads=4, vocab_size=320,
-                         tie_word_embeddings=True),
-}))
+                       hf_layout=retnet_hf_layout, presets=paper_presets("retnet", heads_340m=4, heads_1_3b=8)))
 
 __all__ = ["RetNetBlock", "RetNetConfig", "RetNetForCausalLM", "RetentionMixer", "retnet_hf_layout",
            "retnet_mixer_flops"]
