@@ -15,7 +15,7 @@ from flax import nnx
 
 from gla_jax.layers.sharding import with_axes
 from gla_jax.models import registry
-from gla_jax.models.backbone import CausalLM, DecoderBlock
+from gla_jax.models.backbone import CausalLM
 from gla_jax.models.config import ModelConfig
 from reference import rel_err
 
@@ -83,13 +83,9 @@ class CausalMean(nnx.Module):
         return self.o_proj((total / count[..., None]).astype(x.dtype)), new_cache
 
 
-class MeanBlock(DecoderBlock):
-    mixer_class = CausalMean
-
-
 class MeanForCausalLM(CausalLM):
     config_class = MeanConfig
-    block_class = MeanBlock
+    mixer_class = CausalMean
 
 
 TOY = registry.Family("causal-mean", MeanConfig, MeanForCausalLM,

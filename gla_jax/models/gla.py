@@ -4,7 +4,7 @@ its presets, FLOP count and fla tensor map, registered in one line at the bottom
 from __future__ import annotations
 
 from gla_jax.layers.gla import GatedLinearAttention
-from gla_jax.models.backbone import CausalLM, DecoderBlock, MixContext
+from gla_jax.models.backbone import CausalLM, MixContext
 from gla_jax.models.config import GLAConfig
 from gla_jax.models.registry import Family, HFTensor, paper_presets, register_family
 
@@ -35,16 +35,15 @@ class GLAMixer(GatedLinearAttention):
         return self(x, segment_ids=ctx.segment_ids, cache=cache, return_cache=True, impl=ctx.impl)
 
 
-class GLABlock(DecoderBlock):
-    mixer_class = GLAMixer
-
-
 class GLAForCausalLM(CausalLM):
     """GLA language model. ``model(input_ids [B, T] int, *, segment_ids=None) -> logits [B, T, vocab] float32``;
     decoding state per layer ``[B, H, Dk/H, Dv/H]`` whatever the context length (see :class:`CausalLM`)."""
 
     config_class = GLAConfig
-    block_class = GLABlock
+    mixer_class = GLAMixer
+
+
+GLABlock = GLAForCausalLM.block_class
 
 
 def _dims(c: GLAConfig) -> dict[str, int]:

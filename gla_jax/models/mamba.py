@@ -14,8 +14,8 @@ import dataclasses
 import math
 
 from gla_jax.layers.mamba import MambaMixer
-from gla_jax.models.backbone import CausalLM, DecoderBlock, RecurrentLayerMixer
-from gla_jax.models.mamba_config import MAMBA_FAMILY_FIELDS, MambaFamilyConfig
+from gla_jax.models.backbone import CausalLM, RecurrentLayerMixer
+from gla_jax.models.mamba_config import MAMBA_FAMILY_FIELDS, MambaFamilyConfig, mamba_hf_layout_frame
 from gla_jax.models.registry import Family, HFTensor, register_family
 
 
@@ -76,16 +76,15 @@ class MambaLMMixer(RecurrentLayerMixer, MambaMixer):
                    dtype=c.compute_dtype, param_dtype=c.params_dtype, rngs=rngs)
 
 
-class MambaBlock(DecoderBlock):
-    mixer_class = MambaLMMixer
-
-
 class MambaForCausalLM(CausalLM):
     """Mamba language model. ``model(input_ids [B, T] int, *, segment_ids=None) -> logits [B, T, vocab] float32``;
     decoding state per layer ``[B, I, N]`` + conv tail whatever the context length (see :class:`CausalLM`)."""
 
     config_class = MambaConfig
-    block_class = MambaBlock
+    mixer_class = MambaLMMixer
+
+
+MambaBlock = MambaForCausalLM.block_class
 
 
 def mamba_mixer_flops(c: MambaConfig, seq_len: int) -> float:
@@ -98,21 +97,13 @@ def mamba_mixer_flops(c: MambaConfig, seq_len: int) -> float:
 
 def mamba_hf_layout(c: MambaConfig, raw: dict | None = None) -> dict[str, HFTensor]:
     """transformers ``MambaForCausalLM`` tensor name -> our stacked parameter (see :class:`HFTensor`)."""
-    D, I, N, R = c.hidden_size, c.intermediate_size, c.state_size, c.dt_rank
-    rows = [("in_proj.weight", ("in_proj", "kernel"), "linear", (2 * I, D)),
-            ("conv1d.weight", ("conv1d", "weight"), "conv", (I, 1, c.conv_kernel)),
-            ("x_proj.weight", ("x_proj", "kernel"), "linear", (R + 2 * N, I)),
-            ("dt_proj.weight", ("dt_proj", "kernel"), "linear", (I, R)),
-            ("dt_proj.bias", ("dt_proj", "bias"), "plain", (I,)),
-            ("A_log", ("A_log",), "plain", (I, N)),
-            ("D", ("D",), "plain", (I,)),
-            ("out_proj.weight", ("out_proj", "kernel"), "linear", (D, I))]
-    if c.use_bias:
-        rows += [("in_proj.bias", ("in_proj", "bias"), "plain", (2 * I,)),
-                 ("out_proj.bias", ("out_proj", "bias"), "plain", (D,))]
-    if c.use_conv_bias:
-        rows.append(("conv1d.bias", ("conv1d", "bias"), "plain", (I,)))
-    return HFTensor.backbone_layout(c, rows, vocab=c.vocab_size)
+    I, N, R = c.intermediate_size, c.state_size, c.dt_rank
+    ssm = [("x_proj.weight", ("x_proj", "kernel"), "linear", (R + 2 * N, I)),
+           ("dt_proj.weight", ("dt_proj", "kernel"), "linear", (I, R)),
+           ("dt_proj.bias", ("dt_proj", "bias"), "plain", (I,)),
+           ("A_log", ("A_log",), "plain", (I, N)),
+           ("D", ("D",), "plain", (I,))]
+    return mamba_hf_layout_frame(c, ssm, in_width=2 * I, conv_dim=I)
 
 
 # Paper scale: the Mamba paper's 370M / 1.3B shapes (48 blocks: no MLP, twice GLA's depth; state 16, expand 2)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 
 from gla_jax.layers.mamba2 import Mamba2Mixer
-from gla_jax.models.backbone import CausalLM, DecoderBlock, RecurrentLayerMixer
-from gla_jax.models.mamba_config import MAMBA_FAMILY_FIELDS, MambaFamilyConfig
+from gla_jax.models.backbone import CausalLM, RecurrentLayerMixer
+from gla_jax.models.mamba_config import MAMBA_FAMILY_FIELDS, MambaFamilyConfig, mamba_hf_layout_frame
 from gla_jax.models.registry import Family, HFTensor, register_family
 
 
@@ -90,16 +90,15 @@ class Mamba2LMMixer(RecurrentLayerMixer, Mamba2Mixer):
                    dtype=c.compute_dtype, param_dtype=c.params_dtype, rngs=rngs)
 
 
-class Mamba2Block(DecoderBlock):
-    mixer_class = Mamba2LMMixer
-
-
 class Mamba2ForCausalLM(CausalLM):
     """Mamba2 language model. ``model(input_ids [B, T] int, *, segment_ids=None) -> logits [B, T, vocab] float32``;
     decoding state per layer ``[B, H, N, P]`` + conv tail whatever the context length (see :class:`CausalLM`)."""
 
     config_class = Mamba2Config
-    block_class = Mamba2Block
+    mixer_class = Mamba2LMMixer
+
+
+Mamba2Block = Mamba2ForCausalLM.block_class
 
 
 def mamba2_mixer_flops(c: Mamba2Config, seq_len: int) -> float:
@@ -116,21 +115,13 @@ def mamba2_mixer_flops(c: Mamba2Config, seq_len: int) -> float:
 
 def mamba2_hf_layout(c: Mamba2Config, raw: dict | None = None) -> dict[str, HFTensor]:
     """transformers ``Mamba2ForCausalLM`` tensor name -> our stacked parameter (see :class:`HFTensor`)."""
-    D, I, H, N, G = c.hidden_size, c.intermediate_size, c.num_heads, c.state_size, c.n_groups
-    conv_dim = I + 2 * G * N
-    rows = [("in_proj.weight", ("in_proj", "kernel"), "linear", (I + conv_dim + H, D)),
-            ("conv1d.weight", ("conv1d", "weight"), "conv", (conv_dim, 1, c.conv_kernel)),
-            ("dt_bias", ("dt_bias",), "plain", (H,)),
-            ("A_log", ("A_log",), "plain", (H,)),
-            ("D", ("D",), "plain", (H,)),
-            ("norm.weight", ("norm_weight",), "plain", (I,)),
-            ("out_proj.weight", ("out_proj", "kernel"), "linear", (D, I))]
-    if c.use_bias:
-        rows += [("in_proj.bias", ("in_proj", "bias"), "plain", (I + conv_dim + H,)),
-                 ("out_proj.bias", ("out_proj", "bias"), "plain", (D,))]
-    if c.use_conv_bias:
-        rows.append(("conv1d.bias", ("conv1d", "bias"), "plain", (conv_dim,)))
-    return HFTensor.backbone_layout(c, rows, vocab=c.vocab_size)
+    I, H = c.intermediate_size, c.num_heads
+    conv_dim = I + 2 * c.n_groups * c.state_size
+    ssm = [("dt_bias", ("dt_bias",), "plain", (H,)),
+           ("A_log", ("A_log",), "plain", (H,)),
+           ("D", ("D",), "plain", (H,)),
+           ("norm.weight", ("norm_weight",), "plain", (I,))]
+    return mamba_hf_layout_frame(c, ssm, in_width=I + conv_dim + H, conv_dim=conv_dim)
 
 
 # Paper scale: the Mamba2 paper's 370M / 1.3B shapes (48 blocks: no MLP, twice GLA's depth; head dim 64, state 128,

@@ -1,11 +1,13 @@
-"""The config fields and checks transformers' ``MambaConfig`` and ``Mamba2Config`` share (docs/design.md §9.4): one
-base for :class:`gla_jax.models.mamba.MambaConfig` and :class:`gla_jax.models.mamba2.Mamba2Config`."""
+"""What transformers' Mamba and Mamba2 share (docs/design.md §9.4): the config fields and checks (one base for
+:class:`gla_jax.models.mamba.MambaConfig` and :class:`gla_jax.models.mamba2.Mamba2Config`) and the frame of their
+tensor maps (:func:`mamba_hf_layout_frame`)."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from gla_jax.models.config import ModelConfig
+from gla_jax.models.registry import HFTensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,3 +75,20 @@ class MambaFamilyConfig(ModelConfig):
 #: The transformers config fields every :class:`MambaFamilyConfig` has.
 MAMBA_FAMILY_FIELDS = (frozenset(f.name for f in dataclasses.fields(MambaFamilyConfig))
                        - frozenset(f.name for f in dataclasses.fields(ModelConfig)))
+
+
+def mamba_hf_layout_frame(c: MambaFamilyConfig, ssm_rows, *, in_width: int, conv_dim: int) -> dict[str, HFTensor]:
+    """The transformers tensor map of a Mamba-style model (see :class:`HFTensor`): per mixer ``in_proj``
+    [in_width, D], ``conv1d`` [conv_dim, 1, W], the family's ``ssm_rows`` (its own parameters, as in
+    ``HFTensor.backbone_layout``), ``out_proj`` [D, I], and the biases ``use_bias`` / ``use_conv_bias`` add."""
+    D, I = c.hidden_size, c.intermediate_size
+    rows = [("in_proj.weight", ("in_proj", "kernel"), "linear", (in_width, D)),
+            ("conv1d.weight", ("conv1d", "weight"), "conv", (conv_dim, 1, c.conv_kernel)),
+            *ssm_rows,
+            ("out_proj.weight", ("out_proj", "kernel"), "linear", (D, I))]
+    if c.use_bias:
+        rows += [("in_proj.bias", ("in_proj", "bias"), "plain", (in_width,)),
+                 ("out_proj.bias", ("out_proj", "bias"), "plain", (D,))]
+    if c.use_conv_bias:
+        rows.append(("conv1d.bias", ("conv1d", "bias"), "plain", (conv_dim,)))
+    return HFTensor.backbone_layout(c, rows, vocab=c.vocab_size)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from gla_jax.layers.retention import MultiScaleRetention
-from gla_jax.models.backbone import CausalLM, DecoderBlock, RecurrentLayerMixer
+from gla_jax.models.backbone import CausalLM, RecurrentLayerMixer
 from gla_jax.models.config import FLA_LINEAR_ATTENTION_FIELDS, FlaLinearAttentionConfig
 from gla_jax.models.gla import fused_norm_gate
 from gla_jax.models.registry import Family, HFTensor, paper_presets, register_family
@@ -85,16 +85,15 @@ class RetentionMixer(RecurrentLayerMixer, MultiScaleRetention):
                    rngs=rngs)
 
 
-class RetNetBlock(DecoderBlock):
-    mixer_class = RetentionMixer
-
-
 class RetNetForCausalLM(CausalLM):
     """RetNet language model. ``model(input_ids [B, T] int, *, segment_ids=None) -> logits [B, T, vocab] float32``;
     decoding state per layer ``[B, H, Dk/H, Dv/H]`` whatever the context length (see :class:`CausalLM`)."""
 
     config_class = RetNetConfig
-    block_class = RetNetBlock
+    mixer_class = RetentionMixer
+
+
+RetNetBlock = RetNetForCausalLM.block_class
 
 
 def retnet_mixer_flops(c: RetNetConfig, seq_len: int) -> float:

@@ -4,7 +4,7 @@ shared decoder backbone (fla ``TransformerForCausalLM`` layout), registered in o
 from __future__ import annotations
 
 from gla_jax.layers.attention import Attention
-from gla_jax.models.backbone import CausalLM, DecoderBlock, MixContext
+from gla_jax.models.backbone import CausalLM, MixContext
 from gla_jax.models.config import TransformerConfig
 from gla_jax.models.registry import Family, HFTensor, paper_presets, register_family
 
@@ -32,16 +32,15 @@ class AttentionMixer(Attention):
         return self(x, positions=ctx.positions, cache=cache, cache_index=ctx.index, cache_segments=ctx.slot_segments)
 
 
-class TransformerBlock(DecoderBlock):
-    mixer_class = AttentionMixer
-
-
 class TransformerForCausalLM(CausalLM):
     """Transformer++ LM. ``model(input_ids [B, T] int, *, segment_ids=None) -> logits [B, T, vocab] float32``;
     decoding uses a KV cache of ``max_len`` slots (see :class:`CausalLM`)."""
 
     config_class = TransformerConfig
-    block_class = TransformerBlock
+    mixer_class = AttentionMixer
+
+
+TransformerBlock = TransformerForCausalLM.block_class
 
 
 def attention_mixer_flops(c: TransformerConfig, seq_len: int) -> float:
