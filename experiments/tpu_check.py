@@ -17,8 +17,6 @@ Needs jax and numpy only. Interpret mode is not a speed path: its timings only s
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -158,20 +156,9 @@ def benchmark(*, B, H, D, Ts, interpret, on_tpu, generation, iters, warmup, dead
 
 def evaluate_targets(rows, interpret):
     """mosaic_tpu fwd+bwd vs each baseline of TARGETS at every measured T >= 8K."""
-    ms = {(r["impl"], r["T"], r["mode"]): r["ms"] for r in rows}
-    out = []
-    for T in sorted({r["T"] for r in rows if r["T"] >= TARGET_T}):
-        p = ms.get(("mosaic_tpu", T, "fwdbwd"))
-        for other, limit in TARGETS.items():
-            o = ms.get((other, T, "fwdbwd"))
-            entry = {"T": T, "target": f"mosaic_tpu fwd+bwd <= {limit}x {other}", "limit": limit}
-            if interpret:
-                entry.update(ratio=None, met=None, note="interpret mode: not a speed path")
-            elif p is None or o is None:
-                entry.update(ratio=None, met=None, note="not measured")
-            else:
-                entry.update(ratio=round(p / o, 3), met=bool(p / o <= limit))
-            out.append(entry)
+    ms = common.timings_by_key(rows)
+    out = [common.speed_target(ms, "mosaic_tpu", other, T, limit, interpret)
+           for T in sorted({r["T"] for r in rows if r["T"] >= TARGET_T}) for other, limit in TARGETS.items()]
     if not out:
         out.append({"target": f"mosaic_tpu fwd+bwd vs {', '.join(TARGETS)} at T >= {TARGET_T}", "met": None,
                     "note": f"no T >= {TARGET_T} measured"})
@@ -179,17 +166,7 @@ def evaluate_targets(rows, interpret):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output directory (tpu_check.json, tpu_check.png)")
-    p.add_argument("--interpret", action="store_true", help="TPU interpret mode at tiny sizes (CPU)")
-    p.add_argument("--T", type=int, nargs="*", default=None, help="sequence lengths to time")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--head-dim", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--budget-s", type=float, default=270.0, help="stop timing new rows after this many seconds")
-    p.add_argument("--skip-check", action="store_true")
-    p.add_argument("--skip-bench", action="store_true")
+    p = common.check_parser(__doc__.split("\n\n")[0], "tpu_check", "TPU interpret mode at tiny sizes (CPU)")
     args = p.parse_args(argv)
     if args.budget_s < 0:
         p.error(f"--budget-s: expected seconds >= 0, got {args.budget_s}")
@@ -206,14 +183,7 @@ def main(argv=None):
     backend = jax.default_backend()
     on_tpu = backend == "tpu"
     interpret = args.interpret or not on_tpu
-    if interpret:
-        B, H, D, Ts = args.batch or 1, args.heads or 2, args.head_dim or 32, args.T or [128]
-        chk = dict(B=1, T=140, H=1, K=32, V=32)
-        iters = args.iters or 1
-    else:
-        B, H, D, Ts = args.batch or 4, args.heads or 16, args.head_dim or 128, args.T or [2048, 4096, 8192, 16384]
-        chk = dict(B=2, T=1000, H=4, K=128, V=128)
-        iters = args.iters or 10
+    B, H, D, Ts, chk, iters = common.check_sizes(args, interpret, dict(B=1, T=140, H=1, K=32, V=32))
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", str(dev))
     generation = generation_of(kind) if on_tpu else "v5e"
@@ -231,20 +201,13 @@ def main(argv=None):
     }
     out_json = os.path.join(args.out, "tpu_check.json")
 
-    def save():
-        report["elapsed_s"] = round(time.perf_counter() - start, 1)
-        report["heavy_modules_imported"] = sorted(m for m in ("grain", "optax", "orbax") if m in sys.modules)
-        with open(out_json + ".tmp", "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(out_json + ".tmp", out_json)  # never a half-written report
+    save = common.report_saver(report, out_json, start)
 
     print(f"device: {kind} ({backend}, {generation}); interpret={interpret}", flush=True)
     if not args.skip_check:
         print("(a) correctness vs impl='chunk'", flush=True)
         report["correctness"] = check_correctness(**chk, interpret=interpret, generation=generation)
-        for e in report["correctness"]:
-            print(f"  {e['dtype']:9s} ok={e['ok']} " + " ".join(f"{k}={v:.2e}" for k, v in e.get("rel_err", {}).items())
-                  + (f" error={e['error']}" if "error" in e else ""), flush=True)
+        common.print_correctness(report["correctness"])
         save()
     if not args.skip_bench:
         print(f"(b) timing B={B} H={H} D={D}" + (" (interpret mode: not a speed path)" if interpret else ""),
@@ -254,9 +217,7 @@ def main(argv=None):
         report["timings"], report["skipped"] = rows, skipped
         report["targets"] = evaluate_targets(rows, interpret)
         print(common.table(rows))
-        for t in report["targets"]:
-            print(f"  target {t.get('target')} T={t.get('T', '-')}: ratio={t.get('ratio')} met={t.get('met')}"
-                  + (f" ({t['note']})" if t.get("note") else ""))
+        common.print_targets(report["targets"])
         png = common.plot(rows, os.path.join(args.out, "tpu_check.png"),
                           f"GLA B={B} H={H} D={D} bf16 on {kind}" + (" (interpret)" if interpret else ""))
         report["plot"] = os.path.basename(png) if png else None
