@@ -28,6 +28,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -98,55 +99,61 @@ def _inputs(B, T, H, K, V, dtype, seed=0):
 # ------------------------------------------------------------------------------------------------ (a) checks
 
 
-def check_correctness(*, B, T, H, K, V, interpret):
-    """Kernel vs impl="chunk" (float32 reference from the same rounded inputs), forward and all gradients."""
+def correctness_entry(kernel, *, B, T, H, K, V, dtype, seed, tol):
+    """One correctness entry of a kernel: ``kernel(q, k, v, g, initial_state=h0, output_final_state=True,
+    segment_ids=seg)`` (a ``chunk_gla`` with its own options bound; 3 documents per row) vs ``impl="chunk"`` in
+    float32 from the same rounded inputs: output, final state and every gradient; ok when all are finite and every
+    relative error is <= ``tol``. An exception is reported in the entry, not raised."""
     import jax
     import jax.numpy as jnp
 
-    from gla_jax.kernels import chunk_gla
     from gla_jax.ops import gla
 
-    results = []
-    for dtype in (jnp.float32, jnp.bfloat16):
-        name = jnp.dtype(dtype).name
-        q, k, v, g, rng = _inputs(B, T, H, K, V, dtype, seed=1)
-        h0 = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
-        seg = np.zeros((B, T), np.int32)
-        seg[:, T // 3:] = 1
-        seg[:, (2 * T) // 3:] = 2
-        seg = jnp.asarray(seg)
-        do = jnp.asarray(rng.standard_normal((B, T, H, V)), dtype)
-        dst = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
-        kw = dict(initial_state=h0, output_final_state=True, segment_ids=seg)
+    q, k, v, g, rng = _inputs(B, T, H, K, V, dtype, seed=seed)
+    h0 = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
+    seg = np.zeros((B, T), np.int32)
+    seg[:, T // 3:] = 1
+    seg[:, (2 * T) // 3:] = 2
+    kw = dict(output_final_state=True, segment_ids=jnp.asarray(seg))
+    do = jnp.asarray(rng.standard_normal((B, T, H, V)), dtype)
+    dst = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
 
-        def run(fn, *args):
-            (o, s), vjp = jax.vjp(fn, *args)
-            return (o, s) + tuple(vjp((do.astype(o.dtype), dst)))
+    def run(fn, *args):
+        (o, s), vjp = jax.vjp(fn, *args)
+        return (o, s) + tuple(vjp((do.astype(o.dtype), dst)))
 
-        entry = {"dtype": name, "shape": dict(B=B, T=T, H=H, K=K, V=V)}
-        try:
-            t0 = time.perf_counter()
-            got = jax.jit(lambda *a: run(lambda q, k, v, g, h: chunk_gla(
-                q, k, v, g, interpret=interpret, **{**kw, "initial_state": h}), *a))(q, k, v, g, h0)
-            got = jax.block_until_ready(got)
-            entry["compile_and_run_s"] = round(time.perf_counter() - t0, 2)
-            f32 = lambda x: x.astype(jnp.float32)
-            with jax.default_matmul_precision("highest"):
-                ref = jax.jit(lambda *a: run(lambda q, k, v, g, h: gla(
-                    q, k, v, g, impl="chunk", **{**kw, "initial_state": h}), *a))(
-                    f32(q), f32(k), f32(v), f32(g), h0)
-            errs = {n: rel_err(a, b) for n, a, b in zip(("o", "final_state", "dq", "dk", "dv", "dg", "dh0"), got, ref)}
-            entry["rel_err"] = errs
-            limits = {n: TOL[name] for n in errs}
-            entry["tolerance"] = limits
-            entry["finite"] = bool(all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in got))
-            entry["ok"] = entry["finite"] and all(errs[n] <= limits[n] for n in errs)
-        except Exception as e:  # noqa: BLE001 - report, keep going
-            entry["ok"] = False
-            entry["error"] = f"{type(e).__name__}: {e}"[:2000]
-            traceback.print_exc()
-        results.append(entry)
-    return results
+    entry = {"dtype": jnp.dtype(dtype).name, "shape": dict(B=B, T=T, H=H, K=K, V=V)}
+    try:
+        t0 = time.perf_counter()
+        got = jax.block_until_ready(jax.jit(lambda *a: run(lambda q, k, v, g, h: kernel(
+            q, k, v, g, initial_state=h, **kw), *a))(q, k, v, g, h0))
+        entry["compile_and_run_s"] = round(time.perf_counter() - t0, 2)
+        f32 = lambda x: x.astype(jnp.float32)
+        with jax.default_matmul_precision("highest"):
+            ref = jax.jit(lambda *a: run(lambda q, k, v, g, h: gla(q, k, v, g, impl="chunk", initial_state=h, **kw),
+                                         *a))(f32(q), f32(k), f32(v), f32(g), h0)
+        errs = {n: rel_err(a, b) for n, a, b in zip(("o", "final_state", "dq", "dk", "dv", "dg", "dh0"), got, ref)}
+        entry["rel_err"] = errs
+        entry["tolerance"] = {n: tol for n in errs}
+        entry["finite"] = bool(all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in got))
+        entry["ok"] = entry["finite"] and all(errs[n] <= tol for n in errs)
+    except Exception as e:  # noqa: BLE001 - report, keep going
+        entry["ok"] = False
+        entry["error"] = f"{type(e).__name__}: {e}"[:2000]
+        traceback.print_exc()
+    return entry
+
+
+def check_correctness(*, B, T, H, K, V, interpret):
+    """Triton kernels vs impl="chunk" (float32 reference from the same rounded inputs), forward and all gradients,
+    in float32 and bfloat16."""
+    import jax.numpy as jnp
+
+    from gla_jax.kernels import chunk_gla
+
+    return [correctness_entry(functools.partial(chunk_gla, interpret=interpret), B=B, T=T, H=H, K=K, V=V,
+                              dtype=dtype, seed=1, tol=TOL[jnp.dtype(dtype).name])
+            for dtype in (jnp.float32, jnp.bfloat16)]
 
 
 # ------------------------------------------------------------------------------------------------ (b) timing
@@ -508,8 +515,6 @@ def check_mosaic_gpu(*, B, T, H, K, V, Ts, D, interpret, on_gpu, iters, deadline
     import jax
     import jax.numpy as jnp
 
-    from gla_jax.ops import gla
-
     out = {"correctness": [], "timings": [], "skipped": [], "targets": []}
     reason = _mosaic_gpu_ready(on_gpu, interpret)
     if reason is not None:
@@ -518,39 +523,8 @@ def check_mosaic_gpu(*, B, T, H, K, V, Ts, D, interpret, on_gpu, iters, deadline
     from gla_jax.kernels.mosaic_gpu import chunk_gla as mosaic_chunk_gla
 
     dtype = jnp.bfloat16
-    q, k, v, g, rng = _inputs(B, T, H, K, V, dtype, seed=4)
-    h0 = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
-    seg = np.zeros((B, T), np.int32)
-    seg[:, T // 3:] = 1
-    seg[:, (2 * T) // 3:] = 2
-    kw = dict(output_final_state=True, segment_ids=jnp.asarray(seg))
-    do = jnp.asarray(rng.standard_normal((B, T, H, V)), dtype)
-    dst = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
-
-    def run(fn, *args):
-        (o, s), vjp = jax.vjp(fn, *args)
-        return (o, s) + tuple(vjp((do.astype(o.dtype), dst)))
-
-    entry = {"dtype": "bfloat16", "shape": dict(B=B, T=T, H=H, K=K, V=V)}
-    try:
-        t0 = time.perf_counter()
-        got = jax.block_until_ready(jax.jit(lambda *a: run(lambda q, k, v, g, h: mosaic_chunk_gla(
-            q, k, v, g, initial_state=h, interpret=interpret, **kw), *a))(q, k, v, g, h0))
-        entry["compile_and_run_s"] = round(time.perf_counter() - t0, 2)
-        f32 = lambda x: x.astype(jnp.float32)
-        with jax.default_matmul_precision("highest"):
-            ref = jax.jit(lambda *a: run(lambda q, k, v, g, h: gla(q, k, v, g, impl="chunk", initial_state=h, **kw),
-                                         *a))(f32(q), f32(k), f32(v), f32(g), h0)
-        errs = {n: rel_err(a, b) for n, a, b in zip(("o", "final_state", "dq", "dk", "dv", "dg", "dh0"), got, ref)}
-        entry["rel_err"] = errs
-        entry["tolerance"] = {n: TOL["bfloat16"] for n in errs}
-        entry["finite"] = bool(all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in got))
-        entry["ok"] = entry["finite"] and all(errs[n] <= TOL["bfloat16"] for n in errs)
-    except Exception as e:  # noqa: BLE001 - report, keep going
-        entry["ok"] = False
-        entry["error"] = f"{type(e).__name__}: {e}"[:2000]
-        traceback.print_exc()
-    out["correctness"].append(entry)
+    out["correctness"].append(correctness_entry(functools.partial(mosaic_chunk_gla, interpret=interpret), B=B, T=T,
+                                                H=H, K=K, V=V, dtype=dtype, seed=4, tol=TOL["bfloat16"]))
 
     f = lambda q, k, v, g: mosaic_chunk_gla(q, k, v, g, interpret=interpret)[0]
     fwd, fwdbwd = jax.jit(f), jax.jit(_fwdbwd(f))

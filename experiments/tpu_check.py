@@ -17,12 +17,10 @@ Needs jax and numpy only. Interpret mode is not a speed path: its timings only s
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
-import traceback
-
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -48,52 +46,16 @@ def generation_of(device_kind: str) -> str:
 
 
 def check_correctness(*, B, T, H, K, V, interpret, generation):
-    import jax
+    """Mosaic TPU kernels vs impl="chunk" (float32 reference from the same rounded inputs), forward and all
+    gradients, in float32 and bfloat16."""
     import jax.numpy as jnp
 
     from gla_jax.kernels.mosaic_tpu import chunk_gla
-    from gla_jax.ops import gla
 
-    results = []
-    for dtype in (jnp.float32, jnp.bfloat16):
-        name = jnp.dtype(dtype).name
-        q, k, v, g, rng = common._inputs(B, T, H, K, V, dtype, seed=1)
-        h0 = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
-        seg = np.zeros((B, T), np.int32)
-        seg[:, T // 3:] = 1
-        seg[:, (2 * T) // 3:] = 2
-        seg = jnp.asarray(seg)
-        do = jnp.asarray(rng.standard_normal((B, T, H, V)), dtype)
-        dst = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
-        kw = dict(output_final_state=True, segment_ids=seg)
-
-        def run(fn, *args):
-            (o, s), vjp = jax.vjp(fn, *args)
-            return (o, s) + tuple(vjp((do.astype(o.dtype), dst)))
-
-        entry = {"dtype": name, "shape": dict(B=B, T=T, H=H, K=K, V=V)}
-        try:
-            t0 = time.perf_counter()
-            got = jax.jit(lambda *a: run(lambda q, k, v, g, h: chunk_gla(
-                q, k, v, g, initial_state=h, interpret=interpret, generation=generation, **kw), *a))(q, k, v, g, h0)
-            got = jax.block_until_ready(got)
-            entry["compile_and_run_s"] = round(time.perf_counter() - t0, 2)
-            f32 = lambda x: x.astype(jnp.float32)
-            with jax.default_matmul_precision("highest"):
-                ref = jax.jit(lambda *a: run(lambda q, k, v, g, h: gla(
-                    q, k, v, g, impl="chunk", initial_state=h, **kw), *a))(f32(q), f32(k), f32(v), f32(g), h0)
-            errs = {n: common.rel_err(a, b)
-                    for n, a, b in zip(("o", "final_state", "dq", "dk", "dv", "dg", "dh0"), got, ref)}
-            entry["rel_err"] = errs
-            entry["tolerance"] = {n: TOL[name] for n in errs}
-            entry["finite"] = bool(all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in got))
-            entry["ok"] = entry["finite"] and all(errs[n] <= TOL[name] for n in errs)
-        except Exception as e:  # noqa: BLE001 - report, keep going
-            entry["ok"] = False
-            entry["error"] = f"{type(e).__name__}: {e}"[:2000]
-            traceback.print_exc()
-        results.append(entry)
-    return results
+    kernel = functools.partial(chunk_gla, interpret=interpret, generation=generation)
+    return [common.correctness_entry(kernel, B=B, T=T, H=H, K=K, V=V, dtype=dtype, seed=1,
+                                     tol=TOL[jnp.dtype(dtype).name])
+            for dtype in (jnp.float32, jnp.bfloat16)]
 
 
 def _impls(interpret, on_tpu, generation, B, H, T):
