@@ -175,6 +175,23 @@ def _time_jax(fn, args, iters, warmup):
     return statistics.median(times) * 1e3, first
 
 
+def time_modes(name, T, fwd, fwdbwd, inputs, do, rows, skipped, *, iters, warmup, deadline):
+    """Times ``fwd(*inputs)`` and ``fwdbwd(*inputs, do)`` of implementation ``name`` at length T, appending a row
+    {impl, T, mode, ms, first_call_s} to ``rows`` for each, or to ``skipped`` the reason it was not timed (past
+    ``deadline``, an exception); prints one line per mode."""
+    for mode, fn, args in (("fwd", fwd, tuple(inputs)), ("fwdbwd", fwdbwd, (*inputs, do))):
+        if time.perf_counter() > deadline:
+            skipped.append({"impl": name, "T": T, "mode": mode, "reason": "time budget spent"})
+            continue
+        ms = float("nan")
+        try:
+            ms, first = _time_jax(fn, args, iters, warmup)
+            rows.append({"impl": name, "T": T, "mode": mode, "ms": round(ms, 4), "first_call_s": round(first, 2)})
+        except Exception as e:  # noqa: BLE001
+            skipped.append({"impl": name, "T": T, "mode": mode, "reason": f"{type(e).__name__}: {e}"[:500]})
+        print(f"  T={T:6d} {name:16s} {mode:7s} {ms:10.3f} ms", flush=True)
+
+
 def _fwdbwd(f):
     """(q, k, v, g, do) -> the gradients of f(q, k, v, g) in q, k, v and g for the output cotangent do."""
     import jax
@@ -280,19 +297,8 @@ def benchmark(*, B, H, D, Ts, dtype_name, interpret, on_gpu, iters, warmup, dead
         q, k, v, g, rng = _inputs(B, T, H, D, D, dtype, seed=2)
         do = jnp.asarray(rng.standard_normal((B, T, H, D)), dtype)
         for name, (fwd, fwdbwd) in impls.items():
-            for mode, fn, args in (("fwd", fwd, (q, k, v, g)), ("fwdbwd", fwdbwd, (q, k, v, g, do))):
-                if time.perf_counter() > deadline:
-                    skipped.append({"impl": name, "T": T, "mode": mode, "reason": "time budget spent"})
-                    continue
-                ms = float("nan")
-                try:
-                    ms, first = _time_jax(fn, args, iters, warmup)
-                    rows.append({"impl": name, "T": T, "mode": mode, "ms": round(ms, 4),
-                                 "first_call_s": round(first, 2)})
-                except Exception as e:  # noqa: BLE001
-                    skipped.append({"impl": name, "T": T, "mode": mode,
-                                    "reason": f"{type(e).__name__}: {e}"[:500]})
-                print(f"  T={T:6d} {name:16s} {mode:7s} {ms:10.3f} ms", flush=True)
+            time_modes(name, T, fwd, fwdbwd, (q, k, v, g), do, rows, skipped, iters=iters, warmup=warmup,
+                       deadline=deadline)
         if fla is not None:
             if time.perf_counter() > deadline:
                 skipped.append({"impl": "fla_chunk_gla", "T": T, "reason": "time budget spent"})
@@ -531,18 +537,8 @@ def check_mosaic_gpu(*, B, T, H, K, V, Ts, D, interpret, on_gpu, iters, deadline
     for T_ in sorted(Ts, reverse=True):
         q, k, v, g, rng = _inputs(B if not interpret else 1, T_, H, D, D, dtype, seed=2)
         do = jnp.asarray(rng.standard_normal((q.shape[0], T_, H, D)), dtype)
-        for mode, fn, args in (("fwd", fwd, (q, k, v, g)), ("fwdbwd", fwdbwd, (q, k, v, g, do))):
-            if time.perf_counter() > deadline:
-                out["skipped"].append({"impl": "mosaic_gpu", "T": T_, "mode": mode, "reason": "time budget spent"})
-                continue
-            try:
-                ms, first = _time_jax(fn, args, iters, warmup=1)
-                out["timings"].append({"impl": "mosaic_gpu", "T": T_, "mode": mode, "ms": round(ms, 4),
-                                       "first_call_s": round(first, 2)})
-                print(f"  T={T_:6d} {'mosaic_gpu':16s} {mode:7s} {ms:10.3f} ms", flush=True)
-            except Exception as e:  # noqa: BLE001
-                out["skipped"].append({"impl": "mosaic_gpu", "T": T_, "mode": mode,
-                                       "reason": f"{type(e).__name__}: {e}"[:500]})
+        time_modes("mosaic_gpu", T_, fwd, fwdbwd, (q, k, v, g), do, out["timings"], out["skipped"], iters=iters,
+                   warmup=1, deadline=deadline)
     out["targets"] = mosaic_goals(list(other_rows) + out["timings"], interpret)
     return out
 

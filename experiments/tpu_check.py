@@ -101,18 +101,8 @@ def benchmark(*, B, H, D, Ts, interpret, on_tpu, generation, iters, warmup, dead
         q, k, v, g, rng = common._inputs(B, T, H, D, D, jnp.bfloat16, seed=2)
         do = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.bfloat16)
         for name, (fwd, fwdbwd) in _impls(interpret, on_tpu, generation, B, H, T).items():
-            for mode, fn, args in (("fwd", fwd, (q, k, v, g)), ("fwdbwd", fwdbwd, (q, k, v, g, do))):
-                if time.perf_counter() > deadline:
-                    skipped.append({"impl": name, "T": T, "mode": mode, "reason": "time budget spent"})
-                    continue
-                ms = float("nan")
-                try:
-                    ms, first = common._time_jax(fn, args, iters, warmup)
-                    rows.append({"impl": name, "T": T, "mode": mode, "ms": round(ms, 4),
-                                 "first_call_s": round(first, 2)})
-                except Exception as e:  # noqa: BLE001
-                    skipped.append({"impl": name, "T": T, "mode": mode, "reason": f"{type(e).__name__}: {e}"[:500]})
-                print(f"  T={T:6d} {name:16s} {mode:7s} {ms:10.3f} ms", flush=True)
+            common.time_modes(name, T, fwd, fwdbwd, (q, k, v, g), do, rows, skipped, iters=iters, warmup=warmup,
+                              deadline=deadline)
     return rows, skipped
 
 
