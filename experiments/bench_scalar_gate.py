@@ -12,29 +12,17 @@ records the device and CPU count; compare only rows of one run.
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import base_parser, format_table, refuse_overwrite, utc_now, write_results
+from common import base_parser, format_table, median_seconds, refuse_overwrite, utc_now, write_bench_results
 from gla_jax.ops import gla
 from gla_jax.ops.scalar import gla_scalar
 
 NAME = "bench_scalar_gate"
-
-
-def _median_seconds(fn, args, repeats):
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_one(B, T, H, K, V, chunk, repeats, seed=0):
@@ -54,8 +42,8 @@ def bench_one(B, T, H, K, V, chunk, repeats, seed=0):
     for name, f in (("scalar", scalar), ("vector", vector)):
         fwd = jax.jit(f)
         bwd = jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) ** 2), argnums=(0, 1, 2, 3)))
-        row[f"{name}_fwd_ms"] = 1e3 * _median_seconds(fwd, (q, k, v, g), repeats)
-        row[f"{name}_fwdbwd_ms"] = 1e3 * _median_seconds(bwd, (q, k, v, g), repeats)
+        row[f"{name}_fwd_ms"] = 1e3 * median_seconds(fwd, (q, k, v, g), repeats)
+        row[f"{name}_fwdbwd_ms"] = 1e3 * median_seconds(bwd, (q, k, v, g), repeats)
         outs[name] = np.asarray(fwd(q, k, v, g), np.float64)
     row["speedup_fwd"] = row["vector_fwd_ms"] / row["scalar_fwd_ms"]
     row["speedup_fwdbwd"] = row["vector_fwdbwd_ms"] / row["scalar_fwdbwd_ms"]
@@ -79,12 +67,7 @@ def main(argv=None):
             for T in args.lengths]
     print(format_table(rows, ["T", "H", "K", "scalar_fwd_ms", "vector_fwd_ms", "speedup_fwd", "scalar_fwdbwd_ms",
                               "vector_fwdbwd_ms", "speedup_fwdbwd", "rel_diff"]))
-    if not args.smoke:
-        cfg = {k: v for k, v in vars(args).items() if k not in ("smoke", "no_plot", "replace")}
-        cfg["note"] = "CPU timings on a machine shared with other jobs: noisy, compare within this run only"
-        path = write_results(f"{NAME}_{jax.default_backend()}", config=cfg, seed=args.seed, results=rows,
-                             out_dir=args.out, started=started)
-        print(f"wrote {path}")
+    write_bench_results(f"{NAME}_{jax.default_backend()}", args, rows, started)
     return 0
 
 

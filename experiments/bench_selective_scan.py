@@ -14,28 +14,17 @@ unless ``--replace`` is given. CPU timings on a shared machine are noisy; compar
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import base_parser, format_table, memory_estimate, refuse_overwrite, utc_now, write_results
+from common import (base_parser, format_table, median_seconds, memory_estimate, refuse_overwrite, utc_now,
+                    write_bench_results)
 from gla_jax.ops.selective_scan import selective_scan, selective_scan_sequential
 
 NAME = "bench_selective_scan"
-
-
-def _median_seconds(fn, args, repeats):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_one(T, Dm, N, chunk, repeats, seed=0):
@@ -54,7 +43,7 @@ def bench_one(T, Dm, N, chunk, repeats, seed=0):
         compiled = grad.lower(x, dt, A, Bm, Cm).compile()
         mem = memory_estimate(compiled)
         row[f"{name}_temp_MiB"] = None if mem["temp_bytes"] is None else mem["temp_bytes"] / 2 ** 20
-        row[f"{name}_fwdbwd_ms"] = 1e3 * _median_seconds(compiled, (x, dt, A, Bm, Cm), repeats)
+        row[f"{name}_fwdbwd_ms"] = 1e3 * median_seconds(compiled, (x, dt, A, Bm, Cm), repeats)
         outs[name] = np.asarray(jax.jit(f)(x, dt, A, Bm, Cm), np.float64)
     ref = outs["sequential"]
     row["max_rel_diff"] = max(float(np.linalg.norm(o - ref) / np.linalg.norm(ref)) for o in outs.values())
@@ -77,12 +66,7 @@ def main(argv=None):
     print(format_table(rows, ["T", "per_step_state_MiB", "chunked_seq_temp_MiB", "chunked_assoc_temp_MiB",
                               "sequential_temp_MiB", "chunked_seq_fwdbwd_ms", "chunked_assoc_fwdbwd_ms",
                               "sequential_fwdbwd_ms", "max_rel_diff"]))
-    if not args.smoke:
-        cfg = {k: v for k, v in vars(args).items() if k not in ("smoke", "no_plot", "replace")}
-        cfg["note"] = "CPU timings on a machine shared with other jobs: noisy, compare within this run only"
-        path = write_results(f"{NAME}_{jax.default_backend()}", config=cfg, seed=args.seed, results=rows,
-                             out_dir=args.out, started=started)
-        print(f"wrote {path}")
+    write_bench_results(f"{NAME}_{jax.default_backend()}", args, rows, started)
     return 0
 
 

@@ -17,6 +17,7 @@ import math
 import os
 import pathlib
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -268,3 +269,28 @@ def timer():
     """A ``perf_counter``-based stopwatch: ``t = timer(); ...; t()`` returns elapsed seconds."""
     t0 = time.perf_counter()
     return lambda: time.perf_counter() - t0
+
+
+def median_seconds(fn, args, repeats: int) -> float:
+    """Median wall time of ``fn(*args)`` (blocked until ready) over ``repeats`` calls after one compile-and-warm-up
+    call."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def write_bench_results(name: str, args, rows: list[dict], started: str) -> None:
+    """Writes a micro-benchmark's ``rows`` as ``name`` (its command-line arguments as the config, with the note
+    that CPU timings on a shared machine are noisy) and says where; nothing with ``--smoke``."""
+    if args.smoke:
+        return
+    cfg = {k: v for k, v in vars(args).items() if k not in ("smoke", "no_plot", "replace")}
+    cfg["note"] = "CPU timings on a machine shared with other jobs: noisy, compare within this run only"
+    path = write_results(name, config=cfg, seed=args.seed, results=rows, out_dir=args.out, started=started)
+    print(f"wrote {path}")

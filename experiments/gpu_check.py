@@ -28,6 +28,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -98,55 +99,61 @@ def _inputs(B, T, H, K, V, dtype, seed=0):
 # ------------------------------------------------------------------------------------------------ (a) checks
 
 
-def check_correctness(*, B, T, H, K, V, interpret):
-    """Kernel vs impl="chunk" (float32 reference from the same rounded inputs), forward and all gradients."""
+def correctness_entry(kernel, *, B, T, H, K, V, dtype, seed, tol):
+    """One correctness entry of a kernel: ``kernel(q, k, v, g, initial_state=h0, output_final_state=True,
+    segment_ids=seg)`` (a ``chunk_gla`` with its own options bound; 3 documents per row) vs ``impl="chunk"`` in
+    float32 from the same rounded inputs: output, final state and every gradient; ok when all are finite and every
+    relative error is <= ``tol``. An exception is reported in the entry, not raised."""
     import jax
     import jax.numpy as jnp
 
-    from gla_jax.kernels import chunk_gla
     from gla_jax.ops import gla
 
-    results = []
-    for dtype in (jnp.float32, jnp.bfloat16):
-        name = jnp.dtype(dtype).name
-        q, k, v, g, rng = _inputs(B, T, H, K, V, dtype, seed=1)
-        h0 = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
-        seg = np.zeros((B, T), np.int32)
-        seg[:, T // 3:] = 1
-        seg[:, (2 * T) // 3:] = 2
-        seg = jnp.asarray(seg)
-        do = jnp.asarray(rng.standard_normal((B, T, H, V)), dtype)
-        dst = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
-        kw = dict(initial_state=h0, output_final_state=True, segment_ids=seg)
+    q, k, v, g, rng = _inputs(B, T, H, K, V, dtype, seed=seed)
+    h0 = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
+    seg = np.zeros((B, T), np.int32)
+    seg[:, T // 3:] = 1
+    seg[:, (2 * T) // 3:] = 2
+    kw = dict(output_final_state=True, segment_ids=jnp.asarray(seg))
+    do = jnp.asarray(rng.standard_normal((B, T, H, V)), dtype)
+    dst = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
 
-        def run(fn, *args):
-            (o, s), vjp = jax.vjp(fn, *args)
-            return (o, s) + tuple(vjp((do.astype(o.dtype), dst)))
+    def run(fn, *args):
+        (o, s), vjp = jax.vjp(fn, *args)
+        return (o, s) + tuple(vjp((do.astype(o.dtype), dst)))
 
-        entry = {"dtype": name, "shape": dict(B=B, T=T, H=H, K=K, V=V)}
-        try:
-            t0 = time.perf_counter()
-            got = jax.jit(lambda *a: run(lambda q, k, v, g, h: chunk_gla(
-                q, k, v, g, interpret=interpret, **{**kw, "initial_state": h}), *a))(q, k, v, g, h0)
-            got = jax.block_until_ready(got)
-            entry["compile_and_run_s"] = round(time.perf_counter() - t0, 2)
-            f32 = lambda x: x.astype(jnp.float32)
-            with jax.default_matmul_precision("highest"):
-                ref = jax.jit(lambda *a: run(lambda q, k, v, g, h: gla(
-                    q, k, v, g, impl="chunk", **{**kw, "initial_state": h}), *a))(
-                    f32(q), f32(k), f32(v), f32(g), h0)
-            errs = {n: rel_err(a, b) for n, a, b in zip(("o", "final_state", "dq", "dk", "dv", "dg", "dh0"), got, ref)}
-            entry["rel_err"] = errs
-            limits = {n: TOL[name] for n in errs}
-            entry["tolerance"] = limits
-            entry["finite"] = bool(all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in got))
-            entry["ok"] = entry["finite"] and all(errs[n] <= limits[n] for n in errs)
-        except Exception as e:  # noqa: BLE001 - report, keep going
-            entry["ok"] = False
-            entry["error"] = f"{type(e).__name__}: {e}"[:2000]
-            traceback.print_exc()
-        results.append(entry)
-    return results
+    entry = {"dtype": jnp.dtype(dtype).name, "shape": dict(B=B, T=T, H=H, K=K, V=V)}
+    try:
+        t0 = time.perf_counter()
+        got = jax.block_until_ready(jax.jit(lambda *a: run(lambda q, k, v, g, h: kernel(
+            q, k, v, g, initial_state=h, **kw), *a))(q, k, v, g, h0))
+        entry["compile_and_run_s"] = round(time.perf_counter() - t0, 2)
+        f32 = lambda x: x.astype(jnp.float32)
+        with jax.default_matmul_precision("highest"):
+            ref = jax.jit(lambda *a: run(lambda q, k, v, g, h: gla(q, k, v, g, impl="chunk", initial_state=h, **kw),
+                                         *a))(f32(q), f32(k), f32(v), f32(g), h0)
+        errs = {n: rel_err(a, b) for n, a, b in zip(("o", "final_state", "dq", "dk", "dv", "dg", "dh0"), got, ref)}
+        entry["rel_err"] = errs
+        entry["tolerance"] = {n: tol for n in errs}
+        entry["finite"] = bool(all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in got))
+        entry["ok"] = entry["finite"] and all(errs[n] <= tol for n in errs)
+    except Exception as e:  # noqa: BLE001 - report, keep going
+        entry["ok"] = False
+        entry["error"] = f"{type(e).__name__}: {e}"[:2000]
+        traceback.print_exc()
+    return entry
+
+
+def check_correctness(*, B, T, H, K, V, interpret):
+    """Triton kernels vs impl="chunk" (float32 reference from the same rounded inputs), forward and all gradients,
+    in float32 and bfloat16."""
+    import jax.numpy as jnp
+
+    from gla_jax.kernels import chunk_gla
+
+    return [correctness_entry(functools.partial(chunk_gla, interpret=interpret), B=B, T=T, H=H, K=K, V=V,
+                              dtype=dtype, seed=1, tol=TOL[jnp.dtype(dtype).name])
+            for dtype in (jnp.float32, jnp.bfloat16)]
 
 
 # ------------------------------------------------------------------------------------------------ (b) timing
@@ -166,6 +173,23 @@ def _time_jax(fn, args, iters, warmup):
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3, first
+
+
+def time_modes(name, T, fwd, fwdbwd, inputs, do, rows, skipped, *, iters, warmup, deadline):
+    """Times ``fwd(*inputs)`` and ``fwdbwd(*inputs, do)`` of implementation ``name`` at length T, appending a row
+    {impl, T, mode, ms, first_call_s} to ``rows`` for each, or to ``skipped`` the reason it was not timed (past
+    ``deadline``, an exception); prints one line per mode."""
+    for mode, fn, args in (("fwd", fwd, tuple(inputs)), ("fwdbwd", fwdbwd, (*inputs, do))):
+        if time.perf_counter() > deadline:
+            skipped.append({"impl": name, "T": T, "mode": mode, "reason": "time budget spent"})
+            continue
+        ms = float("nan")
+        try:
+            ms, first = _time_jax(fn, args, iters, warmup)
+            rows.append({"impl": name, "T": T, "mode": mode, "ms": round(ms, 4), "first_call_s": round(first, 2)})
+        except Exception as e:  # noqa: BLE001
+            skipped.append({"impl": name, "T": T, "mode": mode, "reason": f"{type(e).__name__}: {e}"[:500]})
+        print(f"  T={T:6d} {name:16s} {mode:7s} {ms:10.3f} ms", flush=True)
 
 
 def _fwdbwd(f):
@@ -273,19 +297,8 @@ def benchmark(*, B, H, D, Ts, dtype_name, interpret, on_gpu, iters, warmup, dead
         q, k, v, g, rng = _inputs(B, T, H, D, D, dtype, seed=2)
         do = jnp.asarray(rng.standard_normal((B, T, H, D)), dtype)
         for name, (fwd, fwdbwd) in impls.items():
-            for mode, fn, args in (("fwd", fwd, (q, k, v, g)), ("fwdbwd", fwdbwd, (q, k, v, g, do))):
-                if time.perf_counter() > deadline:
-                    skipped.append({"impl": name, "T": T, "mode": mode, "reason": "time budget spent"})
-                    continue
-                ms = float("nan")
-                try:
-                    ms, first = _time_jax(fn, args, iters, warmup)
-                    rows.append({"impl": name, "T": T, "mode": mode, "ms": round(ms, 4),
-                                 "first_call_s": round(first, 2)})
-                except Exception as e:  # noqa: BLE001
-                    skipped.append({"impl": name, "T": T, "mode": mode,
-                                    "reason": f"{type(e).__name__}: {e}"[:500]})
-                print(f"  T={T:6d} {name:16s} {mode:7s} {ms:10.3f} ms", flush=True)
+            time_modes(name, T, fwd, fwdbwd, (q, k, v, g), do, rows, skipped, iters=iters, warmup=warmup,
+                       deadline=deadline)
         if fla is not None:
             if time.perf_counter() > deadline:
                 skipped.append({"impl": "fla_chunk_gla", "T": T, "reason": "time budget spent"})
@@ -339,26 +352,89 @@ def tune(*, B, H, D, T, dtype_name, interpret, iters, deadline, tilings=TILINGS)
     return rows, skipped
 
 
+def speed_target(ms, impl, other, T, limit, interpret):
+    """One speed target: ``impl`` fwd+bwd <= ``limit`` x ``other`` at T, from ``ms`` ((impl, T, mode) -> ms); the
+    ratio and whether it is met, or None with a note (interpret mode, a row not measured)."""
+    p, o = ms.get((impl, T, "fwdbwd")), ms.get((other, T, "fwdbwd"))
+    entry = {"T": T, "target": f"{impl} fwd+bwd <= {limit}x {other}", "limit": limit}
+    if interpret:
+        entry.update(ratio=None, met=None, note="interpret mode: not a speed path")
+    elif p is None or o is None:
+        entry.update(ratio=None, met=None, note="not measured")
+    else:
+        entry.update(ratio=round(p / o, 3), met=bool(p / o <= limit))
+    return entry
+
+
+def timings_by_key(rows):
+    """(impl, T, mode) -> ms of the timing rows."""
+    return {(r["impl"], r["T"], r["mode"]): r["ms"] for r in rows}
+
+
 def evaluate_targets(rows, interpret):
     """Pallas fwd+bwd vs fla and vs cuDNN at every measured T >= 8K."""
-    ms = {(r["impl"], r["T"], r["mode"]): r["ms"] for r in rows}
-    out = []
-    for T in sorted({r["T"] for r in rows if r["T"] >= TARGET_T}):
-        p = ms.get(("triton", T, "fwdbwd"))
-        for other, limit in (("fla_chunk_gla", TARGET_VS_FLA), ("cudnn_attention", TARGET_VS_CUDNN)):
-            o = ms.get((other, T, "fwdbwd"))
-            entry = {"T": T, "target": f"triton fwd+bwd <= {limit}x {other}", "limit": limit}
-            if interpret:
-                entry.update(ratio=None, met=None, note="interpret mode: not a speed path")
-            elif p is None or o is None:
-                entry.update(ratio=None, met=None, note="not measured")
-            else:
-                entry.update(ratio=round(p / o, 3), met=bool(p / o <= limit))
-            out.append(entry)
+    ms = timings_by_key(rows)
+    out = [speed_target(ms, "triton", other, T, limit, interpret)
+           for T in sorted({r["T"] for r in rows if r["T"] >= TARGET_T})
+           for other, limit in (("fla_chunk_gla", TARGET_VS_FLA), ("cudnn_attention", TARGET_VS_CUDNN))]
     if not out:
         out.append({"target": f"triton fwd+bwd <= {TARGET_VS_FLA}x fla and <= {TARGET_VS_CUDNN}x cuDNN at "
                               f"T >= {TARGET_T}", "met": None, "note": f"no T >= {TARGET_T} measured"})
     return out
+
+
+def print_correctness(entries, prefix=""):
+    """One line per correctness entry: dtype, ok, the relative errors, the error if any."""
+    for e in entries:
+        print(f"  {prefix}{e['dtype']:9s} ok={e['ok']} "
+              + " ".join(f"{k}={v:.2e}" for k, v in e.get("rel_err", {}).items())
+              + (f" error={e['error']}" if "error" in e else ""), flush=True)
+
+
+def print_targets(targets):
+    for t in targets:
+        print(f"  target {t.get('target')} T={t.get('T', '-')}: ratio={t.get('ratio')} met={t.get('met')}"
+              + (f" ({t['note']})" if t.get("note") else ""))
+
+
+def check_sizes(args, interpret, interpret_check):
+    """(B, H, D, Ts, correctness sizes, iters) from the command line, with the defaults of interpret mode (tiny;
+    ``interpret_check``: the correctness sizes) or of a real device."""
+    if interpret:
+        return (args.batch or 1, args.heads or 2, args.head_dim or 32, args.T or [128], interpret_check,
+                args.iters or 1)
+    return (args.batch or 4, args.heads or 16, args.head_dim or 128, args.T or [2048, 4096, 8192, 16384],
+            dict(B=2, T=1000, H=4, K=128, V=128), args.iters or 10)
+
+
+def check_parser(description, name, interpret_help):
+    """The arguments both device checks take (``name``.json and ``name``.png go to --out)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--out", required=True, help=f"output directory ({name}.json, {name}.png)")
+    p.add_argument("--interpret", action="store_true", help=interpret_help)
+    p.add_argument("--T", type=int, nargs="*", default=None, help="sequence lengths to time")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--budget-s", type=float, default=270.0, help="stop timing new rows after this many seconds")
+    p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--skip-bench", action="store_true")
+    return p
+
+
+def report_saver(report, out_json, start):
+    """A ``save()`` that writes ``report`` (with the elapsed time and the heavy modules imported) to ``out_json``,
+    through a temporary file: never a half-written report."""
+
+    def save():
+        report["elapsed_s"] = round(time.perf_counter() - start, 1)
+        report["heavy_modules_imported"] = sorted(m for m in ("grain", "optax", "orbax") if m in sys.modules)
+        with open(out_json + ".tmp", "w") as f:
+            json.dump(report, f, indent=2)
+        os.replace(out_json + ".tmp", out_json)
+
+    return save
 
 
 def table(rows):
@@ -431,21 +507,11 @@ def _mosaic_gpu_ready(on_gpu, interpret):
 
 def mosaic_goals(rows, interpret):
     """Mosaic GPU fwd+bwd vs fla at every measured T >= 4K and vs cuDNN at T = 8K (``MOSAIC_GOALS``)."""
-    ms = {(r["impl"], r["T"], r["mode"]): r["ms"] for r in rows}
-    out = []
-    for other, T_min, limit in MOSAIC_GOALS:
-        for T in sorted({t for (i, t, _) in ms if i in (other, "mosaic_gpu")
-                         and (t >= T_min if other == "fla_chunk_gla" else t == T_min)}):
-            m, o = ms.get(("mosaic_gpu", T, "fwdbwd")), ms.get((other, T, "fwdbwd"))
-            goal = {"T": T, "target": f"mosaic_gpu fwd+bwd <= {limit}x {other}", "limit": limit}
-            if interpret:
-                goal.update(ratio=None, met=None, note="interpret mode: not a speed path")
-            elif m is None or o is None:
-                goal.update(ratio=None, met=None, note="not measured")
-            else:
-                goal.update(ratio=round(m / o, 3), met=bool(m / o <= limit))
-            out.append(goal)
-    return out
+    ms = timings_by_key(rows)
+    return [speed_target(ms, "mosaic_gpu", other, T, limit, interpret)
+            for other, T_min, limit in MOSAIC_GOALS
+            for T in sorted({t for (i, t, _) in ms if i in (other, "mosaic_gpu")
+                             and (t >= T_min if other == "fla_chunk_gla" else t == T_min)})]
 
 
 def check_mosaic_gpu(*, B, T, H, K, V, Ts, D, interpret, on_gpu, iters, deadline, other_rows=()):
@@ -455,8 +521,6 @@ def check_mosaic_gpu(*, B, T, H, K, V, Ts, D, interpret, on_gpu, iters, deadline
     import jax
     import jax.numpy as jnp
 
-    from gla_jax.ops import gla
-
     out = {"correctness": [], "timings": [], "skipped": [], "targets": []}
     reason = _mosaic_gpu_ready(on_gpu, interpret)
     if reason is not None:
@@ -465,77 +529,26 @@ def check_mosaic_gpu(*, B, T, H, K, V, Ts, D, interpret, on_gpu, iters, deadline
     from gla_jax.kernels.mosaic_gpu import chunk_gla as mosaic_chunk_gla
 
     dtype = jnp.bfloat16
-    q, k, v, g, rng = _inputs(B, T, H, K, V, dtype, seed=4)
-    h0 = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
-    seg = np.zeros((B, T), np.int32)
-    seg[:, T // 3:] = 1
-    seg[:, (2 * T) // 3:] = 2
-    kw = dict(output_final_state=True, segment_ids=jnp.asarray(seg))
-    do = jnp.asarray(rng.standard_normal((B, T, H, V)), dtype)
-    dst = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
-
-    def run(fn, *args):
-        (o, s), vjp = jax.vjp(fn, *args)
-        return (o, s) + tuple(vjp((do.astype(o.dtype), dst)))
-
-    entry = {"dtype": "bfloat16", "shape": dict(B=B, T=T, H=H, K=K, V=V)}
-    try:
-        t0 = time.perf_counter()
-        got = jax.block_until_ready(jax.jit(lambda *a: run(lambda q, k, v, g, h: mosaic_chunk_gla(
-            q, k, v, g, initial_state=h, interpret=interpret, **kw), *a))(q, k, v, g, h0))
-        entry["compile_and_run_s"] = round(time.perf_counter() - t0, 2)
-        f32 = lambda x: x.astype(jnp.float32)
-        with jax.default_matmul_precision("highest"):
-            ref = jax.jit(lambda *a: run(lambda q, k, v, g, h: gla(q, k, v, g, impl="chunk", initial_state=h, **kw),
-                                         *a))(f32(q), f32(k), f32(v), f32(g), h0)
-        errs = {n: rel_err(a, b) for n, a, b in zip(("o", "final_state", "dq", "dk", "dv", "dg", "dh0"), got, ref)}
-        entry["rel_err"] = errs
-        entry["tolerance"] = {n: TOL["bfloat16"] for n in errs}
-        entry["finite"] = bool(all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in got))
-        entry["ok"] = entry["finite"] and all(errs[n] <= TOL["bfloat16"] for n in errs)
-    except Exception as e:  # noqa: BLE001 - report, keep going
-        entry["ok"] = False
-        entry["error"] = f"{type(e).__name__}: {e}"[:2000]
-        traceback.print_exc()
-    out["correctness"].append(entry)
+    out["correctness"].append(correctness_entry(functools.partial(mosaic_chunk_gla, interpret=interpret), B=B, T=T,
+                                                H=H, K=K, V=V, dtype=dtype, seed=4, tol=TOL["bfloat16"]))
 
     f = lambda q, k, v, g: mosaic_chunk_gla(q, k, v, g, interpret=interpret)[0]
     fwd, fwdbwd = jax.jit(f), jax.jit(_fwdbwd(f))
     for T_ in sorted(Ts, reverse=True):
         q, k, v, g, rng = _inputs(B if not interpret else 1, T_, H, D, D, dtype, seed=2)
         do = jnp.asarray(rng.standard_normal((q.shape[0], T_, H, D)), dtype)
-        for mode, fn, args in (("fwd", fwd, (q, k, v, g)), ("fwdbwd", fwdbwd, (q, k, v, g, do))):
-            if time.perf_counter() > deadline:
-                out["skipped"].append({"impl": "mosaic_gpu", "T": T_, "mode": mode, "reason": "time budget spent"})
-                continue
-            try:
-                ms, first = _time_jax(fn, args, iters, warmup=1)
-                out["timings"].append({"impl": "mosaic_gpu", "T": T_, "mode": mode, "ms": round(ms, 4),
-                                       "first_call_s": round(first, 2)})
-                print(f"  T={T_:6d} {'mosaic_gpu':16s} {mode:7s} {ms:10.3f} ms", flush=True)
-            except Exception as e:  # noqa: BLE001
-                out["skipped"].append({"impl": "mosaic_gpu", "T": T_, "mode": mode,
-                                       "reason": f"{type(e).__name__}: {e}"[:500]})
+        time_modes("mosaic_gpu", T_, fwd, fwdbwd, (q, k, v, g), do, out["timings"], out["skipped"], iters=iters,
+                   warmup=1, deadline=deadline)
     out["targets"] = mosaic_goals(list(other_rows) + out["timings"], interpret)
     return out
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output directory (gpu_check.json, gpu_check.png)")
-    p.add_argument("--interpret", action="store_true", help="Pallas interpret mode at tiny sizes (CPU)")
-    p.add_argument("--T", type=int, nargs="*", default=None, help="sequence lengths to time")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--head-dim", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--budget-s", type=float, default=270.0, help="stop timing new rows after this many seconds")
+    p = check_parser(__doc__.split("\n\n")[0], "gpu_check", "Pallas interpret mode at tiny sizes (CPU)")
     p.add_argument("--tune-budget-s", type=float, default=40.0,
                    help="(d) tiling comparison: seconds it may add after (b); 0 skips it")
     p.add_argument("--mosaic-budget-s", type=float, default=120.0,
                    help="(e) Mosaic GPU kernels (Hopper): seconds their timing may add; 0 skips the section")
-    p.add_argument("--skip-check", action="store_true")
-    p.add_argument("--skip-bench", action="store_true")
     args = p.parse_args(argv)
     for name in ("budget_s", "tune_budget_s", "mosaic_budget_s"):
         if getattr(args, name) < 0:
@@ -549,14 +562,7 @@ def main(argv=None):
     backend = jax.default_backend()
     on_gpu = backend == "gpu"
     interpret = args.interpret or not on_gpu
-    if interpret:
-        B, H, D, Ts = args.batch or 1, args.heads or 2, args.head_dim or 32, args.T or [128]
-        chk = dict(B=1, T=100, H=2, K=32, V=32)
-        iters = args.iters or 1
-    else:
-        B, H, D, Ts = args.batch or 4, args.heads or 16, args.head_dim or 128, args.T or [2048, 4096, 8192, 16384]
-        chk = dict(B=2, T=1000, H=4, K=128, V=128)
-        iters = args.iters or 10
+    B, H, D, Ts, chk, iters = check_sizes(args, interpret, dict(B=1, T=100, H=2, K=32, V=32))
     dev = jax.devices()[0]
     report = {
         "device": getattr(dev, "device_kind", str(dev)),
@@ -573,19 +579,13 @@ def main(argv=None):
     }
     out_json = os.path.join(args.out, "gpu_check.json")
 
-    def save():
-        report["elapsed_s"] = round(time.perf_counter() - start, 1)
-        report["heavy_modules_imported"] = sorted(m for m in ("grain", "optax", "orbax") if m in sys.modules)
-        with open(out_json, "w") as f:
-            json.dump(report, f, indent=2)
+    save = report_saver(report, out_json, start)
 
     print(f"device: {report['device']} ({backend}); interpret={interpret}", flush=True)
     if not args.skip_check:
         print("(a) correctness vs impl='chunk'", flush=True)
         report["correctness"] = check_correctness(**chk, interpret=interpret)
-        for e in report["correctness"]:
-            print(f"  {e['dtype']:9s} ok={e['ok']} " + " ".join(f"{k}={v:.2e}" for k, v in e.get("rel_err", {}).items())
-                  + (f" error={e['error']}" if "error" in e else ""), flush=True)
+        print_correctness(report["correctness"])
         save()
     if not args.skip_bench:
         print(f"(b) timing B={B} H={H} D={D}" + (" (interpret mode: not a speed path)" if interpret else ""),
@@ -595,9 +595,7 @@ def main(argv=None):
         report["timings"], report["skipped"] = rows, skipped
         report["targets"] = evaluate_targets(rows, interpret)
         print(table(rows))
-        for t in report["targets"]:
-            print(f"  target {t.get('target')} T={t.get('T', '-')}: ratio={t.get('ratio')} met={t.get('met')}"
-                  + (f" ({t['note']})" if t.get("note") else ""))
+        print_targets(report["targets"])
         png = plot(rows, os.path.join(args.out, "gpu_check.png"),
                    f"GLA B={B} H={H} D={D} bf16 on {report['device']}" + (" (interpret)" if interpret else ""))
         report["plot"] = os.path.basename(png) if png else None
@@ -617,13 +615,8 @@ def main(argv=None):
         report["mosaic_gpu"] = check_mosaic_gpu(**mchk, Ts=mTs, D=D, interpret=interpret, on_gpu=on_gpu, iters=iters,
                                                 deadline=time.perf_counter() + args.mosaic_budget_s,
                                                 other_rows=report["timings"])
-        for e in report["mosaic_gpu"]["correctness"]:
-            print(f"  mosaic_gpu {e['dtype']:9s} ok={e['ok']} "
-                  + " ".join(f"{k}={v:.2e}" for k, v in e.get("rel_err", {}).items())
-                  + (f" error={e['error']}" if "error" in e else ""), flush=True)
-        for t in report["mosaic_gpu"]["targets"]:
-            print(f"  target {t['target']} T={t['T']}: ratio={t['ratio']} met={t['met']}"
-                  + (f" ({t['note']})" if t.get("note") else ""))
+        print_correctness(report["mosaic_gpu"]["correctness"], prefix="mosaic_gpu ")
+        print_targets(report["mosaic_gpu"]["targets"])
         for sk in report["mosaic_gpu"]["skipped"]:
             print(f"  skipped mosaic_gpu: {sk}", flush=True)
     save()

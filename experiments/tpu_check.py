@@ -17,14 +17,10 @@ Needs jax and numpy only. Interpret mode is not a speed path: its timings only s
 
 from __future__ import annotations
 
-import argparse
-import json
+import functools
 import os
 import sys
 import time
-import traceback
-
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -50,52 +46,16 @@ def generation_of(device_kind: str) -> str:
 
 
 def check_correctness(*, B, T, H, K, V, interpret, generation):
-    import jax
+    """Mosaic TPU kernels vs impl="chunk" (float32 reference from the same rounded inputs), forward and all
+    gradients, in float32 and bfloat16."""
     import jax.numpy as jnp
 
     from gla_jax.kernels.mosaic_tpu import chunk_gla
-    from gla_jax.ops import gla
 
-    results = []
-    for dtype in (jnp.float32, jnp.bfloat16):
-        name = jnp.dtype(dtype).name
-        q, k, v, g, rng = common._inputs(B, T, H, K, V, dtype, seed=1)
-        h0 = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
-        seg = np.zeros((B, T), np.int32)
-        seg[:, T // 3:] = 1
-        seg[:, (2 * T) // 3:] = 2
-        seg = jnp.asarray(seg)
-        do = jnp.asarray(rng.standard_normal((B, T, H, V)), dtype)
-        dst = jnp.asarray(rng.standard_normal((B, H, K, V)), jnp.float32)
-        kw = dict(output_final_state=True, segment_ids=seg)
-
-        def run(fn, *args):
-            (o, s), vjp = jax.vjp(fn, *args)
-            return (o, s) + tuple(vjp((do.astype(o.dtype), dst)))
-
-        entry = {"dtype": name, "shape": dict(B=B, T=T, H=H, K=K, V=V)}
-        try:
-            t0 = time.perf_counter()
-            got = jax.jit(lambda *a: run(lambda q, k, v, g, h: chunk_gla(
-                q, k, v, g, initial_state=h, interpret=interpret, generation=generation, **kw), *a))(q, k, v, g, h0)
-            got = jax.block_until_ready(got)
-            entry["compile_and_run_s"] = round(time.perf_counter() - t0, 2)
-            f32 = lambda x: x.astype(jnp.float32)
-            with jax.default_matmul_precision("highest"):
-                ref = jax.jit(lambda *a: run(lambda q, k, v, g, h: gla(
-                    q, k, v, g, impl="chunk", initial_state=h, **kw), *a))(f32(q), f32(k), f32(v), f32(g), h0)
-            errs = {n: common.rel_err(a, b)
-                    for n, a, b in zip(("o", "final_state", "dq", "dk", "dv", "dg", "dh0"), got, ref)}
-            entry["rel_err"] = errs
-            entry["tolerance"] = {n: TOL[name] for n in errs}
-            entry["finite"] = bool(all(np.all(np.isfinite(np.asarray(x, np.float32))) for x in got))
-            entry["ok"] = entry["finite"] and all(errs[n] <= TOL[name] for n in errs)
-        except Exception as e:  # noqa: BLE001 - report, keep going
-            entry["ok"] = False
-            entry["error"] = f"{type(e).__name__}: {e}"[:2000]
-            traceback.print_exc()
-        results.append(entry)
-    return results
+    kernel = functools.partial(chunk_gla, interpret=interpret, generation=generation)
+    return [common.correctness_entry(kernel, B=B, T=T, H=H, K=K, V=V, dtype=dtype, seed=1,
+                                     tol=TOL[jnp.dtype(dtype).name])
+            for dtype in (jnp.float32, jnp.bfloat16)]
 
 
 def _impls(interpret, on_tpu, generation, B, H, T):
@@ -141,37 +101,16 @@ def benchmark(*, B, H, D, Ts, interpret, on_tpu, generation, iters, warmup, dead
         q, k, v, g, rng = common._inputs(B, T, H, D, D, jnp.bfloat16, seed=2)
         do = jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.bfloat16)
         for name, (fwd, fwdbwd) in _impls(interpret, on_tpu, generation, B, H, T).items():
-            for mode, fn, args in (("fwd", fwd, (q, k, v, g)), ("fwdbwd", fwdbwd, (q, k, v, g, do))):
-                if time.perf_counter() > deadline:
-                    skipped.append({"impl": name, "T": T, "mode": mode, "reason": "time budget spent"})
-                    continue
-                ms = float("nan")
-                try:
-                    ms, first = common._time_jax(fn, args, iters, warmup)
-                    rows.append({"impl": name, "T": T, "mode": mode, "ms": round(ms, 4),
-                                 "first_call_s": round(first, 2)})
-                except Exception as e:  # noqa: BLE001
-                    skipped.append({"impl": name, "T": T, "mode": mode, "reason": f"{type(e).__name__}: {e}"[:500]})
-                print(f"  T={T:6d} {name:16s} {mode:7s} {ms:10.3f} ms", flush=True)
+            common.time_modes(name, T, fwd, fwdbwd, (q, k, v, g), do, rows, skipped, iters=iters, warmup=warmup,
+                              deadline=deadline)
     return rows, skipped
 
 
 def evaluate_targets(rows, interpret):
     """mosaic_tpu fwd+bwd vs each baseline of TARGETS at every measured T >= 8K."""
-    ms = {(r["impl"], r["T"], r["mode"]): r["ms"] for r in rows}
-    out = []
-    for T in sorted({r["T"] for r in rows if r["T"] >= TARGET_T}):
-        p = ms.get(("mosaic_tpu", T, "fwdbwd"))
-        for other, limit in TARGETS.items():
-            o = ms.get((other, T, "fwdbwd"))
-            entry = {"T": T, "target": f"mosaic_tpu fwd+bwd <= {limit}x {other}", "limit": limit}
-            if interpret:
-                entry.update(ratio=None, met=None, note="interpret mode: not a speed path")
-            elif p is None or o is None:
-                entry.update(ratio=None, met=None, note="not measured")
-            else:
-                entry.update(ratio=round(p / o, 3), met=bool(p / o <= limit))
-            out.append(entry)
+    ms = common.timings_by_key(rows)
+    out = [common.speed_target(ms, "mosaic_tpu", other, T, limit, interpret)
+           for T in sorted({r["T"] for r in rows if r["T"] >= TARGET_T}) for other, limit in TARGETS.items()]
     if not out:
         out.append({"target": f"mosaic_tpu fwd+bwd vs {', '.join(TARGETS)} at T >= {TARGET_T}", "met": None,
                     "note": f"no T >= {TARGET_T} measured"})
@@ -179,17 +118,7 @@ def evaluate_targets(rows, interpret):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="output directory (tpu_check.json, tpu_check.png)")
-    p.add_argument("--interpret", action="store_true", help="TPU interpret mode at tiny sizes (CPU)")
-    p.add_argument("--T", type=int, nargs="*", default=None, help="sequence lengths to time")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--head-dim", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--budget-s", type=float, default=270.0, help="stop timing new rows after this many seconds")
-    p.add_argument("--skip-check", action="store_true")
-    p.add_argument("--skip-bench", action="store_true")
+    p = common.check_parser(__doc__.split("\n\n")[0], "tpu_check", "TPU interpret mode at tiny sizes (CPU)")
     args = p.parse_args(argv)
     if args.budget_s < 0:
         p.error(f"--budget-s: expected seconds >= 0, got {args.budget_s}")
@@ -206,14 +135,7 @@ def main(argv=None):
     backend = jax.default_backend()
     on_tpu = backend == "tpu"
     interpret = args.interpret or not on_tpu
-    if interpret:
-        B, H, D, Ts = args.batch or 1, args.heads or 2, args.head_dim or 32, args.T or [128]
-        chk = dict(B=1, T=140, H=1, K=32, V=32)
-        iters = args.iters or 1
-    else:
-        B, H, D, Ts = args.batch or 4, args.heads or 16, args.head_dim or 128, args.T or [2048, 4096, 8192, 16384]
-        chk = dict(B=2, T=1000, H=4, K=128, V=128)
-        iters = args.iters or 10
+    B, H, D, Ts, chk, iters = common.check_sizes(args, interpret, dict(B=1, T=140, H=1, K=32, V=32))
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", str(dev))
     generation = generation_of(kind) if on_tpu else "v5e"
@@ -231,20 +153,13 @@ def main(argv=None):
     }
     out_json = os.path.join(args.out, "tpu_check.json")
 
-    def save():
-        report["elapsed_s"] = round(time.perf_counter() - start, 1)
-        report["heavy_modules_imported"] = sorted(m for m in ("grain", "optax", "orbax") if m in sys.modules)
-        with open(out_json + ".tmp", "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(out_json + ".tmp", out_json)  # never a half-written report
+    save = common.report_saver(report, out_json, start)
 
     print(f"device: {kind} ({backend}, {generation}); interpret={interpret}", flush=True)
     if not args.skip_check:
         print("(a) correctness vs impl='chunk'", flush=True)
         report["correctness"] = check_correctness(**chk, interpret=interpret, generation=generation)
-        for e in report["correctness"]:
-            print(f"  {e['dtype']:9s} ok={e['ok']} " + " ".join(f"{k}={v:.2e}" for k, v in e.get("rel_err", {}).items())
-                  + (f" error={e['error']}" if "error" in e else ""), flush=True)
+        common.print_correctness(report["correctness"])
         save()
     if not args.skip_bench:
         print(f"(b) timing B={B} H={H} D={D}" + (" (interpret mode: not a speed path)" if interpret else ""),
@@ -254,9 +169,7 @@ def main(argv=None):
         report["timings"], report["skipped"] = rows, skipped
         report["targets"] = evaluate_targets(rows, interpret)
         print(common.table(rows))
-        for t in report["targets"]:
-            print(f"  target {t.get('target')} T={t.get('T', '-')}: ratio={t.get('ratio')} met={t.get('met')}"
-                  + (f" ({t['note']})" if t.get("note") else ""))
+        common.print_targets(report["targets"])
         png = common.plot(rows, os.path.join(args.out, "tpu_check.png"),
                           f"GLA B={B} H={H} D={D} bf16 on {kind}" + (" (interpret)" if interpret else ""))
         report["plot"] = os.path.basename(png) if png else None

@@ -23,6 +23,7 @@ from flax import nnx
 from family_harness import run_family_harness, torch_side_available
 from gla_jax.convert import load_hf, save_hf
 from reference import rel_err
+from train_checks import one_step_losses
 
 TOL = 1e-4  # float32 against PyTorch float32
 needs_torch = pytest.mark.skipif(not torch_side_available(), reason="torch/fla/triton/transformers not installed")
@@ -172,12 +173,9 @@ def test_cache_decoding_and_generate_equal_teacher_forcing(preset):
                                          pytest.param("mamba", "mamba-tiny", marks=pytest.mark.slow),
                                          pytest.param("retnet", "retnet-tiny", marks=pytest.mark.slow)])
 def test_trainer_builds_the_family_and_one_step_lowers_the_loss(arch, preset):
-    import optax
-
     from gla_jax.train import config as C
-    from gla_jax.train import flops, optim
+    from gla_jax.train import flops
     from gla_jax.train import model as loop
-    from gla_jax.train import step as step_lib
 
     cfg = C.load_config(None, [f"model.arch={arch}", f"model.preset={preset}", "model.num_hidden_layers=2",
                                "optim.warmup_steps=0", "optim.lr=1e-2", "train.steps=3"])
@@ -185,22 +183,7 @@ def test_trainer_builds_the_family_and_one_step_lowers_the_loss(arch, preset):
     assert mcfg.model_type == arch and mcfg.num_hidden_layers == 2
     model = nnx.jit(lambda: loop.build_model(mcfg, 0))()
     assert (model.model.layers.mlp is None) == (arch != "retnet")  # Mamba blocks have no MLP
-    graphdef, params = nnx.split(model, nnx.Param)
-    ids = jnp.asarray(np.tile(np.arange(8), (2, 4)), jnp.int32)  # a repeated pattern: learnable
-    tx = optim.make_optimizer(cfg.optim, total_steps=3)
-
-    def loss(p):
-        sums = step_lib.loss_sums(lambda q, t, s: nnx.merge(graphdef, q)(t, segment_ids=s), p,
-                                  {"tokens": ids, "segment_ids": jnp.ones_like(ids)})
-        return sums["loss_sum"] / sums["weight"]
-
-    @jax.jit
-    def before_and_after(p):
-        before, grads = jax.value_and_grad(loss)(p)
-        updates, _ = tx.update(grads, tx.init(p), p)
-        return before, loss(optax.apply_updates(p, updates))
-
-    before, after = before_and_after(params)
+    before, after = one_step_losses(model, cfg.optim)
     assert abs(float(before) - math.log(mcfg.vocab_size)) < 0.2 and float(after) < float(before) - 0.05
     # FLOPs: at least 2 per multiply-add of every matrix (projections and the tied head); the rest is the scan
     abstract = nnx.eval_shape(lambda: loop.build_model(mcfg, 0))

@@ -12,36 +12,13 @@ from jax.experimental import pallas as pl
 from gla_jax.kernels import chunk_gla
 from gla_jax.kernels.triton.lowering import lower_for_cuda, triton_kernel_count
 from gla_jax.kernels.triton.tiling import compiler_params
-from kernel_checks import assert_matches_reference, assert_non_finite_reach
+from kernel_checks import (assert_matches_reference, assert_non_finite_reach, assert_zero_gates_exact,
+                           kernel_inputs)
 from reference import rel_err
 from zero_gates import PATTERNS, place_zero_gates
 
 F32_TOL = 1e-4
 BF16_TOL = 3e-3
-
-
-def _inputs(B, T, H, K, V, dtype, seed, *, gate="layer", segments=False):
-    """Random inputs rounded to ``dtype`` (returned as float32 numpy), and segment ids with 3 documents per row."""
-    rng = np.random.default_rng(seed)
-    rnd = lambda *shape: np.asarray(jnp.asarray(rng.standard_normal(shape), dtype).astype(jnp.float32))
-    q, k, v = rnd(B, T, H, K), rnd(B, T, H, K), rnd(B, T, H, V)
-    if gate == "layer":  # like the layer: log_sigmoid(z) / 16, plus some faster-decaying channels
-        z = rng.standard_normal((B, T, H, K)) * 2.0
-        g = -np.logaddexp(0.0, -z) / np.where(rng.random((B, T, H, K)) < 0.3, 1.0, 16.0)
-    else:  # strong: down to -20 per step
-        g = -rng.uniform(0.0, 20.0, (B, T, H, K))
-    g = np.asarray(jnp.asarray(g, dtype).astype(jnp.float32))
-    h0 = rng.standard_normal((B, H, K, V)).astype(np.float32)
-    seg = None
-    if segments:
-        seg = np.zeros((B, T), np.int32)
-        for b in range(B):
-            cuts = np.sort(rng.choice(np.arange(1, T), 2, replace=False))
-            seg[b, cuts[0]:] = 1
-            seg[b, cuts[1]:] = 2
-    do = rnd(B, T, H, V)
-    dst = rng.standard_normal((B, H, K, V)).astype(np.float32)
-    return q, k, v, g, h0, seg, do, dst
 
 
 def _run(q, k, v, g, h0, seg, do, dst, dtype, *, with_state, final_state, **kw):
@@ -65,14 +42,14 @@ def _run(q, k, v, g, h0, seg, do, dst, dtype, *, with_state, final_state, **kw):
 def _check(case, dtype, *, with_state, final_state, segments, gate="layer", seed=0, zeros=None, **kw):
     """Kernel vs float64 recurrence, forward and every gradient; ``zeros``: a ``zero_gates.PATTERNS`` placement of
     zero gates (then dg must also be exactly 0 at each of them)."""
-    q, k, v, g, h0, seg, do, dst = _inputs(*case, dtype, seed, gate=gate, segments=segments)
+    q, k, v, g, h0, seg, do, dst = kernel_inputs(*case, dtype, seed, gate=gate, segments=segments)
     if zeros is not None:
         g = place_zero_gates(g, zeros, seed=seed)
     o, s, grads = _run(q, k, v, g, h0, seg, do, dst, dtype, with_state=with_state, final_state=final_state, **kw)
     errs = assert_matches_reference(o, s, grads, (q, k, v, g, h0, seg, do, dst), dtype=dtype, with_state=with_state,
                                     final_state=final_state, tol=F32_TOL if dtype == jnp.float32 else BF16_TOL)
     if zeros is not None:
-        assert np.all(np.asarray(grads[3])[g <= -104.0] == 0.0), "dg != 0 at a zero gate"
+        assert_zero_gates_exact(grads[3], g)
     return errs
 
 
@@ -127,7 +104,7 @@ def test_zero_gates_bfloat16_and_strong_gates():
 def test_non_finite_input_reach(name):
     """The operator's contract (gla's docstring): a NaN at position t = 100 poisons its row and head from the start of
     its chunk (64) on; earlier positions, other rows and heads are bit-for-bit as without it."""
-    q, k, v, g, h0, _, _, _ = _inputs(2, 200, 2, 16, 16, jnp.float32, 13)
+    q, k, v, g, h0, _, _, _ = kernel_inputs(2, 200, 2, 16, 16, jnp.float32, 13)
     assert_non_finite_reach(chunk_gla, (q, k, v, g, h0), name, t=100, chunk=64)
 
 
@@ -158,7 +135,7 @@ def test_matches_recurrent_op_and_dispatch():
     alias."""
     from gla_jax.ops import gla
 
-    q, k, v, g, h0, seg, _, _ = _inputs(1, 90, 2, 32, 32, jnp.float32, 3, segments=True)
+    q, k, v, g, h0, seg, _, _ = kernel_inputs(1, 90, 2, 32, 32, jnp.float32, 3, segments=True)
     args = [jnp.asarray(x) for x in (q, k, v, g)]
     kw = dict(initial_state=jnp.asarray(h0), output_final_state=True, segment_ids=jnp.asarray(seg))
     ro, rs = gla(*args, impl="recurrent", **kw)

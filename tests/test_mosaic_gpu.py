@@ -5,6 +5,7 @@ Hopper GPU (compute capability >= 9.0) when one is present and is skipped otherw
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -17,7 +18,7 @@ from gla_jax.kernels.mosaic_gpu.compat import races_found
 from gla_jax.kernels.mosaic_gpu.products import chunk_products
 from gla_jax.kernels.mosaic_gpu.states import state_pass
 from gla_jax.kernels.mosaic_gpu.tiles import SMEM_LIMIT_BYTES, check_smem, smem_bytes
-from kernel_checks import assert_matches_reference
+from kernel_checks import assert_matches_reference, kernel_inputs
 from reference import reference_gla, rel_err
 
 TOL = 4e-3  # bf16/fp16 inputs; fla's own bound for bf16 chunk vs naive is 4e-3..5e-3
@@ -36,27 +37,8 @@ MODES = [pytest.param(True, id="interpret"),
          pytest.param(False, id="gpu", marks=pytest.mark.skipif(not _hopper(), reason="needs a Hopper GPU"))]
 
 
-def _inputs(B, T, H, K, V, dtype, seed, *, gate="layer", segments=False):
-    rng = np.random.default_rng(seed)
-    rnd = lambda *shape: np.asarray(jnp.asarray(rng.standard_normal(shape), dtype).astype(jnp.float32))
-    q, k, v = rnd(B, T, H, K), rnd(B, T, H, K), rnd(B, T, H, V)
-    if gate == "layer":  # like the layer (log_sigmoid / 16) plus some fast-decaying channels
-        z = rng.standard_normal((B, T, H, K)) * 2.0
-        g = -np.logaddexp(0.0, -z) / np.where(rng.random((B, T, H, K)) < 0.3, 1.0, 16.0)
-    else:  # strong: down to -20 per step
-        g = -rng.uniform(0.0, 20.0, (B, T, H, K))
-    g = g.astype(np.float32)
-    h0 = rng.standard_normal((B, H, K, V)).astype(np.float32)
-    seg = None
-    if segments:  # 3 documents per row; one cut on the chunk boundary 64 when T allows
-        seg = np.zeros((B, T), np.int32)
-        for b in range(B):
-            cuts = sorted({int(rng.integers(1, min(T, 64))), min(64, T - 1)})
-            seg[b, cuts[0]:] = 1
-            seg[b, cuts[-1]:] = 2
-    do = rnd(B, T, H, V)
-    dst = rng.standard_normal((B, H, K, V)).astype(np.float32)
-    return q, k, v, g, h0, seg, do, dst
+# one cut of the segment ids on the chunk boundary 64; the gates stay float32 (not rounded to the input dtype)
+_inputs = functools.partial(kernel_inputs, boundary=64, round_gates=False)
 
 
 def _assert_no_races(capfd):

@@ -5,6 +5,7 @@ against its generation's scoped limit."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -15,7 +16,7 @@ import pytest
 from gla_jax.kernels.mosaic_tpu import Tiling, check_vmem, chunk_gla, vmem_bytes
 from gla_jax.kernels.mosaic_tpu import forward as tpu_forward
 from gla_jax.kernels.mosaic_tpu.tiling import SCOPED_VMEM_BYTES
-from kernel_checks import assert_matches_reference, assert_non_finite_reach
+from kernel_checks import assert_matches_reference, assert_non_finite_reach, assert_zero_gates_exact, kernel_inputs
 from reference import reference_gla, rel_err
 from zero_gates import PATTERNS, place_zero_gates
 
@@ -31,27 +32,8 @@ def _races_found() -> bool:
     return bool(getattr(races, "races_found", False))
 
 
-def _inputs(B, T, H, K, V, dtype, seed, *, gate="layer", segments=False):
-    rng = np.random.default_rng(seed)
-    rnd = lambda *shape: np.asarray(jnp.asarray(rng.standard_normal(shape), dtype).astype(jnp.float32))
-    q, k, v = rnd(B, T, H, K), rnd(B, T, H, K), rnd(B, T, H, V)
-    if gate == "layer":  # like the layer (log_sigmoid / 16) plus some fast-decaying channels
-        z = rng.standard_normal((B, T, H, K)) * 2.0
-        g = -np.logaddexp(0.0, -z) / np.where(rng.random((B, T, H, K)) < 0.3, 1.0, 16.0)
-    else:  # strong: down to -20 per step
-        g = -rng.uniform(0.0, 20.0, (B, T, H, K))
-    g = np.asarray(jnp.asarray(g, dtype).astype(jnp.float32))
-    h0 = rng.standard_normal((B, H, K, V)).astype(np.float32)
-    seg = None
-    if segments:  # 3 documents per row; one cut lands on a chunk boundary (128) when T allows
-        seg = np.zeros((B, T), np.int32)
-        for b in range(B):
-            cuts = sorted({int(rng.integers(1, min(T, 128))), min(128, T - 1)})
-            seg[b, cuts[0]:] = 1
-            seg[b, cuts[-1]:] = 2
-    do = rnd(B, T, H, V)
-    dst = rng.standard_normal((B, H, K, V)).astype(np.float32)
-    return q, k, v, g, h0, seg, do, dst
+# one cut of the segment ids on the chunk boundary 128 (the default chunk)
+_inputs = functools.partial(kernel_inputs, boundary=128)
 
 
 def _check(case, dtype, *, with_state, final_state, segments, gate="layer", seed=0, zeros=None, **kw):
@@ -73,7 +55,7 @@ def _check(case, dtype, *, with_state, final_state, segments, gate="layer", seed
                                     final_state=final_state, tol=F32_TOL if dtype == jnp.float32 else BF16_TOL)
     assert not _races_found()
     if zeros is not None:
-        assert np.all(np.asarray(grads[3])[g <= -104.0] == 0.0), "dg != 0 at a zero gate"
+        assert_zero_gates_exact(grads[3], g)
     return errs
 
 

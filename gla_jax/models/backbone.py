@@ -151,14 +151,23 @@ class DecoderModel(nnx.Module):
 
 class CausalLM(nnx.Module):
     """A causal language model on the shared backbone; a family subclasses it setting ``config_class`` and
-    ``block_class`` (a :class:`DecoderBlock` subclass naming its mixer).
+    ``mixer_class`` (its token mixer); the subclass then gets ``block_class``, the :class:`DecoderBlock` subclass of
+    that mixer, named after it (``GLAForCausalLM`` -> ``GLABlock``).
 
     ``model(input_ids [B, T] int, *, segment_ids=None) -> logits [B, T, vocab] float32``. Attributes: ``.model``
     (:class:`DecoderModel`: ``.embeddings``, ``.layers``, ``.norm``) and ``.lm_head`` (None when
     ``tie_word_embeddings``: logits then use the embedding matrix)."""
 
     config_class: type = None
+    mixer_class: type = None
     block_class: type = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "mixer_class" in cls.__dict__:
+            name = cls.__name__.removesuffix("ForCausalLM") + "Block"
+            cls.block_class = type(name, (DecoderBlock,), {"mixer_class": cls.mixer_class,
+                                                           "__module__": cls.__module__, "__qualname__": name})
 
     def __init__(self, config, *, rngs: nnx.Rngs):
         if not isinstance(config, self.config_class):
@@ -173,7 +182,7 @@ class CausalLM(nnx.Module):
 
     def init_cache(self, batch_size: int, max_len: int | None = None):
         """Empty decoding cache (module docstring): fixed-size states ignore ``max_len``; slot caches need it."""
-        mixer = self.block_class.mixer_class
+        mixer = self.mixer_class
         if mixer.uses_slots and max_len is None:
             raise ValueError(f"max_len: a {self.config.model_type} cache has one slot per position; pass max_len")
         one = self.model.layers.attn.init_cache(batch_size, max_len)

@@ -215,11 +215,77 @@ _SHARED_UNSUPPORTED = (
 )
 
 
+def _field_set(cls) -> frozenset:
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
 @dataclasses.dataclass(frozen=True)
-class GLAConfig(ModelConfig):
-    """GLA language model config. Fields up to ``attnres_block_size`` mirror fla's ``GLAConfig`` (names and
-    defaults); ``attn_mode``, ``use_gk``, ``use_gv``, ``max_position_embeddings``, ``use_cache`` and the token ids are
-    kept for round trips but do not change the math (fla's layer ignores use_gk/use_gv too).
+class FlaDecoderConfig(ModelConfig):
+    """The fields fla's decoder configs (``GLAConfig``, ``RetNetConfig``, ``TransformerConfig``) share, with fla's
+    defaults (a family overrides a default where fla's differs, e.g. RetNet's ``hidden_ratio``);
+    ``max_position_embeddings``, ``use_cache`` and the token ids are kept for round trips but do not change the
+    math. A subclass adds ``num_heads`` and its own fields and lists them with :data:`FLA_DECODER_FIELDS` in
+    ``HF_FIELDS``."""
+
+    hidden_size: int = 2048
+    num_hidden_layers: int = 24
+    num_kv_heads: int | None = None
+    hidden_ratio: int | None = 4
+    intermediate_size: int | None = None
+    hidden_act: str = "swish"
+    max_position_embeddings: int = 2048
+    elementwise_affine: bool | None = True
+    norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    vocab_size: int = 32000
+    attnres_block_size: int | None = None
+
+    HF_UNSUPPORTED = _SHARED_UNSUPPORTED
+
+
+#: The fla config fields every :class:`FlaDecoderConfig` has.
+FLA_DECODER_FIELDS = _field_set(FlaDecoderConfig) - _field_set(ModelConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlaLinearAttentionConfig(FlaDecoderConfig):
+    """The fields fla's linear-attention configs (``GLAConfig``, ``RetNetConfig``) add, with fla GLA's defaults
+    (RetNet overrides ``expand_k``/``expand_v``): key/value widths ``hidden_size · expand_k/v``, the feature map, the
+    short convolution, the output gate, and ``attn`` (hybrid softmax-attention layers, which must be None here).
+    ``attn_mode`` only picks fla's kernel."""
+
+    attn_mode: str = "chunk"
+    expand_k: float = 0.5
+    expand_v: float = 1.0
+    feature_map: str | None = None
+    use_short_conv: bool = False
+    conv_size: int = 4
+    use_output_gate: bool = True
+    attn: dict | None = None
+
+    HF_UNSUPPORTED = _SHARED_UNSUPPORTED + (
+        ("attn", lambda v: v is None, "hybrid models with softmax-attention layers are not supported"),)
+
+    def _check_common(self):
+        super()._check_common()
+        if self.attn is not None:
+            raise ValueError("attn: hybrid softmax-attention layers are not supported (set attn to null)")
+
+
+#: The fla config fields every :class:`FlaLinearAttentionConfig` has.
+FLA_LINEAR_ATTENTION_FIELDS = _field_set(FlaLinearAttentionConfig) - _field_set(ModelConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class GLAConfig(FlaLinearAttentionConfig):
+    """GLA language model config. fla's ``GLAConfig`` fields (names and defaults): those of
+    :class:`FlaLinearAttentionConfig` plus ``num_heads``, ``clamp_min``, ``use_gk`` and ``use_gv`` (the last two kept
+    for round trips: fla's layer ignores them too).
 
     gla-jax fields: ``gate`` ("gla" | "scalar" | "fixed" | "none", the paper's ablation), ``impl`` (operator backend:
     one of ``gla_jax.ops.registry.choices()``, e.g. "auto", "chunk", "triton"), ``chunk_size``,
@@ -229,35 +295,10 @@ class GLAConfig(ModelConfig):
 
     model_type = "gla"
 
-    hidden_size: int = 2048
-    expand_k: float = 0.5
-    expand_v: float = 1.0
-    hidden_ratio: int | None = 4
-    intermediate_size: int | None = None
-    num_hidden_layers: int = 24
     num_heads: int = 4
-    num_kv_heads: int | None = None
-    feature_map: str | None = None
-    attn_mode: str = "chunk"
-    use_short_conv: bool = False
-    conv_size: int = 4
-    use_output_gate: bool = True
     clamp_min: float | None = None
-    hidden_act: str = "swish"
-    max_position_embeddings: int = 2048
-    elementwise_affine: bool | None = True
-    norm_eps: float = 1e-6
     use_gk: bool = True
     use_gv: bool = False
-    attn: dict | None = None
-    use_cache: bool = True
-    pad_token_id: int | None = None
-    bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
-    vocab_size: int = 32000
-    attnres_block_size: int | None = None
     # gla-jax
     gate: str = "gla"
     impl: str = "auto"
@@ -266,15 +307,8 @@ class GLAConfig(ModelConfig):
     gate_low_rank_dim: int = 16
     conv_bias: bool = False
 
-    HF_FIELDS = frozenset({
-        "hidden_size", "expand_k", "expand_v", "hidden_ratio", "intermediate_size", "num_hidden_layers",
-        "num_heads", "num_kv_heads", "feature_map", "attn_mode", "use_short_conv", "conv_size", "use_output_gate",
-        "clamp_min", "hidden_act", "max_position_embeddings", "elementwise_affine", "norm_eps", "use_gk", "use_gv",
-        "attn", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings",
-        "initializer_range", "vocab_size", "attnres_block_size"})
+    HF_FIELDS = FLA_LINEAR_ATTENTION_FIELDS | {"num_heads", "clamp_min", "use_gk", "use_gv"}
     HF_ARCHITECTURES = ("GLAForCausalLM", "GLAModel")
-    HF_UNSUPPORTED = _SHARED_UNSUPPORTED + (
-        ("attn", lambda v: v is None, "hybrid models with softmax-attention layers are not supported"),)
 
     def hf_export_problem(self):
         if self.gate_low_rank_dim != 16:
@@ -289,8 +323,6 @@ class GLAConfig(ModelConfig):
 
     def __post_init__(self):
         self._check_common()
-        if self.attn is not None:
-            raise ValueError("attn: hybrid softmax-attention layers are not supported (set attn to null)")
         from gla_jax.layers.gla import GATES
         from gla_jax.ops import registry
 
@@ -310,43 +342,23 @@ class GLAConfig(ModelConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig(ModelConfig):
-    """Transformer++ (LLaMA-style) config; fields up to ``attnres_block_size`` mirror fla's ``TransformerConfig``.
-    ``window_size`` (sliding window) must be None. gla-jax fields: the shared ones (:class:`ModelConfig`) and
-    ``attention_impl`` (``jax.nn.dot_product_attention`` implementation: None = let JAX choose, "xla", "cudnn")."""
+class TransformerConfig(FlaDecoderConfig):
+    """Transformer++ (LLaMA-style) config. fla's ``TransformerConfig`` fields: those of :class:`FlaDecoderConfig`
+    plus ``num_heads``, ``qkv_bias``, ``qk_norm``, ``window_size`` (sliding window: must be None) and ``rope_theta``.
+    gla-jax fields: the shared ones (:class:`ModelConfig`) and ``attention_impl`` (``jax.nn.dot_product_attention``
+    implementation: None = let JAX choose, "xla", "cudnn")."""
 
     model_type = "transformer"
 
-    hidden_size: int = 2048
-    num_hidden_layers: int = 24
     num_heads: int = 32
-    num_kv_heads: int | None = None
     qkv_bias: bool = False
     qk_norm: bool = False
     window_size: int | None = None
     rope_theta: float | None = 10000.0
-    max_position_embeddings: int = 2048
-    hidden_ratio: int | None = 4
-    intermediate_size: int | None = None
-    hidden_act: str = "swish"
-    initializer_range: float = 0.02
-    elementwise_affine: bool | None = True
-    norm_eps: float = 1e-6
-    use_cache: bool = True
-    pad_token_id: int | None = None
-    bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
-    tie_word_embeddings: bool = False
-    vocab_size: int = 32000
-    attnres_block_size: int | None = None
     # gla-jax
     attention_impl: str | None = None
 
-    HF_FIELDS = frozenset({
-        "hidden_size", "num_hidden_layers", "num_heads", "num_kv_heads", "qkv_bias", "qk_norm", "window_size",
-        "rope_theta", "max_position_embeddings", "hidden_ratio", "intermediate_size", "hidden_act",
-        "initializer_range", "elementwise_affine", "norm_eps", "use_cache", "pad_token_id", "bos_token_id",
-        "eos_token_id", "tie_word_embeddings", "vocab_size", "attnres_block_size"})
+    HF_FIELDS = FLA_DECODER_FIELDS | {"num_heads", "qkv_bias", "qk_norm", "window_size", "rope_theta"}
     HF_ARCHITECTURES = ("TransformerForCausalLM", "TransformerModel")
     HF_UNSUPPORTED = _SHARED_UNSUPPORTED + (
         ("window_size", lambda v: v is None, "sliding-window attention is not supported"),)
@@ -369,4 +381,5 @@ class TransformerConfig(ModelConfig):
 # Presets live with their families (gla_jax/models/gla.py, transformer.py); these names stay importable from here.
 from gla_jax.models.registry import PRESETS, get_config  # noqa: E402
 
-__all__ = ["DTYPES", "GLAConfig", "ModelConfig", "PRESETS", "REMAT_POLICIES", "TransformerConfig", "get_config"]
+__all__ = ["DTYPES", "FLA_DECODER_FIELDS", "FLA_LINEAR_ATTENTION_FIELDS", "FlaDecoderConfig",
+           "FlaLinearAttentionConfig", "GLAConfig", "ModelConfig", "PRESETS", "REMAT_POLICIES", "TransformerConfig", "get_config"]

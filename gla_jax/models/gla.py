@@ -4,9 +4,9 @@ its presets, FLOP count and fla tensor map, registered in one line at the bottom
 from __future__ import annotations
 
 from gla_jax.layers.gla import GatedLinearAttention
-from gla_jax.models.backbone import CausalLM, DecoderBlock, MixContext
+from gla_jax.models.backbone import CausalLM, MixContext
 from gla_jax.models.config import GLAConfig
-from gla_jax.models.registry import Family, HFTensor, register_family
+from gla_jax.models.registry import Family, HFTensor, paper_presets, register_family
 
 
 class GLAMixer(GatedLinearAttention):
@@ -35,16 +35,15 @@ class GLAMixer(GatedLinearAttention):
         return self(x, segment_ids=ctx.segment_ids, cache=cache, return_cache=True, impl=ctx.impl)
 
 
-class GLABlock(DecoderBlock):
-    mixer_class = GLAMixer
-
-
 class GLAForCausalLM(CausalLM):
     """GLA language model. ``model(input_ids [B, T] int, *, segment_ids=None) -> logits [B, T, vocab] float32``;
     decoding state per layer ``[B, H, Dk/H, Dv/H]`` whatever the context length (see :class:`CausalLM`)."""
 
     config_class = GLAConfig
-    block_class = GLABlock
+    mixer_class = GLAMixer
+
+
+GLABlock = GLAForCausalLM.block_class
 
 
 def _dims(c: GLAConfig) -> dict[str, int]:
@@ -102,10 +101,5 @@ def gla_hf_layout(c: GLAConfig, raw: dict | None = None) -> dict[str, HFTensor]:
     return HFTensor.decoder_layout(c, per_layer, mlp_width=I, vocab=V)
 
 
-register_family(Family("gla", GLAConfig, GLAForCausalLM, mixer_flops=gla_mixer_flops, hf_layout=gla_hf_layout, presets={
-    "gla-340m": dict(hidden_size=1024, num_hidden_layers=24, num_heads=4, vocab_size=32000, tie_word_embeddings=True),
-    "gla-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_heads=4, vocab_size=32000, tie_word_embeddings=False),
-    # small CPU models: the byte tokenizer's 257 ids padded to 320 (override with get_config(name, vocab_size=...))
-    "gla-tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=320, tie_word_embeddings=True),
-    "gla-small": dict(hidden_size=256, num_hidden_layers=4, num_heads=4, vocab_size=320, tie_word_embeddings=True),
-}))
+register_family(Family("gla", GLAConfig, GLAForCausalLM, mixer_flops=gla_mixer_flops, hf_layout=gla_hf_layout,
+                       presets=paper_presets("gla", heads_340m=4, heads_1_3b=4)))

@@ -14,75 +14,39 @@ import dataclasses
 import math
 
 from gla_jax.layers.mamba import MambaMixer
-from gla_jax.models.backbone import CausalLM, DecoderBlock, RecurrentLayerMixer
-from gla_jax.models.config import ModelConfig
+from gla_jax.models.backbone import CausalLM, RecurrentLayerMixer
+from gla_jax.models.mamba_config import MAMBA_FAMILY_FIELDS, MambaFamilyConfig, mamba_hf_layout_frame
 from gla_jax.models.registry import Family, HFTensor, register_family
 
 
 @dataclasses.dataclass(frozen=True)
-class MambaConfig(ModelConfig):
-    """Mamba config. Fields up to ``tie_word_embeddings`` mirror transformers' ``MambaConfig`` (names and
-    defaults); ``time_step_scale/min/max/init_scheme/floor``, ``rescale_prenorm_residual``, ``residual_in_fp32``,
-    ``use_mambapy``, ``use_associative_scan``, ``use_cache`` and the token ids only choose PyTorch's initialisation,
-    kernels or bookkeeping and are kept for round trips (the residual stream is in the compute dtype here).
-    ``intermediate_size`` is ``expand · hidden_size`` (transformers writes it to config.json and recomputes it).
-    gla-jax's own: ``chunk_size`` (steps per chunk of the selective scan, docs/design.md §9.2) and the shared
-    fields of :class:`ModelConfig`."""
+class MambaConfig(MambaFamilyConfig):
+    """Mamba config. transformers' ``MambaConfig`` fields (names and defaults): those of
+    :class:`MambaFamilyConfig` plus ``time_step_scale``, ``time_step_init_scheme``, ``use_mambapy`` and
+    ``use_associative_scan`` (initialisation or kernel choices, kept for round trips). ``intermediate_size`` is
+    ``expand · hidden_size`` (transformers writes it to config.json and recomputes it). gla-jax's own:
+    ``chunk_size`` (steps per chunk of the selective scan, docs/design.md §9.2) and the shared fields of
+    :class:`ModelConfig`."""
 
     model_type = "mamba"
 
-    vocab_size: int = 50280
-    hidden_size: int = 768
-    state_size: int = 16
-    num_hidden_layers: int = 32
-    layer_norm_epsilon: float = 1e-5
-    pad_token_id: int | None = 0
-    bos_token_id: int | None = 0
-    eos_token_id: int | None = 0
-    expand: int = 2
-    conv_kernel: int = 4
-    use_bias: bool = False
-    use_conv_bias: bool = True
-    hidden_act: str = "silu"
-    initializer_range: float = 0.1
-    residual_in_fp32: bool = True
-    time_step_rank: int | str = "auto"
     time_step_scale: float = 1.0
-    time_step_min: float = 0.001
-    time_step_max: float = 0.1
     time_step_init_scheme: str = "random"
-    time_step_floor: float = 1e-4
-    rescale_prenorm_residual: bool = False
-    use_cache: bool = True
     use_mambapy: bool = False
     use_associative_scan: bool = True
-    tie_word_embeddings: bool = True
     # gla-jax
     chunk_size: int = 64
 
-    HF_FIELDS = frozenset({
-        "vocab_size", "hidden_size", "state_size", "num_hidden_layers", "layer_norm_epsilon", "pad_token_id",
-        "bos_token_id", "eos_token_id", "expand", "conv_kernel", "use_bias", "use_conv_bias", "hidden_act",
-        "initializer_range", "residual_in_fp32", "time_step_rank", "time_step_scale", "time_step_min",
-        "time_step_max", "time_step_init_scheme", "time_step_floor", "rescale_prenorm_residual", "use_cache",
-        "use_mambapy", "use_associative_scan", "tie_word_embeddings"})
+    HF_FIELDS = MAMBA_FAMILY_FIELDS | {"time_step_scale", "time_step_init_scheme", "use_mambapy",
+                                       "use_associative_scan"}
     HF_ARCHITECTURES = ("MambaForCausalLM", "MambaModel")
-    HF_UNSUPPORTED = (("hidden_act", lambda v: v in ("silu", "swish"), "only the silu activation is supported"),)
-    HF_KERNEL_KEYS = {}
-    HF_ACT_NAMES = {}
 
     def __post_init__(self):
-        self._check_shared()
-        for name in ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "expand", "conv_kernel",
-                     "chunk_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        self._check_mamba("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "expand", "conv_kernel",
+                          "chunk_size")
         r = self.time_step_rank
         if r != "auto" and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
             raise ValueError(f"time_step_rank: expected 'auto' or a positive int, got {r!r}")
-        if self.hidden_act not in ("silu", "swish"):
-            raise ValueError(f"hidden_act: only 'silu' is supported, got {self.hidden_act!r}")
 
     @classmethod
     def from_hf(cls, raw: dict, **overrides):
@@ -93,21 +57,6 @@ class MambaConfig(ModelConfig):
             raise ValueError(f"config.json: intermediate_size={raw['intermediate_size']!r} is not expand * hidden_size "
                              f"= {config.intermediate_size}")
         return config
-
-    @property
-    def norm_eps(self) -> float:
-        """The backbone's RMSNorm epsilon (transformers' ``layer_norm_epsilon``)."""
-        return self.layer_norm_epsilon
-
-    @property
-    def mlp_intermediate_size(self) -> int:
-        """0: Mamba blocks have no MLP."""
-        return 0
-
-    @property
-    def intermediate_size(self) -> int:
-        """The mixer's inner width ``expand · hidden_size``."""
-        return self.expand * self.hidden_size
 
     @property
     def dt_rank(self) -> int:
@@ -127,16 +76,15 @@ class MambaLMMixer(RecurrentLayerMixer, MambaMixer):
                    dtype=c.compute_dtype, param_dtype=c.params_dtype, rngs=rngs)
 
 
-class MambaBlock(DecoderBlock):
-    mixer_class = MambaLMMixer
-
-
 class MambaForCausalLM(CausalLM):
     """Mamba language model. ``model(input_ids [B, T] int, *, segment_ids=None) -> logits [B, T, vocab] float32``;
     decoding state per layer ``[B, I, N]`` + conv tail whatever the context length (see :class:`CausalLM`)."""
 
     config_class = MambaConfig
-    block_class = MambaBlock
+    mixer_class = MambaLMMixer
+
+
+MambaBlock = MambaForCausalLM.block_class
 
 
 def mamba_mixer_flops(c: MambaConfig, seq_len: int) -> float:
@@ -149,21 +97,13 @@ def mamba_mixer_flops(c: MambaConfig, seq_len: int) -> float:
 
 def mamba_hf_layout(c: MambaConfig, raw: dict | None = None) -> dict[str, HFTensor]:
     """transformers ``MambaForCausalLM`` tensor name -> our stacked parameter (see :class:`HFTensor`)."""
-    D, I, N, R = c.hidden_size, c.intermediate_size, c.state_size, c.dt_rank
-    rows = [("in_proj.weight", ("in_proj", "kernel"), "linear", (2 * I, D)),
-            ("conv1d.weight", ("conv1d", "weight"), "conv", (I, 1, c.conv_kernel)),
-            ("x_proj.weight", ("x_proj", "kernel"), "linear", (R + 2 * N, I)),
-            ("dt_proj.weight", ("dt_proj", "kernel"), "linear", (I, R)),
-            ("dt_proj.bias", ("dt_proj", "bias"), "plain", (I,)),
-            ("A_log", ("A_log",), "plain", (I, N)),
-            ("D", ("D",), "plain", (I,)),
-            ("out_proj.weight", ("out_proj", "kernel"), "linear", (D, I))]
-    if c.use_bias:
-        rows += [("in_proj.bias", ("in_proj", "bias"), "plain", (2 * I,)),
-                 ("out_proj.bias", ("out_proj", "bias"), "plain", (D,))]
-    if c.use_conv_bias:
-        rows.append(("conv1d.bias", ("conv1d", "bias"), "plain", (I,)))
-    return HFTensor.backbone_layout(c, rows, vocab=c.vocab_size)
+    I, N, R = c.intermediate_size, c.state_size, c.dt_rank
+    ssm = [("x_proj.weight", ("x_proj", "kernel"), "linear", (R + 2 * N, I)),
+           ("dt_proj.weight", ("dt_proj", "kernel"), "linear", (I, R)),
+           ("dt_proj.bias", ("dt_proj", "bias"), "plain", (I,)),
+           ("A_log", ("A_log",), "plain", (I, N)),
+           ("D", ("D",), "plain", (I,))]
+    return mamba_hf_layout_frame(c, ssm, in_width=2 * I, conv_dim=I)
 
 
 # Paper scale: the Mamba paper's 370M / 1.3B shapes (48 blocks: no MLP, twice GLA's depth; state 16, expand 2)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 
 from gla_jax.layers.mamba2 import Mamba2Mixer
-from gla_jax.models.backbone import CausalLM, DecoderBlock, RecurrentLayerMixer
-from gla_jax.models.config import ModelConfig
+from gla_jax.models.backbone import CausalLM, RecurrentLayerMixer
+from gla_jax.models.mamba_config import MAMBA_FAMILY_FIELDS, MambaFamilyConfig, mamba_hf_layout_frame
 from gla_jax.models.registry import Family, HFTensor, register_family
 
 
@@ -30,89 +30,45 @@ def _json_float(value) -> float | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Mamba2Config(ModelConfig):
-    """Mamba2 config. Fields up to ``tie_word_embeddings`` mirror transformers' ``Mamba2Config`` (names and defaults);
-    ``time_step_rank``, ``time_step_min/max/floor``, ``rescale_prenorm_residual``, ``residual_in_fp32``, ``use_cache``
-    and the token ids only choose PyTorch's initialisation or bookkeeping and are kept for round trips (the residual
-    stream is in the compute dtype here). ``chunk_size`` is the SSD chunk length (a speed setting in both
-    libraries; the operator uses :attr:`scan_chunk_size`). gla-jax's own: the shared fields of :class:`ModelConfig`."""
+class Mamba2Config(MambaFamilyConfig):
+    """Mamba2 config. transformers' ``Mamba2Config`` fields (names and defaults): those of
+    :class:`MambaFamilyConfig` (with Mamba2's sizes, token ids and untied head) plus ``num_heads``, ``head_dim``,
+    ``n_groups``, ``time_step_limit`` and ``chunk_size``, the SSD chunk length (a speed setting in both libraries;
+    the operator uses :attr:`scan_chunk_size`). ``intermediate_size`` is ``expand · hidden_size`` (= ``num_heads ·
+    head_dim``). gla-jax's own: the shared fields of :class:`ModelConfig`."""
 
     model_type = "mamba2"
 
-    num_heads: int = 128
-    head_dim: int = 64
     vocab_size: int = 32768
     hidden_size: int = 4096
     state_size: int = 128
     num_hidden_layers: int = 64
-    layer_norm_epsilon: float = 1e-5
     pad_token_id: int | None = 1
-    bos_token_id: int | None = 0
     eos_token_id: int | None = 2
-    expand: int = 2
-    conv_kernel: int = 4
-    n_groups: int = 8
-    use_bias: bool = False
-    use_conv_bias: bool = True
-    hidden_act: str = "silu"
-    initializer_range: float = 0.1
-    residual_in_fp32: bool = True
-    time_step_rank: int | str = "auto"
-    time_step_min: float = 0.001
-    time_step_max: float = 0.1
-    time_step_floor: float = 1e-4
-    time_step_limit: tuple = (0.0, float("inf"))
-    rescale_prenorm_residual: bool = False
-    use_cache: bool = True
-    chunk_size: int = 256
     tie_word_embeddings: bool = False
+    num_heads: int = 128
+    head_dim: int = 64
+    n_groups: int = 8
+    time_step_limit: tuple = (0.0, float("inf"))
+    chunk_size: int = 256
 
-    HF_FIELDS = frozenset({
-        "num_heads", "head_dim", "vocab_size", "hidden_size", "state_size", "num_hidden_layers", "layer_norm_epsilon",
-        "pad_token_id", "bos_token_id", "eos_token_id", "expand", "conv_kernel", "n_groups", "use_bias",
-        "use_conv_bias", "hidden_act", "initializer_range", "residual_in_fp32", "time_step_rank", "time_step_min",
-        "time_step_max", "time_step_floor", "time_step_limit", "rescale_prenorm_residual", "use_cache", "chunk_size",
-        "tie_word_embeddings"})
+    HF_FIELDS = MAMBA_FAMILY_FIELDS | {"num_heads", "head_dim", "n_groups", "time_step_limit", "chunk_size"}
     HF_ARCHITECTURES = ("Mamba2ForCausalLM", "Mamba2Model")
-    HF_UNSUPPORTED = (("hidden_act", lambda v: v in ("silu", "swish"), "only the silu activation is supported"),)
-    HF_KERNEL_KEYS = {}
-    HF_ACT_NAMES = {}
 
     def __post_init__(self):
-        self._check_shared()
-        for name in ("num_heads", "head_dim", "vocab_size", "hidden_size", "state_size", "num_hidden_layers",
-                     "expand", "conv_kernel", "n_groups", "chunk_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        self._check_mamba("num_heads", "head_dim", "vocab_size", "hidden_size", "state_size", "num_hidden_layers",
+                          "expand", "conv_kernel", "n_groups", "chunk_size")
         if self.num_heads * self.head_dim != self.expand * self.hidden_size:
             raise ValueError(f"num_heads * head_dim: must equal expand * hidden_size = {self.expand * self.hidden_size}"
                              f", got {self.num_heads} * {self.head_dim}")
         if self.num_heads % self.n_groups:
             raise ValueError(f"n_groups: must divide num_heads={self.num_heads}, got {self.n_groups}")
-        if self.hidden_act not in ("silu", "swish"):
-            raise ValueError(f"hidden_act: only 'silu' is supported, got {self.hidden_act!r}")
         limit = self.time_step_limit
         if isinstance(limit, (tuple, list)) and len(limit) == 2:
             limit = tuple(_json_float(v) for v in limit)
         if not (isinstance(limit, tuple) and len(limit) == 2 and None not in limit and limit[0] <= limit[1]):
             raise ValueError(f"time_step_limit: expected (low, high) with low <= high, got {self.time_step_limit!r}")
         object.__setattr__(self, "time_step_limit", limit)
-
-    @property
-    def norm_eps(self) -> float:
-        """The backbone's RMSNorm epsilon (transformers' ``layer_norm_epsilon``)."""
-        return self.layer_norm_epsilon
-
-    @property
-    def mlp_intermediate_size(self) -> int:
-        """0: Mamba2 blocks have no MLP."""
-        return 0
-
-    @property
-    def intermediate_size(self) -> int:
-        """The mixer's inner width ``expand · hidden_size`` (= ``num_heads · head_dim``)."""
-        return self.expand * self.hidden_size
 
     @property
     def scan_chunk_size(self) -> int:
@@ -134,16 +90,15 @@ class Mamba2LMMixer(RecurrentLayerMixer, Mamba2Mixer):
                    dtype=c.compute_dtype, param_dtype=c.params_dtype, rngs=rngs)
 
 
-class Mamba2Block(DecoderBlock):
-    mixer_class = Mamba2LMMixer
-
-
 class Mamba2ForCausalLM(CausalLM):
     """Mamba2 language model. ``model(input_ids [B, T] int, *, segment_ids=None) -> logits [B, T, vocab] float32``;
     decoding state per layer ``[B, H, N, P]`` + conv tail whatever the context length (see :class:`CausalLM`)."""
 
     config_class = Mamba2Config
-    block_class = Mamba2Block
+    mixer_class = Mamba2LMMixer
+
+
+Mamba2Block = Mamba2ForCausalLM.block_class
 
 
 def mamba2_mixer_flops(c: Mamba2Config, seq_len: int) -> float:
@@ -160,21 +115,13 @@ def mamba2_mixer_flops(c: Mamba2Config, seq_len: int) -> float:
 
 def mamba2_hf_layout(c: Mamba2Config, raw: dict | None = None) -> dict[str, HFTensor]:
     """transformers ``Mamba2ForCausalLM`` tensor name -> our stacked parameter (see :class:`HFTensor`)."""
-    D, I, H, N, G = c.hidden_size, c.intermediate_size, c.num_heads, c.state_size, c.n_groups
-    conv_dim = I + 2 * G * N
-    rows = [("in_proj.weight", ("in_proj", "kernel"), "linear", (I + conv_dim + H, D)),
-            ("conv1d.weight", ("conv1d", "weight"), "conv", (conv_dim, 1, c.conv_kernel)),
-            ("dt_bias", ("dt_bias",), "plain", (H,)),
-            ("A_log", ("A_log",), "plain", (H,)),
-            ("D", ("D",), "plain", (H,)),
-            ("norm.weight", ("norm_weight",), "plain", (I,)),
-            ("out_proj.weight", ("out_proj", "kernel"), "linear", (D, I))]
-    if c.use_bias:
-        rows += [("in_proj.bias", ("in_proj", "bias"), "plain", (I + conv_dim + H,)),
-                 ("out_proj.bias", ("out_proj", "bias"), "plain", (D,))]
-    if c.use_conv_bias:
-        rows.append(("conv1d.bias", ("conv1d", "bias"), "plain", (conv_dim,)))
-    return HFTensor.backbone_layout(c, rows, vocab=c.vocab_size)
+    I, H = c.intermediate_size, c.num_heads
+    conv_dim = I + 2 * c.n_groups * c.state_size
+    ssm = [("dt_bias", ("dt_bias",), "plain", (H,)),
+           ("A_log", ("A_log",), "plain", (H,)),
+           ("D", ("D",), "plain", (H,)),
+           ("norm.weight", ("norm_weight",), "plain", (I,))]
+    return mamba_hf_layout_frame(c, ssm, in_width=I + conv_dim + H, conv_dim=conv_dim)
 
 
 # Paper scale: the Mamba2 paper's 370M / 1.3B shapes (48 blocks: no MLP, twice GLA's depth; head dim 64, state 128,

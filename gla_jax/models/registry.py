@@ -72,14 +72,7 @@ class HFTensor:
             ("mlp.gate_proj.weight", ("mlp", "gate_proj", "kernel"), "linear", (I, D)),
             ("mlp.up_proj.weight", ("mlp", "up_proj", "kernel"), "linear", (I, D)),
             ("mlp.down_proj.weight", ("mlp", "down_proj", "kernel"), "linear", (D, I))]
-        out = {"model.embeddings.weight": HFTensor(("model", "embeddings", "embedding"), None, "plain", (vocab, D))}
-        for i in range(config.num_hidden_layers):
-            for name, path, kind, shape in rows:
-                out[f"model.layers.{i}.{name}"] = HFTensor(("model", "layers") + tuple(path), i, kind, tuple(shape))
-        out["model.norm.weight"] = HFTensor(("model", "norm", "weight"), None, "plain", (D,))
-        if not config.tie_word_embeddings:
-            out["lm_head.weight"] = HFTensor(("lm_head", "kernel"), None, "linear", (vocab, D))
-        return out
+        return HFTensor._model_layout(config, "model", "norm", rows, vocab)
 
     @staticmethod
     def backbone_layout(config, per_layer, *, vocab: int) -> dict[str, "HFTensor"]:
@@ -90,11 +83,19 @@ class HFTensor:
         D = config.hidden_size
         rows = [("norm.weight", ("attn_norm", "weight"), "plain", (D,))]
         rows += [("mixer." + name, ("attn",) + tuple(path), kind, shape) for name, path, kind, shape in per_layer]
-        out = {"backbone.embeddings.weight": HFTensor(("model", "embeddings", "embedding"), None, "plain", (vocab, D))}
+        return HFTensor._model_layout(config, "backbone", "norm_f", rows, vocab)
+
+    @staticmethod
+    def _model_layout(config, prefix: str, final_norm: str, rows, vocab: int) -> dict[str, "HFTensor"]:
+        """The map both layouts share: ``{prefix}.embeddings``, ``{prefix}.layers.{i}.*`` from the per-layer
+        ``rows`` (hf suffix, our path under the block, kind, hf shape), ``{prefix}.{final_norm}`` and ``lm_head``
+        when untied (our paths: ``model.embeddings``, ``model.layers``, ``model.norm``, ``lm_head``)."""
+        D = config.hidden_size
+        out = {f"{prefix}.embeddings.weight": HFTensor(("model", "embeddings", "embedding"), None, "plain", (vocab, D))}
         for i in range(config.num_hidden_layers):
             for name, path, kind, shape in rows:
-                out[f"backbone.layers.{i}.{name}"] = HFTensor(("model", "layers") + tuple(path), i, kind, tuple(shape))
-        out["backbone.norm_f.weight"] = HFTensor(("model", "norm", "weight"), None, "plain", (D,))
+                out[f"{prefix}.layers.{i}.{name}"] = HFTensor(("model", "layers") + tuple(path), i, kind, tuple(shape))
+        out[f"{prefix}.{final_norm}.weight"] = HFTensor(("model", "norm", "weight"), None, "plain", (D,))
         if not config.tie_word_embeddings:
             out["lm_head.weight"] = HFTensor(("lm_head", "kernel"), None, "linear", (vocab, D))
         return out
@@ -204,6 +205,24 @@ def resolve_config(spec, *, arch: str | None = None, **overrides):
     return config
 
 
+def paper_presets(family: str, *, heads_340m: int, heads_1_3b: int) -> dict[str, dict[str, Any]]:
+    """The presets of an fla decoder family (GLA, RetNet, Transformer++) at the GLA paper's sizes, all with 24 layers
+    and the 32,000-token vocabulary: ``{family}-340m`` (1024 wide, tied embeddings) and ``{family}-1.3b`` (2048 wide,
+    untied), with the given head counts; and the small CPU models ``{family}-tiny`` (64 wide, 2 layers, 2 heads) and
+    ``{family}-small`` (256 wide, 4 layers, 4 heads), tied, with the byte tokenizer's 257 ids padded to 320
+    (override with ``get_config(name, vocab_size=...)``)."""
+    return {
+        f"{family}-340m": dict(hidden_size=1024, num_hidden_layers=24, num_heads=heads_340m, vocab_size=32000,
+                               tie_word_embeddings=True),
+        f"{family}-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_heads=heads_1_3b, vocab_size=32000,
+                               tie_word_embeddings=False),
+        f"{family}-tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=320,
+                               tie_word_embeddings=True),
+        f"{family}-small": dict(hidden_size=256, num_hidden_layers=4, num_heads=4, vocab_size=320,
+                                tie_word_embeddings=True),
+    }
+
+
 def config_field_types(config_class) -> dict[str, Any]:
     """Field name -> resolved type annotation of a config class (for the trainer's string coercion)."""
     hints = typing.get_type_hints(config_class)
@@ -211,4 +230,5 @@ def config_field_types(config_class) -> dict[str, Any]:
 
 
 __all__ = ["Family", "HFTensor", "PRESETS", "build_model", "config_field_types", "config_from_dict", "families", "family_for_hf",
-           "family_of", "get_config", "get_family", "register_family", "resolve_config", "unregister_family"]
+           "family_of", "get_config", "get_family", "paper_presets", "register_family", "resolve_config",
+           "unregister_family"]

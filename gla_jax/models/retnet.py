@@ -12,66 +12,35 @@ from __future__ import annotations
 import dataclasses
 
 from gla_jax.layers.retention import MultiScaleRetention
-from gla_jax.models.backbone import CausalLM, DecoderBlock, RecurrentLayerMixer
-from gla_jax.models.config import _SHARED_UNSUPPORTED, ModelConfig
+from gla_jax.models.backbone import CausalLM, RecurrentLayerMixer
+from gla_jax.models.config import FLA_LINEAR_ATTENTION_FIELDS, FlaLinearAttentionConfig
 from gla_jax.models.gla import fused_norm_gate
-from gla_jax.models.registry import Family, HFTensor, register_family
+from gla_jax.models.registry import Family, HFTensor, paper_presets, register_family
 
 
 @dataclasses.dataclass(frozen=True)
-class RetNetConfig(ModelConfig):
-    """RetNet config. Fields up to ``attnres_block_size`` mirror fla's ``RetNetConfig`` (names and defaults).
-    ``attn_mode``, ``max_position_embeddings``, ``use_cache`` and the token ids do not change the math; fla's
-    ``RetNetBlock`` never passes ``use_short_conv``/``conv_size`` to its retention layer, so they are kept for round
-    trips and build no convolution here either. ``hidden_act`` is both the MLP activation and the output gate's
-    function (fla's ``gate_fn``). gla-jax fields: ``chunk_size`` (operator chunk length) and the shared ones
-    (:class:`ModelConfig`)."""
+class RetNetConfig(FlaLinearAttentionConfig):
+    """RetNet config. fla's ``RetNetConfig`` fields (names and defaults): those of
+    :class:`FlaLinearAttentionConfig` (with RetNet's ``expand_k`` 1, ``expand_v`` 2, ``hidden_ratio`` 2) plus
+    ``num_heads``. fla's ``RetNetBlock`` never passes ``use_short_conv``/``conv_size`` to its retention layer, so they
+    are kept for round trips and build no convolution here either. ``hidden_act`` is both the MLP activation and the
+    output gate's function (fla's ``gate_fn``). gla-jax fields: ``chunk_size`` (operator chunk length) and the shared
+    ones (:class:`ModelConfig`)."""
 
     model_type = "retnet"
 
-    attn_mode: str = "chunk"
-    hidden_size: int = 2048
     expand_k: float = 1.0
     expand_v: float = 2.0
     hidden_ratio: int | None = 2
-    intermediate_size: int | None = None
-    num_hidden_layers: int = 24
     num_heads: int = 8
-    num_kv_heads: int | None = None
-    feature_map: str | None = None
-    hidden_act: str = "swish"
-    use_short_conv: bool = False
-    conv_size: int = 4
-    use_output_gate: bool = True
-    max_position_embeddings: int = 2048
-    elementwise_affine: bool | None = True
-    norm_eps: float = 1e-6
-    attn: dict | None = None
-    use_cache: bool = True
-    pad_token_id: int | None = None
-    bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
-    tie_word_embeddings: bool = False
-    initializer_range: float = 0.02
-    vocab_size: int = 32000
-    attnres_block_size: int | None = None
     # gla-jax
     chunk_size: int = 64
 
-    HF_FIELDS = frozenset({
-        "attn_mode", "hidden_size", "expand_k", "expand_v", "hidden_ratio", "intermediate_size", "num_hidden_layers",
-        "num_heads", "num_kv_heads", "feature_map", "hidden_act", "use_short_conv", "conv_size", "use_output_gate",
-        "max_position_embeddings", "elementwise_affine", "norm_eps", "attn", "use_cache", "pad_token_id",
-        "bos_token_id", "eos_token_id", "tie_word_embeddings", "initializer_range", "vocab_size",
-        "attnres_block_size"})
+    HF_FIELDS = FLA_LINEAR_ATTENTION_FIELDS | {"num_heads"}
     HF_ARCHITECTURES = ("RetNetForCausalLM", "RetNetModel")
-    HF_UNSUPPORTED = _SHARED_UNSUPPORTED + (
-        ("attn", lambda v: v is None, "hybrid models with softmax-attention layers are not supported"),)
 
     def __post_init__(self):
         self._check_common()
-        if self.attn is not None:
-            raise ValueError("attn: hybrid softmax-attention layers are not supported (set attn to null)")
         if self.attn_mode not in ("chunk", "fused_chunk", "parallel", "fused_recurrent"):
             raise ValueError(f"attn_mode must be 'chunk', 'fused_chunk', 'parallel' or 'fused_recurrent', got "
                              f"{self.attn_mode!r}")
@@ -116,16 +85,15 @@ class RetentionMixer(RecurrentLayerMixer, MultiScaleRetention):
                    rngs=rngs)
 
 
-class RetNetBlock(DecoderBlock):
-    mixer_class = RetentionMixer
-
-
 class RetNetForCausalLM(CausalLM):
     """RetNet language model. ``model(input_ids [B, T] int, *, segment_ids=None) -> logits [B, T, vocab] float32``;
     decoding state per layer ``[B, H, Dk/H, Dv/H]`` whatever the context length (see :class:`CausalLM`)."""
 
     config_class = RetNetConfig
-    block_class = RetNetBlock
+    mixer_class = RetentionMixer
+
+
+RetNetBlock = RetNetForCausalLM.block_class
 
 
 def retnet_mixer_flops(c: RetNetConfig, seq_len: int) -> float:
@@ -164,16 +132,7 @@ def retnet_hf_layout(c: RetNetConfig, raw: dict | None = None) -> dict[str, HFTe
 # defaults) with the 32,000-token vocabulary. Parameters (tests/test_baseline_families.py checks these):
 #   retnet-340m: 347,403,264 (tied)     retnet-1.3b: 1,351,727,104 (untied)
 register_family(Family("retnet", RetNetConfig, RetNetForCausalLM, mixer_flops=retnet_mixer_flops,
-                       hf_layout=retnet_hf_layout, presets={
-    "retnet-340m": dict(hidden_size=1024, num_hidden_layers=24, num_heads=4, vocab_size=32000,
-                        tie_word_embeddings=True),
-    "retnet-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_heads=8, vocab_size=32000,
-                        tie_word_embeddings=False),
-    # small CPU models (byte tokenizer ids padded to 320)
-    "retnet-tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=320, tie_word_embeddings=True),
-    "retnet-small": dict(hidden_size=256, num_hidden_layers=4, num_heads=4, vocab_size=320,
-                         tie_word_embeddings=True),
-}))
+                       hf_layout=retnet_hf_layout, presets=paper_presets("retnet", heads_340m=4, heads_1_3b=8)))
 
 __all__ = ["RetNetBlock", "RetNetConfig", "RetNetForCausalLM", "RetentionMixer", "retnet_hf_layout",
            "retnet_mixer_flops"]

@@ -4,9 +4,9 @@ shared decoder backbone (fla ``TransformerForCausalLM`` layout), registered in o
 from __future__ import annotations
 
 from gla_jax.layers.attention import Attention
-from gla_jax.models.backbone import CausalLM, DecoderBlock, MixContext
+from gla_jax.models.backbone import CausalLM, MixContext
 from gla_jax.models.config import TransformerConfig
-from gla_jax.models.registry import Family, HFTensor, register_family
+from gla_jax.models.registry import Family, HFTensor, paper_presets, register_family
 
 
 class AttentionMixer(Attention):
@@ -32,16 +32,15 @@ class AttentionMixer(Attention):
         return self(x, positions=ctx.positions, cache=cache, cache_index=ctx.index, cache_segments=ctx.slot_segments)
 
 
-class TransformerBlock(DecoderBlock):
-    mixer_class = AttentionMixer
-
-
 class TransformerForCausalLM(CausalLM):
     """Transformer++ LM. ``model(input_ids [B, T] int, *, segment_ids=None) -> logits [B, T, vocab] float32``;
     decoding uses a KV cache of ``max_len`` slots (see :class:`CausalLM`)."""
 
     config_class = TransformerConfig
-    block_class = TransformerBlock
+    mixer_class = AttentionMixer
+
+
+TransformerBlock = TransformerForCausalLM.block_class
 
 
 def attention_mixer_flops(c: TransformerConfig, seq_len: int) -> float:
@@ -69,13 +68,5 @@ def transformer_hf_layout(c: TransformerConfig, raw: dict | None = None) -> dict
 
 
 register_family(Family("transformer", TransformerConfig, TransformerForCausalLM, mixer_flops=attention_mixer_flops,
-                       hf_layout=transformer_hf_layout, presets={
-    "transformer-340m": dict(hidden_size=1024, num_hidden_layers=24, num_heads=16, vocab_size=32000,
-                             tie_word_embeddings=True),
-    "transformer-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_heads=32, vocab_size=32000,
-                             tie_word_embeddings=False),
-    "transformer-tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=2, vocab_size=320,
-                             tie_word_embeddings=True),
-    "transformer-small": dict(hidden_size=256, num_hidden_layers=4, num_heads=4, vocab_size=320,
-                              tie_word_embeddings=True),
-}))
+                       hf_layout=transformer_hf_layout,
+                       presets=paper_presets("transformer", heads_340m=16, heads_1_3b=32)))

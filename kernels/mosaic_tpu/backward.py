@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from .blocks import F32, doc_masks, dot, gap, gated_future, gated_past, intra_attention, iota
-from .forward import _seg_args, chunk_specs, compiler_params
+from .forward import launch, launch_geometry
 from .tiling import SUBLANE, Tiling
 
 
@@ -107,28 +107,18 @@ def _backward_kernel(q_ref, k_ref, g_ref, z_ref, v_ref, do_ref, hs_ref, decay_re
 def backward(q, k, v, gc, zc, decay, hs, do, dht, seg, *, H, scale: float, tiling: Tiling, interpret):
     """(dq, dk [B, T, H·K] in q's dtype, dg [B, T, H·K] float32, dv [B, T, H·V] in v's dtype, dh0 [B, H, K, V]
     float32). hs: chunk-start states [B, NT, H, K, V]; do: [B, T, H·V]; dht: [B, H, K, V] float32."""
-    B, T, HK = q.shape
-    K, V = HK // H, v.shape[-1] // H
-    C = tiling.chunk_size
-    NT = T // C
-    sp = chunk_specs(C, K, V, NT, reverse=True)
-    has_seg = seg is not None
-    in_specs = [sp["k"], sp["k"], sp["k"], sp["k"], sp["v"], sp["v"], sp["states"], sp["decay"], sp["state"]]
-    if has_seg:
-        in_specs += [sp["relc"], sp["relr"]]
-    kernel = functools.partial(_backward_kernel, NT=NT, scale=scale, c=tiling.sub_chunk, dt=q.dtype,
-                               has_seg=has_seg)
-    return pl.pallas_call(
-        kernel,
+    B, K, V, C, NT, sp = launch_geometry(q, v, H=H, tiling=tiling, reverse=True)
+    return launch(
+        functools.partial(_backward_kernel, NT=NT, scale=scale, c=tiling.sub_chunk, dt=q.dtype),
+        (q, k, gc, zc, v, do, hs, decay, dht), seg, sp,
+        in_specs=[sp["k"], sp["k"], sp["k"], sp["k"], sp["v"], sp["v"], sp["states"], sp["decay"], sp["state"]],
         grid=(B, H, NT),
-        in_specs=in_specs,
         out_specs=[sp["k"], sp["k"], sp["k"], sp["v"], sp["state"]],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                    jax.ShapeDtypeStruct(gc.shape, F32), jax.ShapeDtypeStruct(v.shape, v.dtype),
                    jax.ShapeDtypeStruct((B, H, K, V), F32)],
         scratch_shapes=[pltpu.VMEM((K, V), F32), pltpu.VMEM((C, C), F32), pltpu.VMEM((C, K), F32),
                         pltpu.VMEM((C, K), F32)],
-        compiler_params=compiler_params(),
         interpret=interpret,
         name="gla_tpu_bwd",
-    )(q, k, gc, zc, v, do, hs, decay, dht, *_seg_args(seg))
+    )

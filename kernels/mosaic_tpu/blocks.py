@@ -86,20 +86,22 @@ def intra_attention(q_ref, k_ref, g_ref, z_ref, out_ref, *, c, dt):
         out_ref[s0:s0 + c, :] = lax.fori_loop(0, c, column, a)
 
 
+def sub_chunks(w, x_ref, g_ref, z_ref, c):
+    """The sub-chunks of ``gated_past``/``gated_future``: (s0, g, z [c, K] rows s0:s0+c of g_ref/z_ref, x the same
+    rows of x_ref as float32, the rows of w [c, C]) for s0 = 0, c, 2c, ... < C (a Python loop, unrolled)."""
+    for s0 in range(0, g_ref.shape[0], c):
+        yield (s0, g_ref[s0:s0 + c, :], z_ref[s0:s0 + c, :], x_ref[s0:s0 + c, :].astype(F32), w[s0:s0 + c, :])
+
+
 def gated_past(w, x_ref, g_ref, z_ref, out_ref, *, c):
     """out_ref [C, K] float32 <- Σ_{j <= i} w[i, j] x_j ⊙ e^{g_i - g_j} (dq's intra-chunk part with w = scale dA).
 
     w: [C, C] float32 value, zero above the diagonal; x_ref: [C, K] ref; g_ref, z_ref as in ``intra_attention``. Off the
     diagonal one float32 MXU product per sub-chunk relative to r = g at its first row; the diagonal block
     elementwise, one column of w per step."""
-    C = g_ref.shape[0]
-    rows_all = iota((C, 1), 0)
-    for I in range(C // c):
-        s0 = I * c
-        g_i, z_i = g_ref[s0:s0 + c, :], z_ref[s0:s0 + c, :]
-        x_i = x_ref[s0:s0 + c, :].astype(F32)
-        w_i = w[s0:s0 + c, :]
-        if I:
+    rows_all = iota((g_ref.shape[0], 1), 0)
+    for s0, g_i, z_i, x_i, w_i in sub_chunks(w, x_ref, g_ref, z_ref, c):
+        if s0:
             r, rz = g_ref[s0:s0 + 1, :], z_ref[s0:s0 + 1, :]
             x_before = jnp.where(rows_all < s0, x_ref[...].astype(F32)
                                  * jnp.exp(jnp.minimum(gap(r, rz, g_ref[...], z_ref[...]), 0.0)), 0.0)
@@ -121,11 +123,7 @@ def gated_future(wt, x_ref, g_ref, z_ref, out_ref, *, c):
     relative to r = g at J's last row (later rows have g <= r, J's rows g >= r); the diagonal block elementwise."""
     C = g_ref.shape[0]
     rows_all = iota((C, 1), 0)
-    for J in range(C // c):
-        s0 = J * c
-        g_j, z_j = g_ref[s0:s0 + c, :], z_ref[s0:s0 + c, :]
-        x_j = x_ref[s0:s0 + c, :].astype(F32)
-        w_j = wt[s0:s0 + c, :]
+    for s0, g_j, z_j, x_j, w_j in sub_chunks(wt, x_ref, g_ref, z_ref, c):
         if s0 + c < C:
             r, rz = g_ref[s0 + c - 1:s0 + c, :], z_ref[s0 + c - 1:s0 + c, :]
             x_after = jnp.where(rows_all >= s0 + c, x_ref[...].astype(F32)

@@ -110,56 +110,53 @@ def _states_kernel(k_ref, v_ref, g_ref, z_ref, decay_ref, h0_ref, *rest, NT, dt,
 # ----------------------------------------------------------------------------------------------------- launchers
 
 
-def _seg_args(seg):
-    return [] if seg is None else list(seg)
+def launch_geometry(x, v, *, H, tiling: Tiling, reverse=False):
+    """(B, K, V, C, NT, specs) of a launch: x [B, T, H·K], v [B, T, H·V], C the chunk length of ``tiling``, NT = T / C
+    chunks and ``specs`` from :func:`chunk_specs` (``reverse``: the grid walks the chunks last to first)."""
+    B, T, HK = x.shape
+    K, V = HK // H, v.shape[-1] // H
+    C = tiling.chunk_size
+    NT = T // C
+    return B, K, V, C, NT, chunk_specs(C, K, V, NT, reverse=reverse)
+
+
+def launch(kernel, args, seg, specs, *, in_specs, grid, interpret, name, **call_kwargs):
+    """``pl.pallas_call`` of ``kernel`` (given ``has_seg``) on ``args`` and the document codes ``seg`` (None or
+    (relc, relr), their block specs appended to ``in_specs``), with the grid semantics of :func:`compiler_params`;
+    ``call_kwargs``: out_specs, out_shape, scratch_shapes."""
+    if seg is not None:
+        in_specs, args = [*in_specs, specs["relc"], specs["relr"]], [*args, *seg]
+    return pl.pallas_call(functools.partial(kernel, has_seg=seg is not None), grid=grid, in_specs=in_specs,
+                          compiler_params=compiler_params(), interpret=interpret, name=name, **call_kwargs)(*args)
 
 
 def forward(q, k, v, gc, zc, decay, h0, seg, *, H, scale: float, tiling: Tiling, interpret):
     """o [B, T, H·V] (v's dtype) and the final state [B, H, K, V] float32. ``seg`` is None or (relc, relr)."""
-    B, T, HK = q.shape
-    K, V = HK // H, v.shape[-1] // H
-    C = tiling.chunk_size
-    NT = T // C
-    sp = chunk_specs(C, K, V, NT)
-    has_seg = seg is not None
-    in_specs = [sp["k"], sp["k"], sp["v"], sp["k"], sp["k"], sp["decay"], sp["state"]]
-    if has_seg:
-        in_specs += [sp["relc"], sp["relr"]]
-    kernel = functools.partial(_forward_kernel, NT=NT, scale=scale, c=tiling.sub_chunk, dt=q.dtype,
-                               has_seg=has_seg)
-    return pl.pallas_call(
-        kernel,
+    B, K, V, C, NT, sp = launch_geometry(q, v, H=H, tiling=tiling)
+    return launch(
+        functools.partial(_forward_kernel, NT=NT, scale=scale, c=tiling.sub_chunk, dt=q.dtype),
+        (q, k, v, gc, zc, decay, h0), seg, sp,
+        in_specs=[sp["k"], sp["k"], sp["v"], sp["k"], sp["k"], sp["decay"], sp["state"]],
         grid=(B, H, NT),
-        in_specs=in_specs,
         out_specs=[sp["v"], sp["state"]],
         out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype), jax.ShapeDtypeStruct((B, H, K, V), F32)],
         scratch_shapes=[pltpu.VMEM((K, V), F32), pltpu.VMEM((C, C), F32)],
-        compiler_params=compiler_params(),
         interpret=interpret,
         name="gla_tpu_fwd",
-    )(q, k, v, gc, zc, decay, h0, *_seg_args(seg))
+    )
 
 
 def chunk_states(k, v, gc, zc, decay, h0, seg, *, H, tiling: Tiling, interpret):
     """States entering every chunk, hs [B, NT, H, K, V] in k's dtype."""
-    B, T, HK = k.shape
-    K, V = HK // H, v.shape[-1] // H
-    C = tiling.chunk_size
-    NT = T // C
-    sp = chunk_specs(C, K, V, NT)
-    has_seg = seg is not None
-    in_specs = [sp["k"], sp["v"], sp["k"], sp["k"], sp["decay"], sp["state"]]
-    if has_seg:
-        in_specs += [sp["relc"], sp["relr"]]
-    kernel = functools.partial(_states_kernel, NT=NT, dt=k.dtype, has_seg=has_seg)
-    return pl.pallas_call(
-        kernel,
+    B, K, V, C, NT, sp = launch_geometry(k, v, H=H, tiling=tiling)
+    return launch(
+        functools.partial(_states_kernel, NT=NT, dt=k.dtype),
+        (k, v, gc, zc, decay, h0), seg, sp,
+        in_specs=[sp["k"], sp["v"], sp["k"], sp["k"], sp["decay"], sp["state"]],
         grid=(B, H, NT),
-        in_specs=in_specs,
         out_specs=sp["states"],
         out_shape=jax.ShapeDtypeStruct((B, NT, H, K, V), k.dtype),
         scratch_shapes=[pltpu.VMEM((K, V), F32)],
-        compiler_params=compiler_params(),
         interpret=interpret,
         name="gla_tpu_states",
-    )(k, v, gc, zc, decay, h0, *_seg_args(seg))
+    )
