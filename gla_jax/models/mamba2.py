@@ -32,7 +32,7 @@ def _json_float(value) -> float | None:
 @dataclasses.dataclass(frozen=True)
 class Mamba2Config(ModelConfig):
     """Mamba2 config. Fields up to ``tie_word_embeddings`` mirror transformers' ``Mamba2Config`` (names and defaults);
-    ``time_step_rank``, ``time_step_min/max/floor``, ``rescale_prenorm_residual``, ``residual_in_fp32``, ``use_cache``
+    ``time_step_min/max/floor`` set the from-scratch time-step bias; ``time_step_rank``, ``rescale_prenorm_residual``, ``residual_in_fp32``, ``use_cache``
     and the token ids only choose PyTorch's initialisation or bookkeeping and are kept for round trips (the residual
     stream is in the compute dtype here). ``chunk_size`` is the SSD chunk length (a speed setting in both
     libraries; the operator uses :attr:`scan_chunk_size`). gla-jax's own: the shared fields of :class:`ModelConfig`."""
@@ -130,7 +130,8 @@ class Mamba2LMMixer(RecurrentLayerMixer, Mamba2Mixer):
         return cls(c.hidden_size, c.num_heads, head_dim=c.head_dim, state_size=c.state_size, expand=c.expand,
                    n_groups=c.n_groups, conv_kernel=c.conv_kernel, use_conv_bias=c.use_conv_bias, use_bias=c.use_bias,
                    layer_norm_epsilon=c.layer_norm_epsilon, time_step_limit=c.time_step_limit,
-                   hidden_act=c.hidden_act, chunk_size=c.scan_chunk_size, initializer_range=c.initializer_range,
+                   hidden_act=c.hidden_act, time_step_min=c.time_step_min, time_step_max=c.time_step_max,
+                   time_step_floor=c.time_step_floor, chunk_size=c.scan_chunk_size, initializer_range=c.initializer_range,
                    dtype=c.compute_dtype, param_dtype=c.params_dtype, rngs=rngs)
 
 
