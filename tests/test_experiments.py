@@ -340,3 +340,41 @@ def test_baseline_benchmarks_never_overwrite_results(name, tmp_path):
     with pytest.raises(SystemExit, match="--replace"):
         bench.main(["--out", str(tmp_path)])
     assert (tmp_path / f"{name}_{jax.default_backend()}.json").read_text() == "{}"
+
+
+def test_compare_models_shapes_match_parameter_counts():
+    """At the default width the five families' parameter counts are within 10% of GLA's (the matching knobs:
+    RetNet's MLP width, Mamba2's state size; Mamba and Mamba2 twice as deep)."""
+    cmp = _load("compare_models")
+    counts = {}
+    for kind in cmp.FAMILIES:
+        arch, fields = cmp.family_fields(kind, width=64, layers=2, heads=4, vocab=320, train_len=128)
+        counts[kind] = cmp.count_params(arch, fields)
+        if kind in ("mamba", "mamba2"):
+            assert fields["num_hidden_layers"] == 4
+    assert all(abs(n / counts["gla"] - 1) < 0.10 for n in counts.values()), counts
+    with pytest.raises(ValueError, match="^kind: "):
+        cmp.family_fields("rwkv", width=64, layers=2, heads=4, vocab=320, train_len=128)
+
+
+@needs_models
+def test_compare_models_smoke(tmp_path):
+    cmp = _load("compare_models")
+    cmp.main(["--smoke", "--out", str(tmp_path), "--models", "mamba2", "--no-ablation"])
+    doc = json.loads((tmp_path / "compare_models_smoke.json").read_text())
+    _check_doc(doc, "compare_models_smoke")
+    assert doc["complete"] is True and doc["held_out_order"] == ["mamba2"]
+    (row,) = doc["results"]
+    assert row["model"] == "mamba2" and row["params"] > 0 and row["mqar_params"] > 0
+    # 3 steps from a random init: perplexity near the vocabulary size, finite and > 1
+    assert 1.0 < row["train_ppl"] < 1000 and 1.0 < row["val_ppl"] < 1000
+    assert row["val_ppl"] == pytest.approx(np.exp(row["val_loss"]))
+    assert 0.0 <= row["mqar_test_acc"] <= 1.0 and np.isfinite(row["mqar_final_train_loss"])
+    buckets = row["buckets"]
+    assert buckets[0]["start"] == 0 and buckets[-1]["end"] == 32 * 4
+    assert all(a["end"] == b["start"] for a, b in zip(buckets, buckets[1:])), "contiguous buckets"
+    assert [r["run"] for r in doc["ablation"]] == ["Mamba2"]
+    assert doc["config"]["tokens_per_family"] == 3 * 2 * 32
+    assert (tmp_path / "compare_models_smoke.png").stat().st_size > 1000
+    with pytest.raises(SystemExit, match="--name"):  # a finished result is never overwritten by accident
+        cmp.main(["--out", str(tmp_path), "--name", "compare_models_smoke", "--models", "mamba2"])
