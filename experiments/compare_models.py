@@ -19,12 +19,14 @@ data, training and metric) trains the same five shapes at ``--mqar-width`` on a 
 
 Gate ablation: the paper's Table 4 rows GLA (per-key data-dependent gate), data-dependent scalar gate (Mamba2/SSD
 form), fixed scalar decay (RetNet) and no gate come from the runs above (GLA, Mamba2, RetNet: the same runs as the
-comparison, so the rows differ in architecture as well as gate) plus one GLA run with ``gate=none``
-(``--no-ablation`` skips it).
+comparison, so the rows differ in architecture as well as gate) plus GLA with ``gate=none``: trained here with
+``--nogate-run``, otherwise GLA's own gate variants (scalar, fixed, none) are taken from
+``results/gate_ablation.json`` when it was run with the same width, depth, data, budget and optimizer (the defaults
+of both scripts agree).
 
 Results are written after every family (``<name>.json`` grows; a cut-off run keeps what finished).
 
-    python experiments/compare_models.py                # CPU default (about 45 minutes on 2 cores)
+    python experiments/compare_models.py                # CPU default (about 50 minutes on 2 loaded cores)
     python experiments/compare_models.py --smoke        # seconds
     python experiments/compare_models.py --width 1024 --layers 24 --train-len 2048 --batch 256 --steps 14000 \\
         --source 'data/*.npy' --vocab 32000             # the paper's 340M scale: a GPU job
@@ -43,7 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 import mqar  # noqa: E402
 
-FAMILIES = ("gla", "transformer", "retnet", "mamba", "mamba2")
+FAMILIES = ("gla", "transformer", "retnet", "mamba2", "mamba")  # the slowest last
 LABELS = {"gla": "GLA", "transformer": "Transformer++", "retnet": "RetNet", "mamba": "Mamba", "mamba2": "Mamba2",
           "gla-nogate": "GLA, no gate"}
 #: The paper's Table 2 (Wikitext perplexity, 340M parameters / 15B tokens; Mamba2 is not in the paper).
@@ -205,17 +207,46 @@ def run(args) -> dict:
     print(C.format_table([{k: r.get(k) for k in ("label", "params", "train_ppl", "val_ppl", "eval_ppl_last_bucket",
                                                    "mqar_test_acc", "paper_wikitext_ppl_340m", "train_seconds")}
                           for r in rows]))
-    print(C.format_table(ablation_table(rows)))
+    print(C.format_table(ablation_table(rows, gate_ablation_rows(args))))
     if not args.no_plot:
         plot(rows, args)
     return {"json": path, "rows": rows}
 
 
-def ablation_table(rows: list[dict]) -> list[dict]:
-    """The paper's gate-ablation rows from the runs that stand for them (those that ran)."""
+def ablation_table(rows: list[dict], gla_variants: dict | None = None) -> list[dict]:
+    """The paper's gate-ablation rows from the runs that stand for them (those that ran); the no-gate row from
+    ``gla_variants`` (:func:`gate_ablation_rows`) when it was not trained here."""
     by = {r["model"]: r for r in rows}
-    return [{"row": label, "run": LABELS[kind], "train_ppl": by[kind]["train_ppl"], "val_ppl": by[kind]["val_ppl"],
-             "paper_train_ppl": paper} for kind, label, paper in ABLATION_ROWS if kind in by]
+    if "gla-nogate" not in by and gla_variants:
+        by.update({"gla-nogate": {**r, "label": "GLA, gate=none (gate_ablation.json)"}
+                   for r in gla_variants["rows"] if r["variant"] == "none"})
+    return [{"row": label, "run": by[kind].get("label", LABELS[kind]), "train_ppl": by[kind]["train_ppl"],
+             "val_ppl": by[kind]["val_ppl"], "paper_train_ppl": paper}
+            for kind, label, paper in ABLATION_ROWS if kind in by]
+
+
+#: Flags that must equal gate_ablation.py's for its GLA gate variants to sit beside this run's rows.
+GATE_ABLATION_SHARED = ("width", "layers", "heads", "batch", "steps", "lr", "weight_decay", "dtype", "source",
+                        "tokenizer", "vocab", "val_fraction", "eval_batches", "seed")
+
+
+def gate_ablation_rows(args, path: pathlib.Path | None = None) -> dict | None:
+    """GLA's own gate variants (scalar, fixed, none) from ``results/gate_ablation.json`` when that run had this
+    run's width, depth, heads, data, budget and optimizer (the same training setup, so its rows sit beside the
+    families' rows); None when the file is absent or any setting differs."""
+    import json
+
+    path = path or C.RESULTS_DIR / "gate_ablation.json"
+    if not path.exists():
+        return None
+    doc = json.loads(path.read_text())
+    cfg = {**doc["config"], "heads": 4}  # gate_ablation's 4-head variants
+    ours = {**vars(args), "seq_len": args.train_len}
+    if any(cfg.get(k) != ours.get(k) for k in GATE_ABLATION_SHARED) or cfg.get("seq_len") != ours["seq_len"]:
+        return None
+    keep = ("variant", "gate", "params", "train_ppl", "val_ppl", "paper_train_ppl")
+    return {"source": "experiments/results/gate_ablation.json", "git_commit": doc["env"].get("git_commit"),
+            "rows": [{k: r[k] for k in keep} for r in doc["results"] if r["heads"] == 4]}
 
 
 def param_spread(rows: list[dict]) -> float | None:
@@ -226,9 +257,11 @@ def param_spread(rows: list[dict]) -> float | None:
 
 def write(args, config, started, rows, *, final: bool) -> pathlib.Path:
     """(Re)writes ``<name>.json`` with the rows so far (``complete`` false until the last family)."""
+    variants = gate_ablation_rows(args)
     order = [r["model"] for r in sorted((r for r in rows if r["model"] in FAMILIES), key=lambda r: r["val_loss"])]
     extra = {"complete": final, "held_out_order": order, "param_spread": param_spread(rows),
-             "ablation": ablation_table(rows), "paper_ablation_order": ["gla", "mamba2", "retnet", "gla-nogate"],
+             "ablation": ablation_table(rows, variants), "gla_gate_variants": variants,
+             "paper_ablation_order": ["gla", "mamba2", "retnet", "gla-nogate"],
              "paper_wikitext_ppl_340m": PAPER_WIKITEXT_PPL_340M, "paper_wikitext_ppl_1_3b": PAPER_WIKITEXT_PPL_1_3B}
     return C.write_results(args.name, config=config, seed=args.seed, results=rows, out_dir=args.out, started=started,
                            extra=extra, replace=True)
@@ -267,21 +300,22 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4, help="GLA, RetNet and Mamba2 heads")
     p.add_argument("--train-len", type=int, default=128)
     p.add_argument("--factor", type=int, default=16, help="evaluate positions up to factor x train-len")
-    C.add_run_flags(p, batch=16, steps=300)
+    C.add_run_flags(p, batch=16, steps=200)
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches at the training length")
     p.add_argument("--long-eval-batches", type=int, default=4, help="held-out batches of the long evaluation")
     p.add_argument("--long-eval-batch", type=int, default=4, help="rows (of factor x train-len tokens) per batch")
-    p.add_argument("--no-ablation", dest="ablation", action="store_false",
-                   help="skip the GLA gate=none run (the ablation's no-gate row)")
+    p.add_argument("--nogate-run", dest="ablation", action="store_true",
+                   help="also train GLA with gate=none here (the ablation's no-gate row); without it the row comes "
+                        "from results/gate_ablation.json when that run's settings equal these")
     p.add_argument("--no-mqar", dest="mqar", action="store_false", help="skip MQAR")
     p.add_argument("--mqar-width", type=int, default=64)
     p.add_argument("--mqar-layers", type=int, default=2)
     p.add_argument("--mqar-heads", type=int, default=2)
-    p.add_argument("--mqar-seq-len", type=int, default=64)
-    p.add_argument("--mqar-pairs", type=int, default=8)
+    p.add_argument("--mqar-seq-len", type=int, default=32)
+    p.add_argument("--mqar-pairs", type=int, default=4)
     p.add_argument("--mqar-vocab", type=int, default=64)
-    p.add_argument("--mqar-steps", type=int, default=400)
-    p.add_argument("--mqar-batch", type=int, default=64)
+    p.add_argument("--mqar-steps", type=int, default=300)
+    p.add_argument("--mqar-batch", type=int, default=32)
     p.add_argument("--mqar-lr", type=float, default=3e-3)
     p.add_argument("--mqar-test", type=int, default=512, help="MQAR test examples")
     p.add_argument("--workdir", type=pathlib.Path, default=None,

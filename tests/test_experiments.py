@@ -360,7 +360,7 @@ def test_compare_models_shapes_match_parameter_counts():
 @needs_models
 def test_compare_models_smoke(tmp_path):
     cmp = _load("compare_models")
-    cmp.main(["--smoke", "--out", str(tmp_path), "--models", "mamba2", "--no-ablation"])
+    cmp.main(["--smoke", "--out", str(tmp_path), "--models", "mamba2"])
     doc = json.loads((tmp_path / "compare_models_smoke.json").read_text())
     _check_doc(doc, "compare_models_smoke")
     assert doc["complete"] is True and doc["held_out_order"] == ["mamba2"]
