@@ -357,6 +357,23 @@ def test_compare_models_shapes_match_parameter_counts():
         cmp.family_fields("rwkv", width=64, layers=2, heads=4, vocab=320, train_len=128)
 
 
+def test_compare_models_reuses_gate_ablation_rows_only_for_the_same_settings(common, tmp_path):
+    cmp = _load("compare_models")
+    args = cmp.parse_args([])
+    config = {k: getattr(args, k) for k in cmp.GATE_ABLATION_SHARED if k != "heads"} | {"seq_len": args.train_len}
+    rows = [{"variant": v, "gate": v, "heads": 4, "params": 1, "train_ppl": 2.0, "val_ppl": 3.0,
+             "paper_train_ppl": 4.0} for v in ("gla", "none")] + [
+        {"variant": "gla-8heads", "gate": "gla", "heads": 8, "params": 1, "train_ppl": 2.0, "val_ppl": 3.0,
+         "paper_train_ppl": 4.0}]
+    path = common.write_results("gate_ablation", config=config, seed=0, results=rows, out_dir=tmp_path)
+    got = cmp.gate_ablation_rows(args, path)
+    assert [r["variant"] for r in got["rows"]] == ["gla", "none"]
+    (nogate,) = [a for a in cmp.ablation_table([], got) if a["row"].startswith("no gate")]
+    assert nogate["val_ppl"] == 3.0
+    assert cmp.gate_ablation_rows(cmp.parse_args(["--steps", "7"]), path) is None
+    assert cmp.gate_ablation_rows(args, tmp_path / "absent.json") is None
+
+
 @needs_models
 def test_compare_models_smoke(tmp_path):
     cmp = _load("compare_models")
@@ -376,5 +393,8 @@ def test_compare_models_smoke(tmp_path):
     assert [r["run"] for r in doc["ablation"]] == ["Mamba2"]
     assert doc["config"]["tokens_per_family"] == 3 * 2 * 32
     assert (tmp_path / "compare_models_smoke.png").stat().st_size > 1000
+    assert doc["gla_gate_variants"] is None, "gate_ablation.json was run with other settings than the smoke"
+    table = _load("summarize").compare_models(doc)
+    assert "| Mamba2 " in table and "0-32" in table and "data-dependent scalar gate" in table
     with pytest.raises(SystemExit, match="--name"):  # a finished result is never overwritten by accident
         cmp.main(["--out", str(tmp_path), "--name", "compare_models_smoke", "--models", "mamba2"])
