@@ -20,9 +20,9 @@ data, training and metric) trains the same five shapes at ``--mqar-width`` on a 
 Gate ablation: the paper's Table 4 rows GLA (per-key data-dependent gate), data-dependent scalar gate (Mamba2/SSD
 form), fixed scalar decay (RetNet) and no gate come from the runs above (GLA, Mamba2, RetNet: the same runs as the
 comparison, so the rows differ in architecture as well as gate) plus GLA with ``gate=none``: trained here with
-``--nogate-run``, otherwise GLA's own gate variants (scalar, fixed, none) are taken from
-``results/gate_ablation.json`` when it was run with the same width, depth, data, budget and optimizer (the defaults
-of both scripts agree).
+``--nogate-run`` (or alone: ``--models gla-nogate``), otherwise GLA's own gate variants (scalar, fixed, none) are
+taken from ``results/gate_ablation.json`` when it was run with the same width, depth, data, budget and optimizer (the
+defaults of both scripts agree) and its GLA row equals this run's (the same code and data).
 
 Results are written after every family (``<name>.json`` grows; a cut-off run keeps what finished).
 
@@ -192,7 +192,7 @@ def run(args) -> dict:
                   mqar=f"experiments/mqar.py data/train/evaluate: seq {args.mqar_seq_len}, {args.mqar_pairs} pairs, "
                        f"vocab {args.mqar_vocab}, zero fill, {args.mqar_steps} steps of {args.mqar_batch}")
     rows, evals = [], {}
-    kinds = list(args.models) + (["gla-nogate"] if args.ablation else [])
+    kinds = list(dict.fromkeys(list(args.models) + (["gla-nogate"] if args.ablation else [])))
     for kind in kinds:
         row, ev = lm_run(kind, args)
         evals[kind] = ev
@@ -207,7 +207,8 @@ def run(args) -> dict:
     print(C.format_table([{k: r.get(k) for k in ("label", "params", "train_ppl", "val_ppl", "eval_ppl_last_bucket",
                                                    "mqar_test_acc", "paper_wikitext_ppl_340m", "train_seconds")}
                           for r in rows]))
-    print(C.format_table(ablation_table(rows, gate_ablation_rows(args))))
+    gla = next((r for r in rows if r["model"] == "gla"), None)
+    print(C.format_table(ablation_table(rows, gate_ablation_rows(args, gla_row=gla) if gla else None)))
     if not args.no_plot:
         plot(rows, args)
     return {"json": path, "rows": rows}
@@ -230,10 +231,11 @@ GATE_ABLATION_SHARED = ("width", "layers", "heads", "batch", "steps", "lr", "wei
                         "tokenizer", "vocab", "val_fraction", "eval_batches", "seed")
 
 
-def gate_ablation_rows(args, path: pathlib.Path | None = None) -> dict | None:
+def gate_ablation_rows(args, path: pathlib.Path | None = None, gla_row: dict | None = None) -> dict | None:
     """GLA's own gate variants (scalar, fixed, none) from ``results/gate_ablation.json`` when that run had this
     run's width, depth, heads, data, budget and optimizer (the same training setup, so its rows sit beside the
-    families' rows); None when the file is absent or any setting differs."""
+    families' rows) and, given this run's ``gla_row``, its GLA row has the same held-out perplexity (within 1%: the
+    same code and data); None when the file is absent or any of that differs."""
     import json
 
     path = path or C.RESULTS_DIR / "gate_ablation.json"
@@ -244,6 +246,9 @@ def gate_ablation_rows(args, path: pathlib.Path | None = None) -> dict | None:
     ours = {**vars(args), "seq_len": args.train_len}
     if any(cfg.get(k) != ours.get(k) for k in GATE_ABLATION_SHARED) or cfg.get("seq_len") != ours["seq_len"]:
         return None
+    theirs = {r["variant"]: r for r in doc["results"]}
+    if gla_row is not None and not ("gla" in theirs and abs(theirs["gla"]["val_ppl"] / gla_row["val_ppl"] - 1) < 0.01):
+        return None  # trained by other code or data: its rows do not sit beside ours
     keep = ("variant", "gate", "params", "train_ppl", "val_ppl", "paper_train_ppl")
     return {"source": "experiments/results/gate_ablation.json", "git_commit": doc["env"].get("git_commit"),
             "rows": [{k: r[k] for k in keep} for r in doc["results"] if r["heads"] == 4]}
@@ -257,7 +262,8 @@ def param_spread(rows: list[dict]) -> float | None:
 
 def write(args, config, started, rows, *, final: bool) -> pathlib.Path:
     """(Re)writes ``<name>.json`` with the rows so far (``complete`` false until the last family)."""
-    variants = gate_ablation_rows(args)
+    gla = next((r for r in rows if r["model"] == "gla"), None)
+    variants = gate_ablation_rows(args, gla_row=gla) if gla else None
     order = [r["model"] for r in sorted((r for r in rows if r["model"] in FAMILIES), key=lambda r: r["val_loss"])]
     extra = {"complete": final, "held_out_order": order, "param_spread": param_spread(rows),
              "ablation": ablation_table(rows, variants), "gla_gate_variants": variants,
@@ -294,7 +300,8 @@ def plot(rows, args):
 
 def parse_args(argv=None):
     p = C.base_parser(__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    p.add_argument("--models", nargs="+", default=list(FAMILIES), choices=FAMILIES + ("gla-nogate",),
+                   help="families to train (gla-nogate: GLA with gate=none, the ablation's no-gate row; no MQAR)")
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--layers", type=int, default=2, help="depth of GLA/Transformer++/RetNet (Mamba, Mamba2: 2x)")
     p.add_argument("--heads", type=int, default=4, help="GLA, RetNet and Mamba2 heads")
