@@ -371,6 +371,8 @@ def test_compare_models_reuses_gate_ablation_rows_only_for_the_same_settings(com
     (nogate,) = [a for a in cmp.ablation_table([], got) if a["row"].startswith("no gate")]
     assert nogate["val_ppl"] == 3.0
     assert cmp.gate_ablation_rows(cmp.parse_args(["--steps", "7"]), path) is None
+    assert cmp.gate_ablation_rows(args, path, gla_row={"val_ppl": 3.01}) == got  # this run's GLA agrees
+    assert cmp.gate_ablation_rows(args, path, gla_row={"val_ppl": 4.0}) is None, "older code: not reused"
     assert cmp.gate_ablation_rows(args, tmp_path / "absent.json") is None
 
 
