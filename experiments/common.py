@@ -229,6 +229,42 @@ def library_train(workdir, overrides: dict, *, log: Callable[[str], None] | None
     return summary, trainer, cfg
 
 
+def run_overrides(args, *, seq_len: int, eval_batches: int = 0, checkpoint: bool = False) -> dict:
+    """The non-model dotted overrides every language-model experiment trains with (data, optimizer, loop,
+    checkpoint, mesh) from its flags: ``args.source/tokenizer/batch/val_fraction/seed/lr/weight_decay/steps/dtype/
+    mesh_data``. Rows of ``seq_len`` tokens; warmup min(steps/10, 100); with ``eval_batches`` the trainer's held-out
+    loss at the end (``summary["eval_loss"]``); with ``checkpoint`` one checkpoint at the last step (for
+    :func:`library_eval`)."""
+    ov = {
+        "data.source": args.source, "data.tokenizer": args.tokenizer, "data.seq_len": seq_len,
+        "data.batch_size": args.batch, "data.val_fraction": args.val_fraction, "data.shuffle_seed": args.seed,
+        "optim.lr": args.lr, "optim.weight_decay": args.weight_decay,
+        "optim.warmup_steps": max(1, min(args.steps // 10, 100)),
+        "train.steps": args.steps, "train.seed": args.seed, "train.log_every": max(1, args.steps // 50),
+        "train.eval_every": args.steps if eval_batches else 0, "train.progress": False,
+        "train.compute_dtype": args.dtype, "checkpoint.enabled": bool(checkpoint), "mesh.data": args.mesh_data,
+    }
+    if eval_batches:
+        ov["train.eval_batches"] = eval_batches
+    if checkpoint:
+        ov.update({"checkpoint.every": args.steps, "checkpoint.async_save": False})
+    return ov
+
+
+def add_run_flags(p: argparse.ArgumentParser, *, batch: int, steps: int, lr: float = 3e-3) -> None:
+    """The flags :func:`run_overrides` reads (data, optimizer, steps, dtype, mesh), with an experiment's defaults."""
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--source", default="stdlib", help="data.source of the library's pipeline")
+    p.add_argument("--tokenizer", default="byte")
+    p.add_argument("--vocab", type=int, default=BYTE_VOCAB)
+    p.add_argument("--val-fraction", type=float, default=0.02)
+    p.add_argument("--mesh-data", type=int, default=1, help="mesh.data of the training config (-1: all devices)")
+
+
 def library_eval(workdir, *, seq_len: int, batches: int, batch_size: int, overrides: Sequence[str] = ()):
     """``gla-jax eval`` as a function: held-out loss and per-position-bucket perplexity of the run in ``workdir``
     (see ``gla_jax.train.evaluate.evaluate_run``)."""

@@ -49,13 +49,7 @@ def overrides(name: str, args) -> dict:
         "model.arch": "gla", "model.hidden_size": args.width, "model.num_hidden_layers": args.layers,
         "model.num_heads": heads, "model.gate": gate, "model.vocab_size": args.vocab,
         "model.tie_word_embeddings": True,
-        "data.source": args.source, "data.tokenizer": args.tokenizer, "data.seq_len": args.seq_len,
-        "data.batch_size": args.batch, "data.val_fraction": args.val_fraction, "data.shuffle_seed": args.seed,
-        "optim.lr": args.lr, "optim.weight_decay": args.weight_decay,
-        "optim.warmup_steps": max(1, min(args.steps // 10, 100)),
-        "train.steps": args.steps, "train.seed": args.seed, "train.log_every": max(1, args.steps // 50),
-        "train.eval_every": args.steps, "train.eval_batches": args.eval_batches, "train.progress": False,
-        "train.compute_dtype": args.dtype, "checkpoint.enabled": False, "mesh.data": args.mesh_data,
+        **C.run_overrides(args, seq_len=args.seq_len, eval_batches=args.eval_batches),
     }
 
 
@@ -123,17 +117,8 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--source", default="stdlib", help="data.source of the library's pipeline")
-    p.add_argument("--tokenizer", default="byte")
-    p.add_argument("--vocab", type=int, default=C.BYTE_VOCAB)
-    p.add_argument("--val-fraction", type=float, default=0.02)
+    C.add_run_flags(p, batch=16, steps=200)
     p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--mesh-data", type=int, default=1, help="mesh.data of the training config (-1: all devices)")
     p.add_argument("--workdir", type=pathlib.Path, default=None,
                    help="keep each variant's run (metrics.jsonl, config) in WORKDIR/<variant> (default: temporary)")
     p.add_argument("--name", default="gate_ablation", help="results file stem")

@@ -113,7 +113,33 @@ def kernel_resources(doc) -> str:
             + C.format_table(rows))
 
 
-FORMATTERS = {"mqar": mqar, "gate_ablation": gate_ablation, "length_extrapolation": length_extrapolation,
+def compare_models(doc) -> str:
+    rows = doc["results"]
+    fmt = lambda v: "" if v is None else f"{v:.3f}"
+    main = [{"model": r["label"], "params": r["params"], "train ppl": fmt(r["train_ppl"]),
+             "held-out ppl": fmt(r["val_ppl"]), f"ppl, last bucket ({r['buckets'][-1]['start']}-"
+             f"{r['buckets'][-1]['end']})": fmt(r["eval_ppl_last_bucket"]), "MQAR acc": fmt(r.get("mqar_test_acc")),
+             "paper Wikitext ppl (340M)": r.get("paper_wikitext_ppl_340m") or ""} for r in rows]
+    table = {}
+    for r in rows:
+        for b in r["buckets"]:
+            table.setdefault(f"{b['start']}-{b['end']}", {})[r["label"]] = fmt(b["ppl"])
+    abl = [{"paper row": a["row"], "run": a["run"], "train ppl": fmt(a["train_ppl"]),
+            "held-out ppl": fmt(a["val_ppl"]), "paper train ppl (340M)": a["paper_train_ppl"]}
+           for a in doc.get("ablation", [])]
+    variants = doc.get("gla_gate_variants")
+    if variants:
+        abl += [{"paper row": f"(GLA with gate={r['gate']})", "run": "gate_ablation.json, same settings",
+                 "train ppl": fmt(r["train_ppl"]), "held-out ppl": fmt(r["val_ppl"]),
+                 "paper train ppl (340M)": r["paper_train_ppl"]} for r in variants["rows"]]
+    note = "" if doc.get("complete", True) else "\n\n**incomplete: the run stopped before every family finished**"
+    return (C.format_table(main) + "\n\nheld-out order (best first): " + " < ".join(doc["held_out_order"])
+            + "\n\nheld-out perplexity by position:\n\n" + C.format_table([{"positions": k, **v}
+                                                                          for k, v in table.items()])
+            + "\n\ngate ablation rows:\n\n" + C.format_table(abl) + note)
+
+
+FORMATTERS = {"mqar": mqar, "compare_models": compare_models, "gate_ablation": gate_ablation, "length_extrapolation": length_extrapolation,
               "throughput": throughput, "numerics": numerics, "kernel_resources": kernel_resources}
 
 

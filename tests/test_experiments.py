@@ -340,3 +340,63 @@ def test_baseline_benchmarks_never_overwrite_results(name, tmp_path):
     with pytest.raises(SystemExit, match="--replace"):
         bench.main(["--out", str(tmp_path)])
     assert (tmp_path / f"{name}_{jax.default_backend()}.json").read_text() == "{}"
+
+
+def test_compare_models_shapes_match_parameter_counts():
+    """At the default width the five families' parameter counts are within 10% of GLA's (the matching knobs:
+    RetNet's MLP width, Mamba2's state size; Mamba and Mamba2 twice as deep)."""
+    cmp = _load("compare_models")
+    counts = {}
+    for kind in cmp.FAMILIES:
+        arch, fields = cmp.family_fields(kind, width=64, layers=2, heads=4, vocab=320, train_len=128)
+        counts[kind] = cmp.count_params(arch, fields)
+        if kind in ("mamba", "mamba2"):
+            assert fields["num_hidden_layers"] == 4
+    assert all(abs(n / counts["gla"] - 1) < 0.10 for n in counts.values()), counts
+    with pytest.raises(ValueError, match="^kind: "):
+        cmp.family_fields("rwkv", width=64, layers=2, heads=4, vocab=320, train_len=128)
+
+
+def test_compare_models_reuses_gate_ablation_rows_only_for_the_same_settings(common, tmp_path):
+    cmp = _load("compare_models")
+    args = cmp.parse_args([])
+    config = {k: getattr(args, k) for k in cmp.GATE_ABLATION_SHARED if k != "heads"} | {"seq_len": args.train_len}
+    rows = [{"variant": v, "gate": v, "heads": 4, "params": 1, "train_ppl": 2.0, "val_ppl": 3.0,
+             "paper_train_ppl": 4.0} for v in ("gla", "none")] + [
+        {"variant": "gla-8heads", "gate": "gla", "heads": 8, "params": 1, "train_ppl": 2.0, "val_ppl": 3.0,
+         "paper_train_ppl": 4.0}]
+    path = common.write_results("gate_ablation", config=config, seed=0, results=rows, out_dir=tmp_path)
+    got = cmp.gate_ablation_rows(args, path)
+    assert [r["variant"] for r in got["rows"]] == ["gla", "none"]
+    (nogate,) = [a for a in cmp.ablation_table([], got) if a["row"].startswith("no gate")]
+    assert nogate["val_ppl"] == 3.0
+    assert cmp.gate_ablation_rows(cmp.parse_args(["--steps", "7"]), path) is None
+    assert cmp.gate_ablation_rows(args, path, gla_row={"val_ppl": 3.01}) == got  # this run's GLA agrees
+    assert cmp.gate_ablation_rows(args, path, gla_row={"val_ppl": 4.0}) is None, "older code: not reused"
+    assert cmp.gate_ablation_rows(args, tmp_path / "absent.json") is None
+
+
+@needs_models
+def test_compare_models_smoke(tmp_path):
+    cmp = _load("compare_models")
+    cmp.main(["--smoke", "--out", str(tmp_path), "--models", "mamba2"])
+    doc = json.loads((tmp_path / "compare_models_smoke.json").read_text())
+    _check_doc(doc, "compare_models_smoke")
+    assert doc["complete"] is True and doc["held_out_order"] == ["mamba2"]
+    (row,) = doc["results"]
+    assert row["model"] == "mamba2" and row["params"] > 0 and row["mqar_params"] > 0
+    # 3 steps from a random init: perplexity near the vocabulary size, finite and > 1
+    assert 1.0 < row["train_ppl"] < 1000 and 1.0 < row["val_ppl"] < 1000
+    assert row["val_ppl"] == pytest.approx(np.exp(row["val_loss"]))
+    assert 0.0 <= row["mqar_test_acc"] <= 1.0 and np.isfinite(row["mqar_final_train_loss"])
+    buckets = row["buckets"]
+    assert buckets[0]["start"] == 0 and buckets[-1]["end"] == 32 * 4
+    assert all(a["end"] == b["start"] for a, b in zip(buckets, buckets[1:])), "contiguous buckets"
+    assert [r["run"] for r in doc["ablation"]] == ["Mamba2"]
+    assert doc["config"]["tokens_per_family"] == 3 * 2 * 32
+    assert (tmp_path / "compare_models_smoke.png").stat().st_size > 1000
+    assert doc["gla_gate_variants"] is None, "gate_ablation.json was run with other settings than the smoke"
+    table = _load("summarize").compare_models(doc)
+    assert "| Mamba2 " in table and "0-32" in table and "data-dependent scalar gate" in table
+    with pytest.raises(SystemExit, match="--name"):  # a finished result is never overwritten by accident
+        cmp.main(["--out", str(tmp_path), "--name", "compare_models_smoke", "--models", "mamba2"])

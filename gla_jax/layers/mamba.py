@@ -18,7 +18,8 @@ from flax import nnx
 
 from gla_jax.layers.conv import ShortConvolution
 from gla_jax.layers.linear import linear_factory
-from gla_jax.layers.sharding import param
+from gla_jax.layers.sharding import param, with_axes
+from gla_jax.layers.ssm_init import dt_bias_init
 from gla_jax.ops.selective_scan import selective_scan, selective_scan_step
 
 
@@ -34,13 +35,17 @@ class MambaMixer(nnx.Module):
     Parameters (``nnx.Linear`` kernels are ``[in, out]``): ``in_proj [D, 2I]`` (+bias with ``use_bias``),
     ``conv1d.weight [I, W]`` (+``.bias [I]`` with ``use_conv_bias``), ``x_proj [I, R + 2N]`` (no bias),
     ``dt_proj [R, I]`` (+bias), ``A_log [I, N]``, ``D [I]``, ``out_proj [I, D]`` (+bias with ``use_bias``).
-    ``time_step_rank="auto"`` is ceil(D / 16) as in transformers. The decoding cache is
+    ``time_step_rank="auto"`` is ceil(D / 16) as in transformers. From scratch (as the Mamba reference code and
+    transformers): ``A_log[i, n] = log(n + 1)`` (S4D-real), ``D`` = 1, ``softplus(dt_proj.bias)`` log-uniform in
+    [time_step_min, time_step_max] (at least ``time_step_floor``), ``dt_proj.kernel`` U(±time_step_scale/sqrt(R)). The decoding cache is
     ``{"ssm": [B, I, N] float32, "conv": [B, W-1, I]}`` (O(1) in the sequence length).
     """
 
     def __init__(self, hidden_size: int, state_size: int = 16, expand: int = 2, conv_kernel: int = 4,
                  time_step_rank: int | str = "auto", use_conv_bias: bool = True, use_bias: bool = False,
-                 hidden_act: str = "silu", *, chunk_size: int = 64, initializer_range: float = 0.02,
+                 hidden_act: str = "silu", time_step_min: float = 1e-3, time_step_max: float = 1e-1,
+                 time_step_floor: float = 1e-4, time_step_scale: float = 1.0, time_step_init_scheme: str = "random",
+                 *, chunk_size: int = 64, initializer_range: float = 0.02,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         D = _positive_int(hidden_size, "hidden_size")
         N = _positive_int(state_size, "state_size")
@@ -61,7 +66,16 @@ class MambaMixer(nnx.Module):
         self.conv1d = ShortConvolution(I, W, bias=use_conv_bias, activation="silu", initializer_range=initializer_range,
                                        axis_name="heads", **kw)
         self.x_proj = linear(I, R + 2 * N, ("heads", None), False)
-        self.dt_proj = linear(R, I, (None, "heads"), True)
+        # from scratch as the Mamba reference code: dt_proj's kernel U(±scale/sqrt(R)) ("random") or that constant
+        # ("constant"), its bias with softplus(bias) log-uniform in [time_step_min, time_step_max] (ssm_init.py)
+        if time_step_init_scheme not in ("random", "constant"):
+            raise ValueError(f"time_step_init_scheme: expected 'random' or 'constant', got {time_step_init_scheme!r}")
+        dt_std = float(time_step_scale) * R ** -0.5
+        dt_kernel = (nnx.initializers.constant(dt_std) if time_step_init_scheme == "constant"
+                     else lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -dt_std, dt_std))
+        self.dt_proj = nnx.Linear(R, I, use_bias=True, kernel_init=with_axes(dt_kernel, (None, "heads")),
+                                  bias_init=with_axes(dt_bias_init(time_step_min, time_step_max, time_step_floor),
+                                                      ("heads",)), **kw)
         a_init = lambda key, shape, dt: jnp.log(jnp.broadcast_to(jnp.arange(1, shape[1] + 1, dtype=dt), shape))
         self.A_log = param(a_init, None, (I, N), param_dtype, ("heads", None))
         self.D = param(nnx.initializers.ones, None, (I,), param_dtype, ("heads",))

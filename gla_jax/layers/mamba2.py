@@ -19,6 +19,7 @@ from flax import nnx
 from gla_jax.layers.conv import ShortConvolution
 from gla_jax.layers.linear import linear_factory
 from gla_jax.layers.sharding import param
+from gla_jax.layers.ssm_init import a_log_uniform_init, dt_bias_init
 from gla_jax.ops.scalar import gla_scalar, gla_scalar_step
 
 
@@ -44,13 +45,16 @@ class Mamba2Mixer(nnx.Module):
     Parameters: ``in_proj [D, 2I + 2GN + H]`` (+bias with ``use_bias``), ``conv1d.weight [I + 2GN, W]`` (+bias with
     ``use_conv_bias``), ``dt_bias [H]``, ``A_log [H]``, ``D [H]``, ``norm_weight [I]``, ``out_proj [I, D]``
     (+bias with ``use_bias``). ``num_heads · head_dim`` must equal ``expand · hidden_size``; ``n_groups`` divides
-    ``num_heads``. The decoding cache is ``{"ssm": [B, H, N, P] float32, "conv": [B, W-1, I + 2GN]}``.
+    ``num_heads``. From scratch, ``softplus(dt_bias)`` is log-uniform in [time_step_min, time_step_max] (at least
+    ``time_step_floor``), ``exp(A_log)`` uniform in [1, 16] and ``D`` = 1, as in the Mamba2 reference code.
+    The decoding cache is ``{"ssm": [B, H, N, P] float32, "conv": [B, W-1, I + 2GN]}``.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int = 64, state_size: int = 128,
                  expand: int = 2, n_groups: int = 1, conv_kernel: int = 4, use_conv_bias: bool = True,
                  use_bias: bool = False, layer_norm_epsilon: float = 1e-5,
-                 time_step_limit: tuple[float, float] = (0.0, float("inf")), hidden_act: str = "silu", *,
+                 time_step_limit: tuple[float, float] = (0.0, float("inf")), hidden_act: str = "silu",
+                 time_step_min: float = 1e-3, time_step_max: float = 1e-1, time_step_floor: float = 1e-4, *,
                  chunk_size: int = 64, initializer_range: float = 0.02, dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         D = _positive_int(hidden_size, "hidden_size")
@@ -81,8 +85,11 @@ class Mamba2Mixer(nnx.Module):
         self.in_proj = linear(D, I + self.conv_dim + H, ("embed", None), use_bias)  # a concatenation: replicated
         self.conv1d = ShortConvolution(self.conv_dim, W, bias=use_conv_bias, activation="silu",
                                        initializer_range=initializer_range, axis_name=None, **kw)
-        self.dt_bias = param(nnx.initializers.zeros, None, (H,), param_dtype, (None,))
-        self.A_log = param(lambda k, s, d: jnp.log(jnp.arange(1, s[0] + 1, dtype=d)), None, (H,), param_dtype, (None,))
+        # from scratch as the Mamba2 reference code: softplus(dt_bias) log-uniform in [time_step_min, time_step_max],
+        # A = exp(A_log) uniform in [1, 16], D = 1 (layers/ssm_init.py)
+        self.dt_bias = param(dt_bias_init(time_step_min, time_step_max, time_step_floor), rngs.params(), (H,),
+                             param_dtype, (None,))
+        self.A_log = param(a_log_uniform_init(1.0, 16.0), rngs.params(), (H,), param_dtype, (None,))
         self.D = param(nnx.initializers.ones, None, (H,), param_dtype, (None,))
         self.norm_weight = param(nnx.initializers.ones, None, (I,), param_dtype, ("heads",))
         self.out_proj = linear(I, D, ("heads", "embed"), use_bias)

@@ -22,10 +22,10 @@ from gla_jax.models.registry import Family, HFTensor, register_family
 @dataclasses.dataclass(frozen=True)
 class MambaConfig(MambaFamilyConfig):
     """Mamba config. transformers' ``MambaConfig`` fields (names and defaults): those of
-    :class:`MambaFamilyConfig` plus ``time_step_scale``, ``time_step_init_scheme``, ``use_mambapy`` and
-    ``use_associative_scan`` (initialisation or kernel choices, kept for round trips). ``intermediate_size`` is
-    ``expand · hidden_size`` (transformers writes it to config.json and recomputes it). gla-jax's own:
-    ``chunk_size`` (steps per chunk of the selective scan, docs/design.md §9.2) and the shared fields of
+    :class:`MambaFamilyConfig` plus ``time_step_scale`` and ``time_step_init_scheme`` (they set the from-scratch
+    time-step projection, docs/design.md §9.3), ``use_mambapy`` and ``use_associative_scan`` (kernel choices, kept
+    for round trips). ``intermediate_size`` is ``expand · hidden_size`` (transformers writes it to config.json
+    and recomputes it). gla-jax's own: ``chunk_size`` (steps per chunk of the selective scan, docs/design.md §9.2) and the shared fields of
     :class:`ModelConfig`."""
 
     model_type = "mamba"
@@ -72,7 +72,10 @@ class MambaLMMixer(RecurrentLayerMixer, MambaMixer):
     def from_config(cls, c: MambaConfig, *, rngs):
         return cls(c.hidden_size, state_size=c.state_size, expand=c.expand, conv_kernel=c.conv_kernel,
                    time_step_rank=c.dt_rank, use_conv_bias=c.use_conv_bias, use_bias=c.use_bias,
-                   hidden_act=c.hidden_act, chunk_size=c.chunk_size, initializer_range=c.initializer_range,
+                   hidden_act=c.hidden_act, time_step_min=c.time_step_min, time_step_max=c.time_step_max,
+                   time_step_floor=c.time_step_floor, time_step_scale=c.time_step_scale,
+                   time_step_init_scheme=c.time_step_init_scheme, chunk_size=c.chunk_size,
+                   initializer_range=c.initializer_range,
                    dtype=c.compute_dtype, param_dtype=c.params_dtype, rngs=rngs)
 
 

@@ -86,7 +86,8 @@ class Mamba2LMMixer(RecurrentLayerMixer, Mamba2Mixer):
         return cls(c.hidden_size, c.num_heads, head_dim=c.head_dim, state_size=c.state_size, expand=c.expand,
                    n_groups=c.n_groups, conv_kernel=c.conv_kernel, use_conv_bias=c.use_conv_bias, use_bias=c.use_bias,
                    layer_norm_epsilon=c.layer_norm_epsilon, time_step_limit=c.time_step_limit,
-                   hidden_act=c.hidden_act, chunk_size=c.scan_chunk_size, initializer_range=c.initializer_range,
+                   hidden_act=c.hidden_act, time_step_min=c.time_step_min, time_step_max=c.time_step_max,
+                   time_step_floor=c.time_step_floor, chunk_size=c.scan_chunk_size, initializer_range=c.initializer_range,
                    dtype=c.compute_dtype, param_dtype=c.params_dtype, rngs=rngs)
 
 

@@ -13,9 +13,9 @@ from gla_jax.models.registry import HFTensor
 @dataclasses.dataclass(frozen=True)
 class MambaFamilyConfig(ModelConfig):
     """Fields both transformers Mamba configs have, with ``MambaConfig``'s defaults (Mamba2 overrides the sizes,
-    token ids and tying). ``time_step_rank``, ``time_step_min/max/floor``, ``rescale_prenorm_residual``,
-    ``residual_in_fp32``, ``use_cache`` and the token ids only choose PyTorch's initialisation or bookkeeping and
-    are kept for round trips (the residual stream is in the compute dtype here). Blocks are ``x += mixer(norm(x))``
+    token ids and tying). ``time_step_min/max/floor`` set the from-scratch time-step bias (docs/design.md §9.3);
+    ``time_step_rank`` (Mamba2), ``rescale_prenorm_residual``, ``residual_in_fp32``, ``use_cache`` and the token
+    ids only choose PyTorch's initialisation or bookkeeping and are kept for round trips (the residual stream is in the compute dtype here). Blocks are ``x += mixer(norm(x))``
     with no MLP. A subclass lists :data:`MAMBA_FAMILY_FIELDS` and its own in ``HF_FIELDS``."""
 
     vocab_size: int = 50280
