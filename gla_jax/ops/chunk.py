@@ -60,8 +60,6 @@ from gla_jax.ops.chunk_math import SUB_CHUNK, custom_vjp_op, document_index, sta
 from gla_jax.ops.chunk_math import mm as _mm
 from gla_jax.ops.chunk_math import cumsum_rows as _cumsum_rows
 from gla_jax.ops.gates import finite_gates, zero_steps
-from gla_jax.ops.intra_levels import Factors as IntraFactors
-from gla_jax.ops.intra_levels import LevelFactors, intra_grads, intra_matrix
 
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
@@ -127,22 +125,99 @@ def _factors(g, doc, c):
     return _Factors(b6, z6, eq, ek, a, eqs, eks, rho), masks
 
 
-def _levels(F):
-    """The intra-chunk factors of ``F`` in ``intra_levels``' form (the level-1 ones are ``F``'s own, viewed with one
-    block per chunk)."""
-    B, H, N, ns, c, K = F.b6.shape
-    lv = ()
-    if ns > 1:
-        lv = (((ns * c, c), LevelFactors(F.eqs[:, :, :, None], F.eks[:, :, :, None], F.rho[:, :, :, None])),)
-    return IntraFactors(lv, F.b6.reshape(B, H, N, ns * c, K), F.z6.reshape(B, H, N, ns * c, K))
+def _gap(b6, z6, off):
+    """min((b_i - b_{i-off}) + (z_i - z_{i-off}), 0) along the sub-chunk rows (rows i < off: garbage, masked)."""
+    return jnp.minimum((b6 - _shift_rows(b6, off)) + (z6 - _shift_rows(z6, off)), 0.0)
+
+
+def _khat(kt, rho, I):
+    """Keys of sub-chunks J < I seen from sub-chunk I: kt_J * e^{r_I - e_J}, flattened to [B, H, N, I*c, K]."""
+    B, H, N, _, c, K = kt.shape
+    return (kt[:, :, :, :I] * rho[:, :, :, I, :I, None, :]).reshape(B, H, N, I * c, K)
+
+
+def _shift_rows(x, off):
+    """x shifted down by ``off`` (traced) rows along axis -2: out[i] = x[i - off] (rows i < off hold garbage that
+    callers mask)."""
+    return jnp.roll(x, off, axis=-2)
+
+
+def _diag_blocks(q6, k6, b6, z6):
+    """The diagonal sub-blocks D[.., I, i, j] = sum_d q_id k_jd e^{b_id - b_jd} for j <= i (0 above), float32.
+
+    Elementwise in log space, walked by the offset i - j (a ``lax.scan`` over offsets, so the program stays
+    small) so that every exponent is <= 0; the sum over d is a matrix-vector product (fast on CPU).
+    """
+    c, K = q6.shape[-2], q6.shape[-1]
+    ones = jnp.ones((K,), _F32)
+    rows_i = jnp.arange(c)[:, None]
+
+    def body(_, off):
+        p = q6 * _shift_rows(k6, off) * jnp.exp(_gap(b6, z6, off))
+        p = jnp.where(rows_i >= off, p, 0.0)
+        return None, jnp.einsum("...d,d->...", p, ones, precision=_HI)  # [.., ns, c]: D[i, i - off]
+
+    _, by_offset = lax.scan(body, None, jnp.arange(c))  # [c(off), B, H, N, ns, c(i)]
+    by_offset = jnp.moveaxis(by_offset, 0, -2).reshape(q6.shape[:-2] + (c * c,))
+    by_offset = jnp.concatenate([by_offset, jnp.zeros_like(by_offset[..., :1])], axis=-1)
+    return jnp.take(by_offset, jnp.asarray(_offset_index(c)), axis=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _offset_index(c):
+    """idx[i, j] into the flattened [offset, i] layout of _diag_blocks (c * c: the zero entry, for j > i)."""
+    idx = np.full((c, c), c * c, np.int32)
+    for i in range(c):
+        for j in range(i + 1):
+            idx[i, j] = (i - j) * c + i
+    return idx
+
+
+def _diag_grads(q6, k6, b6, z6, d_blk):
+    """Gradients through the strictly-lower part of the diagonal sub-blocks, given dD = d_blk [.., ns, c, c]:
+    dq[i] = sum_{j<i} dD_ij k_j e^{b_i - b_j},  dk[j] = sum_{i>j} dD_ij q_i e^{b_i - b_j}  (elementwise, float32)."""
+    c = q6.shape[-2]
+    # by_offset[off, .., i] = dD[i, i - off] (0 where i < off)
+    idx = _offset_index(c)
+    flat = jnp.concatenate([d_blk.reshape(d_blk.shape[:-2] + (c * c,)), jnp.zeros_like(d_blk[..., 0, :1])], -1)
+    gather = np.full((c, c), c * c, np.int32)  # gather[off, i] -> flat index of (i, i - off)
+    for off in range(c):
+        for i in range(off, c):
+            gather[off, i] = i * c + (i - off)
+    by_offset = jnp.moveaxis(jnp.take(flat, jnp.asarray(gather), axis=-1), -2, 0)[..., None]  # [c, .., ns, c, 1]
+    del idx
+
+    def body(carry, x):
+        dq, dk = carry
+        off, w = x  # w[i] = dD[i, i - off]
+        e = jnp.exp(_gap(b6, z6, off))
+        dq = dq + w * _shift_rows(k6, off) * e
+        dk = dk + _shift_rows(w * q6 * e, -off)  # row j receives from row i = j + off
+        return (dq, dk), None
+
+    (dq, dk), _ = lax.scan(body, (jnp.zeros_like(q6), jnp.zeros_like(k6)), (jnp.arange(1, c), by_offset[1:]))
+    return dq, dk
 
 
 def _intra_matrix(q6, k6, F, cdt, same):
-    """The masked intra-chunk matrix A [B, H, N, C, C] (float32, lower triangular incl. the diagonal), from q6, k6
-    [B, H, N, ns, c, K] float32 (``intra_levels``: one matmul level over the sub-chunks, the diagonal sub-blocks
-    elementwise)."""
+    """The masked intra-chunk matrix A [B, H, N, C, C] (float32, lower triangular incl. the diagonal).
+
+    Row block I: [A_I0 .. A_I(I-1) | D_I | 0]; the off-diagonal part of the row block is one matmul of qhat_I
+    against the keys of all earlier sub-chunks, only the J < I pairs being formed.
+    """
     B, H, N, ns, c, K = q6.shape
-    A = intra_matrix(q6.reshape(B, H, N, ns * c, K), k6.reshape(B, H, N, ns * c, K), _levels(F), cdt)
+    qhat, kt = q6 * F.eqs, k6 * F.eks
+    d = _diag_blocks(q6, k6, F.b6, F.z6)  # [B, H, N, ns, c, c]
+    rows = []
+    for I in range(ns):
+        parts = []
+        if I:
+            parts.append(_mm("bhnik,bhnjk->bhnij", qhat[:, :, :, I], _khat(kt, F.rho, I), cdt))
+        parts.append(d[:, :, :, I])
+        if I < ns - 1:
+            parts.append(jnp.zeros((B, H, N, c, (ns - 1 - I) * c), _F32))
+        rows.append(jnp.concatenate(parts, axis=-1))
+    A = jnp.concatenate(rows, axis=-2)
     return A if same is None else A * same
 
 
@@ -169,13 +244,30 @@ def qk_gate_grads(qf, kf, do, v, same, dq_inter, dk_state, starts, dh, F, *, c: 
     each chunk; F: ``_factors`` of the gates; c: the sub-chunk; cdt: matmul operand dtype (None: float32).
     dg is the chunk-local identity (module docstring), 0 at a zero gate (the limit g -> -inf)."""
     B, H, N, C, K = qf.shape
+    ns = C // c
+    q6, k6 = qf.reshape(F.b6.shape), kf.reshape(F.b6.shape)
     # dA = do v^T on the causal (same-document) pattern.
     causal = jnp.asarray(np.tril(np.ones((C, C), np.float32)))
     dA = _mm("bhniv,bhnjv->bhnij", do, v, cdt) * (causal if same is None else causal * same)
-    # Everything below the diagonal (sub-chunk pairs as matmuls, diagonal sub-blocks elementwise); the i == j terms
-    # (exponent exactly 0) are added after the gate gradient.
-    dq_intra, dk_intra, d_self = intra_grads(qf, kf, _levels(F), dA, cdt)
-    dq = dq_inter + dq_intra
+    # Off-diagonal sub-chunk pairs (J < I), one row block at a time, as matmuls.
+    qhat, kt = q6 * F.eqs, k6 * F.eks
+    dq_rows = [jnp.zeros((B, H, N, c, K), _F32)]
+    dk_off = jnp.zeros((B, H, N, ns, c, K), _F32)
+    for I in range(1, ns):
+        dA_I = dA[:, :, :, I * c:(I + 1) * c, :I * c]  # [B, H, N, c, I*c]
+        dq_rows.append(_mm("bhnij,bhnjk->bhnik", dA_I, _khat(kt, F.rho, I), cdt))
+        t = _mm("bhnij,bhnik->bhnjk", dA_I, qhat[:, :, :, I], cdt).reshape(B, H, N, I, c, K)
+        t = t * F.rho[:, :, :, I, :I, None, :]
+        dk_off = dk_off + jnp.pad(t, ((0, 0),) * 3 + ((0, ns - I),) + ((0, 0),) * 2)
+    dq_off = jnp.stack(dq_rows, axis=3) * F.eqs
+    dk_off = dk_off * F.eks
+    # Diagonal sub-blocks, strictly below the diagonal (the i == j terms are added last).
+    d_blk = jnp.stack([dA[:, :, :, I * c:(I + 1) * c, I * c:(I + 1) * c] for I in range(ns)], axis=3)
+    dq_diag, dk_diag = _diag_grads(q6, k6, F.b6, F.z6, d_blk)
+    d_self = jnp.diagonal(d_blk, axis1=-2, axis2=-1)[..., None]  # [B, H, N, ns, c, 1]
+
+    dq = dq_inter + (dq_off + dq_diag).reshape(B, H, N, C, K)
+    dk_intra = (dk_off + dk_diag).reshape(B, H, N, C, K)
     # Gate gradient (chunk-local identity, see the module docstring).
     x = qf * dq - kf * dk_intra
     y = kf * dk_state
@@ -184,8 +276,8 @@ def qk_gate_grads(qf, kf, do, v, same, dq_inter, dk_state, starts, dh, F, *, c: 
     # At a zero gate dg is 0 (the limit g -> -inf; the identity gives 0 there only up to rounding).
     z = F.z6.reshape(B, H, N, C, K)
     dg = jnp.where(z != jnp.pad(z[:, :, :, :-1], ((0, 0),) * 3 + ((1, 0), (0, 0))), 0.0, dg)
-    dq = dq + d_self * kf
-    dk = dk_intra + dk_state + d_self * qf
+    dq = dq + (d_self * k6).reshape(B, H, N, C, K)
+    dk = dk_intra + dk_state + (d_self * q6).reshape(B, H, N, C, K)
     return dq, dk, dg
 
 
