@@ -422,6 +422,8 @@ def test_chunk_group_loop_matches_float64(group_chunks, docs, pattern):
     groups, zero chunks padding the last group, the entering document handed across groups) against the float64
     recurrence: outputs, final state and every gradient, with packed documents and zero gates."""
     x = make_inputs(2, 333, 2, 16, 8, seed=11, docs=docs)  # 6 chunks of 64: 3 groups of 2, or 2 of 4 (2 padded)
+    if docs:  # documents also start exactly at group starts (positions 128 and 256)
+        x["seg"] = x["seg"] + 100 * (np.arange(333) >= 128) + 100 * (np.arange(333) >= 256)
     if pattern is not None:
         x["g"] = place_zero_gates(x["g"], pattern)
     s0 = jnp.asarray(x["s0"])
