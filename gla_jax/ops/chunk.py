@@ -209,10 +209,16 @@ def _intra_matrix(q6, k6, F, cdt, same):
     B, H, N, ns, c, K = q6.shape
     qhat, kt = q6 * F.eqs, k6 * F.eks
     d = _diag_blocks(q6, k6, F.b6, F.z6)  # [B, H, N, ns, c, c]
+    keys_minor = jax.default_backend() == "cpu"
+    if keys_minor:  # XLA:CPU: the narrow matmuls contract the keys' leading axis (docs/design.md §1)
+        ktT, rhoT = jnp.moveaxis(kt, -1, 3), jnp.moveaxis(F.rho, -1, 3)  # [B, H, N, K, ns, c], [B, H, N, K, ns, ns]
     rows = []
     for I in range(ns):
         parts = []
-        if I:
+        if I and keys_minor:
+            khat_t = (ktT[:, :, :, :, :I] * rhoT[:, :, :, :, I, :I, None]).reshape(B, H, N, K, I * c)
+            parts.append(_mm("bhnik,bhnkj->bhnij", qhat[:, :, :, I], khat_t, cdt))
+        elif I:
             parts.append(_mm("bhnik,bhnjk->bhnij", qhat[:, :, :, I], _khat(kt, F.rho, I), cdt))
         parts.append(d[:, :, :, I])
         if I < ns - 1:
@@ -254,10 +260,15 @@ def qk_gate_grads(qf, kf, do, v, same, dq_inter, dk_state, starts, dh, F, *, c: 
     qhat, kt = q6 * F.eqs, k6 * F.eks
     dq_rows = [jnp.zeros((B, H, N, c, K), _F32)]
     dk_off = jnp.zeros((B, H, N, ns, c, K), _F32)
+    dA_t = jnp.swapaxes(dA, -1, -2) if jax.default_backend() == "cpu" else None  # XLA:CPU layout (§1)
     for I in range(1, ns):
         dA_I = dA[:, :, :, I * c:(I + 1) * c, :I * c]  # [B, H, N, c, I*c]
         dq_rows.append(_mm("bhnij,bhnjk->bhnik", dA_I, _khat(kt, F.rho, I), cdt))
-        t = _mm("bhnij,bhnik->bhnjk", dA_I, qhat[:, :, :, I], cdt).reshape(B, H, N, I, c, K)
+        if dA_t is None:
+            t = _mm("bhnij,bhnik->bhnjk", dA_I, qhat[:, :, :, I], cdt)
+        else:
+            t = _mm("bhnji,bhnik->bhnjk", dA_t[:, :, :, :I * c, I * c:(I + 1) * c], qhat[:, :, :, I], cdt)
+        t = t.reshape(B, H, N, I, c, K)
         t = t * F.rho[:, :, :, I, :I, None, :]
         dk_off = dk_off + jnp.pad(t, ((0, 0),) * 3 + ((0, ns - I),) + ((0, 0),) * 2)
     dq_off = jnp.stack(dq_rows, axis=3) * F.eqs
