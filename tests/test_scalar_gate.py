@@ -47,14 +47,14 @@ def _loss_parts(B, T, H, K, V, seed):
     return (r.standard_normal((B, T, H, V)).astype(np.float32), r.standard_normal((B, H, K, V)).astype(np.float32))
 
 
-def _check_all(q, k, v, g, *, s0=None, seg=None, chunk_size=16, tol=TOL):
+def _check_all(q, k, v, g, *, s0=None, seg=None, chunk_size=16, tol=TOL, group_chunks=None):
     B, T, H, K = q.shape
     V = v.shape[-1]
     do, ds = _loss_parts(B, T, H, K, V, 0)
 
     def f(q, k, v, g, s0):
         o, s = gla_scalar(q, k, v, g, initial_state=s0, output_final_state=True, segment_ids=seg,
-                          chunk_size=chunk_size)
+                          chunk_size=chunk_size, group_chunks=group_chunks)
         return jnp.sum(o * do) + jnp.sum(s * ds), (o, s)
 
     s0j = jnp.zeros((B, H, K, V), jnp.float32) if s0 is None else jnp.asarray(s0)
@@ -125,6 +125,17 @@ def test_zero_gates_among_strong_decays():
     # zero gates among log alpha = -20 per step: every exponent stays <= 0 and exact.
     q, k, v, g, s0, seg = _packed_inputs(12, gates=-20.0)
     _check_all(q, k, v, _with_zero_gates(g, "several_in_chunk", seed=13), s0=s0, seg=seg, chunk_size=64)
+
+
+@pytest.mark.parametrize("group_chunks,gates", [(2, None), (4, -20.0)])
+def test_group_loop_matches_float64(group_chunks, gates):
+    # The group loop (group_chunks chunks per lax.scan step, state and its gradient carried between groups, the
+    # last group padded with zero chunks): chunks of 16 over T = 150 are 10 chunks; documents start at 30 and 100
+    # (row 0) and at 64 (row 1), a group start for both group sizes (the entering document must be handed across).
+    q, k, v, g, s0, seg = _packed_inputs(16, gates=gates)
+    g = _with_zero_gates(g, "several_in_chunk", seed=17)
+    errs, grads = _check_all(q, k, v, g, s0=s0, seg=seg, chunk_size=16, group_chunks=group_chunks)
+    assert np.all(np.asarray(grads[3])[np.asarray(g) <= -104.0] == 0.0)
 
 
 def test_zero_gates_keep_small_gates_exact():

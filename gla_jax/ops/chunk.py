@@ -56,7 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from gla_jax.ops.chunk_math import SUB_CHUNK, custom_vjp_op, document_index, state_scan
+from gla_jax.ops.chunk_math import CPU_GROUP_CHUNKS, SUB_CHUNK, custom_vjp_op, default_group_chunks, document_index
+from gla_jax.ops.chunk_math import from_groups, state_scan, to_groups
 from gla_jax.ops.chunk_math import mm as _mm
 from gla_jax.ops.chunk_math import cumsum_rows as _cumsum_rows
 from gla_jax.ops.gates import finite_gates, zero_steps
@@ -209,10 +210,16 @@ def _intra_matrix(q6, k6, F, cdt, same):
     B, H, N, ns, c, K = q6.shape
     qhat, kt = q6 * F.eqs, k6 * F.eks
     d = _diag_blocks(q6, k6, F.b6, F.z6)  # [B, H, N, ns, c, c]
+    keys_minor = jax.default_backend() == "cpu"
+    if keys_minor:  # XLA:CPU: the narrow matmuls contract the keys' leading axis (docs/design.md §1)
+        ktT, rhoT = jnp.moveaxis(kt, -1, 3), jnp.moveaxis(F.rho, -1, 3)  # [B, H, N, K, ns, c], [B, H, N, K, ns, ns]
     rows = []
     for I in range(ns):
         parts = []
-        if I:
+        if I and keys_minor:
+            khat_t = (ktT[:, :, :, :, :I] * rhoT[:, :, :, :, I, :I, None]).reshape(B, H, N, K, I * c)
+            parts.append(_mm("bhnik,bhnkj->bhnij", qhat[:, :, :, I], khat_t, cdt))
+        elif I:
             parts.append(_mm("bhnik,bhnjk->bhnij", qhat[:, :, :, I], _khat(kt, F.rho, I), cdt))
         parts.append(d[:, :, :, I])
         if I < ns - 1:
@@ -254,10 +261,15 @@ def qk_gate_grads(qf, kf, do, v, same, dq_inter, dk_state, starts, dh, F, *, c: 
     qhat, kt = q6 * F.eqs, k6 * F.eks
     dq_rows = [jnp.zeros((B, H, N, c, K), _F32)]
     dk_off = jnp.zeros((B, H, N, ns, c, K), _F32)
+    dA_t = jnp.swapaxes(dA, -1, -2) if jax.default_backend() == "cpu" else None  # XLA:CPU layout (§1)
     for I in range(1, ns):
         dA_I = dA[:, :, :, I * c:(I + 1) * c, :I * c]  # [B, H, N, c, I*c]
         dq_rows.append(_mm("bhnij,bhnjk->bhnik", dA_I, _khat(kt, F.rho, I), cdt))
-        t = _mm("bhnij,bhnik->bhnjk", dA_I, qhat[:, :, :, I], cdt).reshape(B, H, N, I, c, K)
+        if dA_t is None:
+            t = _mm("bhnij,bhnik->bhnjk", dA_I, qhat[:, :, :, I], cdt)
+        else:
+            t = _mm("bhnji,bhnik->bhnjk", dA_t[:, :, :, :I * c, I * c:(I + 1) * c], qhat[:, :, :, I], cdt)
+        t = t.reshape(B, H, N, I, c, K)
         t = t * F.rho[:, :, :, I, :I, None, :]
         dk_off = dk_off + jnp.pad(t, ((0, 0),) * 3 + ((0, ns - I),) + ((0, 0),) * 2)
     dq_off = jnp.stack(dq_rows, axis=3) * F.eqs
@@ -317,18 +329,6 @@ def _grouping(cfg, N):
     return ng, ng * G - N
 
 
-def _group(x, ng, pad, axis=2):
-    """[B, H, N, ...] -> [ng, B, H, G, ...] (zero chunks appended: they change nothing, module docstring)."""
-    x = jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)])
-    return jnp.moveaxis(x.reshape(x.shape[:axis] + (ng, -1) + x.shape[axis + 1:]), axis, 0)
-
-
-def _ungroup(x, N):
-    """[ng, B, H, G, ...] -> [B, H, N, ...]."""
-    x = jnp.moveaxis(x, 0, 2)
-    return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])[:, :, :N]
-
-
 def _forward_grouped(cfg, q, k, v, g, s0, doc):
     """``_forward`` over groups of ``cfg[3]`` chunks in a ``lax.scan`` (the state carried between groups), so the
     working set of each step stays cache-sized; all chunks at once when there is one group (docs/design.md §1)."""
@@ -337,7 +337,7 @@ def _forward_grouped(cfg, q, k, v, g, s0, doc):
     if grouping is None:
         return _forward(cfg, q, k, v, g, s0, doc)
     ng, pad = grouping
-    xs = [_group(x, ng, pad) for x in (q, k, v, g)]
+    xs = [to_groups(x, ng, pad) for x in (q, k, v, g)]
     if doc is None:
         xs += [None, None]
     else:  # the document entering each group's first chunk: the last one of the chunk before
@@ -351,7 +351,7 @@ def _forward_grouped(cfg, q, k, v, g, s0, doc):
         return s_next, (o, res)
 
     s_final, (o, res) = lax.scan(step, s0, tuple(xs))
-    return (_ungroup(o, N), s_final), res
+    return (from_groups(o, N), s_final), res
 
 
 def _bwd_grouped(cfg, res, cts):
@@ -368,8 +368,8 @@ def _bwd_grouped(cfg, res, cts):
         dq, dk, dv, dg, ds0, _ = _chunk_op_bwd(cfg, res_g, (do_g, ds))
         return ds0, (dq, dk, dv, dg)
 
-    ds0, grads = lax.scan(step, ds_final.astype(_F32), (res, _group(do, ng, pad)), reverse=True)
-    dq, dk, dv, dg = (_ungroup(x, N) for x in grads)
+    ds0, grads = lax.scan(step, ds_final.astype(_F32), (res, to_groups(do, ng, pad)), reverse=True)
+    dq, dk, dv, dg = (from_groups(x, N) for x in grads)
     return dq, dk, dv, dg, ds0, None
 
 
@@ -379,19 +379,6 @@ _chunk_op = custom_vjp_op(_forward_grouped, _bwd_grouped)
 def _to_chunks(x, n, C):
     B, T, H, D = x.shape
     return x.reshape(B, n, C, H, D).transpose(0, 3, 1, 2, 4)
-
-
-#: Chunks per step of the group loop on CPU (8 x 64 = 512 positions: every intermediate of a step stays within a
-#: few MiB, so the many elementwise passes run from cache instead of memory). Measured side by side at T = 8192
-#: (B=1, H=4, K=V=64, float32, loaded 2-core CPU): forward 1.4-1.5x, fwd+bwd 1.2x faster than all chunks at once;
-#: 4..16 are within noise of each other, 32 loses most of the gain. Accelerators take every chunk at once (the loop
-#: would only serialise their parallel work).
-CPU_GROUP_CHUNKS = 8
-
-
-def default_group_chunks():
-    """Chunks per step of the group loop: ``CPU_GROUP_CHUNKS`` on CPU, 0 (all at once) elsewhere."""
-    return CPU_GROUP_CHUNKS if jax.default_backend() == "cpu" else 0
 
 
 def default_matmul_dtype(dtype):

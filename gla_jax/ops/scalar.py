@@ -42,7 +42,7 @@ import numpy as np
 from jax import lax
 
 from gla_jax.ops.checks import query_scale
-from gla_jax.ops.chunk_math import custom_vjp_op, state_scan
+from gla_jax.ops.chunk_math import custom_vjp_op, default_group_chunks, from_groups, state_scan, to_groups
 from gla_jax.ops.chunk_math import mm as _mm
 from gla_jax.ops.gates import finite_gates, is_zero_gate, zero_steps
 from gla_jax.ops.segments import segment_starts
@@ -64,12 +64,14 @@ def _cumsum_last(x, mode):
     return jnp.einsum("ts,...s->...t", tri, x, precision=_HI, preferred_element_type=_F32)
 
 
-def _doc_masks(doc):
+def _doc_masks(doc, first=None):
     """From running document indices ``doc`` [B, N, C] (non-decreasing): float32 masks broadcastable to
     [B, H, N, ...]: m_in [B, 1, N, C] (row in the entering state's document), m_out [B, 1, N, C] (row in the chunk's
-    last document), keep [B, 1, N] (no document starts in the chunk), same [B, 1, N, C, C] (same document)."""
+    last document), keep [B, 1, N] (no document starts in the chunk), same [B, 1, N, C, C] (same document).
+    first: [B] document of the state entering the first chunk (default: that of its first row)."""
     last = doc[:, :, -1]
-    entering = jnp.concatenate([doc[:, :1, 0], last[:, :-1]], axis=1)
+    first = doc[:, 0, 0] if first is None else first
+    entering = jnp.concatenate([first[:, None], last[:, :-1]], axis=1)
     m_in = (doc == entering[..., None]).astype(_F32)[:, None]
     m_out = (doc == last[..., None]).astype(_F32)[:, None]
     keep = (last == entering).astype(_F32)[:, None]
@@ -77,7 +79,7 @@ def _doc_masks(doc):
     return m_in, m_out, keep, same
 
 
-def _decays(g, doc):
+def _decays(g, doc, first=None):
     """The masked decay factors of a chunk (every exponent <= 0 and finite, zero gates included):
     eq = e^{b} m_in, ek = e^{b_C - b} m_out [B, H, N, C], a = e^{b_C} keep [B, H, N], D [B, H, N, C, C] (causal,
     same doc), where every "b_x - b_y" stands for (b_x - b_y) + (z_x - z_y): b the inclusive cumulative sum of the
@@ -92,27 +94,27 @@ def _decays(g, doc):
     gap = (b[..., :, None] - b[..., None, :]) + (z[..., :, None] - z[..., None, :])
     D = jnp.where(causal, jnp.exp(jnp.minimum(gap, 0.0)), 0.0)
     if doc is not None:
-        m_in, m_out, keep, same = _doc_masks(doc)
+        m_in, m_out, keep, same = _doc_masks(doc, first)
         eq, ek, a, D = eq * m_in, ek * m_out, a * keep, D * same
     return eq, ek, a, D
 
 
-def _forward(cfg, q, k, v, g, s0, doc):
-    scale, mdt = cfg
-    eq, ek, a, D = _decays(g, doc)
+def _forward(cfg, q, k, v, g, s0, doc, first=None):
+    scale, mdt = cfg[:2]
+    eq, ek, a, D = _decays(g, doc, first)
     u = _mm("bhnck,bhncv->bhnkv", k.astype(_F32) * ek[..., None], v, _F32)
     s_final, starts = state_scan(a[..., None], u, s0)
     o = _mm("bhnck,bhnkv->bhncv", q.astype(_F32) * eq[..., None], starts, _F32)
     A = _mm("bhnik,bhnjk->bhnij", q, k, mdt) * D
     o = (o + _mm("bhnij,bhnjv->bhniv", A, v, mdt)) * scale
-    return (o, s_final), (q, k, v, g, doc, starts)
+    return (o, s_final), (q, k, v, g, doc, first, starts)
 
 
 def _scalar_op_bwd(cfg, res, cts):
-    scale, mdt = cfg
-    q, k, v, g, doc, starts = res
+    scale, mdt = cfg[:2]
+    q, k, v, g, doc, first, starts = res
     do, ds_final = cts
-    eq, ek, a, D = _decays(g, doc)
+    eq, ek, a, D = _decays(g, doc, first)
     do = do.astype(_F32) * scale
     qf, kf = q.astype(_F32), k.astype(_F32)
 
@@ -143,7 +145,50 @@ def _scalar_op_bwd(cfg, res, cts):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), ds0, None
 
 
-_scalar_op = custom_vjp_op(_forward, _scalar_op_bwd)
+def _forward_grouped(cfg, q, k, v, g, s0, doc):
+    """``_forward`` over groups of ``cfg[2]`` chunks in a ``lax.scan`` carrying the state (the vector-gate chunk
+    form's CPU group loop, docs/design.md §1); all chunks at once when there is one group."""
+    B, H, N = q.shape[:3]
+    G = cfg[2]
+    if not G or N <= G:
+        return _forward(cfg, q, k, v, g, s0, doc)
+    ng, pad = -(-N // G), -(-N // G) * G - N
+    xs = [to_groups(x, ng, pad) for x in (q, k, v, g)]
+    if doc is None:
+        xs += [None, None]
+    else:  # the document entering each group's first chunk: the last one of the chunk before
+        entering = jnp.concatenate([doc[:, :1, 0], doc[:, :-1, -1]], axis=1)  # [B, N]
+        doc = jnp.pad(doc, ((0, 0), (0, pad), (0, 0)), mode="edge")
+        xs += [jnp.moveaxis(doc.reshape(B, ng, -1, doc.shape[-1]), 1, 0), entering[:, ::G].T]
+
+    def step(s, x):
+        (o, s_next), res = _forward(cfg, *x[:4], s, *x[4:])
+        return s_next, (o, res)
+
+    s_final, (o, res) = lax.scan(step, s0, tuple(xs))
+    return (from_groups(o, N), s_final), res
+
+
+def _bwd_grouped(cfg, res, cts):
+    """``_scalar_op_bwd`` group by group in a reverse ``lax.scan`` (the state gradient carried between groups)."""
+    do, ds_final = cts
+    B, H, N = do.shape[:3]
+    G = cfg[2]
+    if not G or N <= G:
+        return _scalar_op_bwd(cfg, res, cts)
+    ng, pad = -(-N // G), -(-N // G) * G - N
+
+    def step(ds, x):
+        res_g, do_g = x
+        dq, dk, dv, dg, ds0, _ = _scalar_op_bwd(cfg, res_g, (do_g, ds))
+        return ds0, (dq, dk, dv, dg)
+
+    ds0, grads = lax.scan(step, ds_final.astype(_F32), (res, to_groups(do, ng, pad)), reverse=True)
+    dq, dk, dv, dg = (from_groups(x, N) for x in grads)
+    return dq, dk, dv, dg, ds0, None
+
+
+_scalar_op = custom_vjp_op(_forward_grouped, _bwd_grouped)
 
 
 def check_scalar_inputs(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
@@ -194,7 +239,7 @@ def _matmul_dtype(dtype):
 
 
 def gla_scalar(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
-               chunk_size=64):
+               chunk_size=64, group_chunks=None):
     """Chunkwise scalar-gate linear attention, differentiable through its own backward (custom VJP).
 
     Args:
@@ -209,6 +254,8 @@ def gla_scalar(q, k, v, g, *, scale=None, initial_state=None, output_final_state
       segment_ids: [B, T] integer document ids of packed rows (documents contiguous); the state resets at each
         document start.
       chunk_size: chunk length C (power of two >= 16); the intra-chunk matrices are [C, C] per head.
+      group_chunks: chunks per step of the loop over the sequence (0: all chunks at once); default
+        ``default_group_chunks()`` (8 on CPU, 0 on accelerators; docs/design.md §1).
 
     Returns:
       (o [B, T, H, V] in the inputs' result dtype, final_state [B, H, K, V] float32 or None).
@@ -238,7 +285,10 @@ def gla_scalar(q, k, v, g, *, scale=None, initial_state=None, output_final_state
         return x.reshape(B, n, C, H, x.shape[-1]).transpose(0, 3, 1, 2, 4)
 
     gc = g.reshape(B, n, C, H).transpose(0, 3, 1, 2)  # [B, H, N, C]
-    o, s_final = _scalar_op((scale, _matmul_dtype(in_dtype)), chunks(q), chunks(k), chunks(v), gc, s0, doc)
+    cfg = (scale, _matmul_dtype(in_dtype), default_group_chunks() if group_chunks is None else int(group_chunks))
+    if cfg[2] < 0:
+        raise ValueError(f"group_chunks: expected an int >= 0, got {group_chunks!r}")
+    o, s_final = _scalar_op(cfg, chunks(q), chunks(k), chunks(v), gc, s0, doc)
     o = o.transpose(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]
     return o.astype(out_dtype), (s_final if output_final_state else None)
 
