@@ -159,6 +159,7 @@ def test_kernel_resources_smoke(tmp_path):
 needs_models = pytest.mark.skipif(not (HAS_MODELS and HAS_CHUNK), reason="models / chunk op not available")
 
 
+@pytest.mark.slow  # about a minute of training on 2 cores
 @needs_models
 def test_mqar_smoke(tmp_path):
     mqar = _load("mqar")
@@ -187,6 +188,7 @@ def test_mqar_extend_joins_runs_of_the_same_settings(mqar, common, tmp_path):
         mqar.extend_rows(path, {**config, "lr": 2}, rows)
 
 
+@pytest.mark.slow  # about a minute of training on 2 cores
 @needs_models
 def test_gate_ablation_smoke(tmp_path):
     gate = _load("gate_ablation")
@@ -203,6 +205,7 @@ def test_gate_ablation_smoke(tmp_path):
     assert set(doc["curves"]) == {"gla", "fixed"} and doc["held_out_order_4_heads"]
 
 
+@pytest.mark.slow  # about a minute of training on 2 cores
 @needs_models
 def test_length_extrapolation_smoke(tmp_path):
     lenx = _load("length_extrapolation")
@@ -218,6 +221,7 @@ def test_length_extrapolation_smoke(tmp_path):
     assert summary["params"] > 0 and summary["eval_tokens"] > 0
 
 
+@pytest.mark.slow  # about a minute of training on 2 cores
 @needs_models
 def test_throughput_smoke(tmp_path):
     tp = _load("throughput")
