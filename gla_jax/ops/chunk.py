@@ -56,8 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from gla_jax.ops.chunk_math import CPU_GROUP_CHUNKS, SUB_CHUNK, custom_vjp_op, default_group_chunks, document_index
-from gla_jax.ops.chunk_math import from_groups, state_scan, to_groups
+from gla_jax.ops.chunk_math import SUB_CHUNK, custom_vjp_op, default_group_chunks, document_index
+from gla_jax.ops.chunk_math import grouped_backward, grouped_forward, state_scan
 from gla_jax.ops.chunk_math import mm as _mm
 from gla_jax.ops.chunk_math import cumsum_rows as _cumsum_rows
 from gla_jax.ops.gates import finite_gates, zero_steps
@@ -320,57 +320,14 @@ def _chunk_op_bwd(cfg, res, cts):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0, None
 
 
-def _grouping(cfg, N):
-    """(groups, padded chunks) of the group loop, or None when the chunks are done all at once."""
-    G = cfg[3]
-    if not G or N <= G:
-        return None
-    ng = -(-N // G)
-    return ng, ng * G - N
-
-
 def _forward_grouped(cfg, q, k, v, g, s0, doc):
-    """``_forward`` over groups of ``cfg[3]`` chunks in a ``lax.scan`` (the state carried between groups), so the
-    working set of each step stays cache-sized; all chunks at once when there is one group (docs/design.md §1)."""
-    B, H, N = q.shape[:3]
-    grouping = _grouping(cfg, N)
-    if grouping is None:
-        return _forward(cfg, q, k, v, g, s0, doc)
-    ng, pad = grouping
-    xs = [to_groups(x, ng, pad) for x in (q, k, v, g)]
-    if doc is None:
-        xs += [None, None]
-    else:  # the document entering each group's first chunk: the last one of the chunk before
-        entering = jnp.concatenate([doc[:, :1, 0], doc[:, :-1, -1]], axis=1)  # [B, N]
-        doc = jnp.pad(doc, ((0, 0), (0, pad), (0, 0)), mode="edge")
-        xs += [jnp.moveaxis(doc.reshape(B, ng, -1, doc.shape[-1]), 1, 0), entering[:, ::cfg[3]].T]
-
-    def step(s, x):
-        qg, kg, vg, gg, dg, first = x
-        (o, s_next), res = _forward(cfg, qg, kg, vg, gg, s, dg, first)
-        return s_next, (o, res)
-
-    s_final, (o, res) = lax.scan(step, s0, tuple(xs))
-    return (from_groups(o, N), s_final), res
+    """``_forward`` over groups of ``cfg[3]`` chunks (``chunk_math.grouped_forward``; docs/design.md §1)."""
+    return grouped_forward(functools.partial(_forward, cfg), cfg[3], q, k, v, g, s0, doc)
 
 
 def _bwd_grouped(cfg, res, cts):
-    """``_chunk_op_bwd`` group by group in a reverse ``lax.scan`` (the state gradient carried between groups)."""
-    do, ds_final = cts
-    B, H, N = do.shape[:3]
-    grouping = _grouping(cfg, N)
-    if grouping is None:
-        return _chunk_op_bwd(cfg, res, cts)
-    ng, pad = grouping
-
-    def step(ds, x):
-        res_g, do_g = x
-        dq, dk, dv, dg, ds0, _ = _chunk_op_bwd(cfg, res_g, (do_g, ds))
-        return ds0, (dq, dk, dv, dg)
-
-    ds0, grads = lax.scan(step, ds_final.astype(_F32), (res, to_groups(do, ng, pad)), reverse=True)
-    dq, dk, dv, dg = (from_groups(x, N) for x in grads)
-    return dq, dk, dv, dg, ds0, None
+    """``_chunk_op_bwd`` over the same groups, in reverse (``chunk_math.grouped_backward``)."""
+    return grouped_backward(functools.partial(_chunk_op_bwd, cfg), cfg[3], res, cts)
 
 
 _chunk_op = custom_vjp_op(_forward_grouped, _bwd_grouped)

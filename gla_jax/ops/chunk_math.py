@@ -106,6 +106,62 @@ def from_groups(x, N):
     return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])[:, :, :N]
 
 
+def group_count(G: int, N: int):
+    """(groups, padded chunks) of the group loop over ``N`` chunks in groups of ``G``, or None when the chunks are
+    done all at once (``G`` = 0 or ``N <= G``)."""
+    if not G or N <= G:
+        return None
+    ng = -(-N // G)
+    return ng, ng * G - N
+
+
+def grouped_forward(forward, G: int, q, k, v, g, s0, doc):
+    """The CPU group loop of a chunk form's forward (docs/design.md §1): ``forward`` over groups of ``G`` chunks in a
+    ``lax.scan`` carrying the state, so each step's working set stays cache-sized.
+
+    forward(q, k, v, g, s0, doc, first=None) -> ((o, s_final), res): the form's own forward on chunked inputs
+    ``[B, H, N', ...]``; ``doc`` [B, N', C] document index or None; ``first`` [B] the document entering the first
+    chunk (the last one of the chunk before). Returns the same with ``res`` stacked over groups."""
+    B, H, N = q.shape[:3]
+    grouping = group_count(G, N)
+    if grouping is None:
+        return forward(q, k, v, g, s0, doc)
+    ng, pad = grouping
+    xs = [to_groups(x, ng, pad) for x in (q, k, v, g)]
+    if doc is None:
+        xs += [None, None]
+    else:  # the document entering each group's first chunk: the last one of the chunk before
+        entering = jnp.concatenate([doc[:, :1, 0], doc[:, :-1, -1]], axis=1)  # [B, N]
+        doc = jnp.pad(doc, ((0, 0), (0, pad), (0, 0)), mode="edge")
+        xs += [jnp.moveaxis(doc.reshape(B, ng, -1, doc.shape[-1]), 1, 0), entering[:, ::G].T]
+
+    def step(s, x):
+        (o, s_next), res = forward(*x[:4], s, *x[4:])
+        return s_next, (o, res)
+
+    s_final, (o, res) = lax.scan(step, s0, tuple(xs))
+    return (from_groups(o, N), s_final), res
+
+
+def grouped_backward(backward, G: int, res, cts):
+    """The reverse of :func:`grouped_forward`: ``backward(res, (do, ds)) -> (dq, dk, dv, dg, ds0, None)`` group by
+    group in a reverse ``lax.scan`` carrying the state gradient; ``res`` as ``grouped_forward`` returned it."""
+    do, ds_final = cts
+    grouping = group_count(G, do.shape[2])
+    if grouping is None:
+        return backward(res, cts)
+    ng, pad = grouping
+
+    def step(ds, x):
+        res_g, do_g = x
+        dq, dk, dv, dg, ds0, _ = backward(res_g, (do_g, ds))
+        return ds0, (dq, dk, dv, dg)
+
+    ds0, grads = lax.scan(step, ds_final.astype(jnp.float32), (res, to_groups(do, ng, pad)), reverse=True)
+    dq, dk, dv, dg = (from_groups(x, do.shape[2]) for x in grads)
+    return dq, dk, dv, dg, ds0, None
+
+
 def cumsum_rows(x, mode: str = "inclusive", same=None):
     """Cumulative sum over the row axis (-2) of x [..., C, D] as one float32 matmul with a 0/1 triangle.
 

@@ -34,6 +34,7 @@ many orders of magnitude smaller than the individual q·dq terms.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -42,7 +43,7 @@ import numpy as np
 from jax import lax
 
 from gla_jax.ops.checks import query_scale
-from gla_jax.ops.chunk_math import custom_vjp_op, default_group_chunks, from_groups, state_scan, to_groups
+from gla_jax.ops.chunk_math import custom_vjp_op, default_group_chunks, grouped_backward, grouped_forward, state_scan
 from gla_jax.ops.chunk_math import mm as _mm
 from gla_jax.ops.gates import finite_gates, is_zero_gate, zero_steps
 from gla_jax.ops.segments import segment_starts
@@ -146,46 +147,14 @@ def _scalar_op_bwd(cfg, res, cts):
 
 
 def _forward_grouped(cfg, q, k, v, g, s0, doc):
-    """``_forward`` over groups of ``cfg[2]`` chunks in a ``lax.scan`` carrying the state (the vector-gate chunk
-    form's CPU group loop, docs/design.md §1); all chunks at once when there is one group."""
-    B, H, N = q.shape[:3]
-    G = cfg[2]
-    if not G or N <= G:
-        return _forward(cfg, q, k, v, g, s0, doc)
-    ng, pad = -(-N // G), -(-N // G) * G - N
-    xs = [to_groups(x, ng, pad) for x in (q, k, v, g)]
-    if doc is None:
-        xs += [None, None]
-    else:  # the document entering each group's first chunk: the last one of the chunk before
-        entering = jnp.concatenate([doc[:, :1, 0], doc[:, :-1, -1]], axis=1)  # [B, N]
-        doc = jnp.pad(doc, ((0, 0), (0, pad), (0, 0)), mode="edge")
-        xs += [jnp.moveaxis(doc.reshape(B, ng, -1, doc.shape[-1]), 1, 0), entering[:, ::G].T]
-
-    def step(s, x):
-        (o, s_next), res = _forward(cfg, *x[:4], s, *x[4:])
-        return s_next, (o, res)
-
-    s_final, (o, res) = lax.scan(step, s0, tuple(xs))
-    return (from_groups(o, N), s_final), res
+    """``_forward`` over groups of ``cfg[2]`` chunks (``chunk_math.grouped_forward``, the vector-gate chunk form's CPU
+    group loop, docs/design.md §1)."""
+    return grouped_forward(functools.partial(_forward, cfg), cfg[2], q, k, v, g, s0, doc)
 
 
 def _bwd_grouped(cfg, res, cts):
-    """``_scalar_op_bwd`` group by group in a reverse ``lax.scan`` (the state gradient carried between groups)."""
-    do, ds_final = cts
-    B, H, N = do.shape[:3]
-    G = cfg[2]
-    if not G or N <= G:
-        return _scalar_op_bwd(cfg, res, cts)
-    ng, pad = -(-N // G), -(-N // G) * G - N
-
-    def step(ds, x):
-        res_g, do_g = x
-        dq, dk, dv, dg, ds0, _ = _scalar_op_bwd(cfg, res_g, (do_g, ds))
-        return ds0, (dq, dk, dv, dg)
-
-    ds0, grads = lax.scan(step, ds_final.astype(_F32), (res, to_groups(do, ng, pad)), reverse=True)
-    dq, dk, dv, dg = (from_groups(x, N) for x in grads)
-    return dq, dk, dv, dg, ds0, None
+    """``_scalar_op_bwd`` over the same groups, in reverse (``chunk_math.grouped_backward``)."""
+    return grouped_backward(functools.partial(_scalar_op_bwd, cfg), cfg[2], res, cts)
 
 
 _scalar_op = custom_vjp_op(_forward_grouped, _bwd_grouped)
