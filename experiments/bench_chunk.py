@@ -29,6 +29,7 @@ from __future__ import annotations
 import sys
 import time
 
+import bench_ops
 import common
 
 DEFAULT_T = (2048, 4096, 8192, 16384)
@@ -175,13 +176,7 @@ def compute_targets(rows):
         "recurrent_over_chunk_T4096": ratio(val("recurrent", 4096, "fwd_bwd_s"), val("chunk", 4096, "fwd_bwd_s")),
         "bwd_over_fwd_T8192": val("chunk", 8192, "bwd_over_fwd"),
     }
-    out = {}
-    for key, text, op, bound in TARGETS:
-        v = values[key]
-        ok = None if v is None else (v <= bound if op == "<=" else v >= bound)
-        out[key] = {"description": text, "value": v, "target": f"{op} {bound}",
-                    "status": "n/a (not measured)" if ok is None else ("PASS" if ok else "FAIL")}
-    return out
+    return bench_ops.judge_targets(TARGETS, values)
 
 
 if __name__ == "__main__":

@@ -201,8 +201,14 @@ def compute_targets(rows):
         "chunk_scaling_T16384_over_T2048": ratio(fb.get(("chunk", 16384)), fb.get(("chunk", 2048))),
         "recurrent_over_chunk_T4096": ratio(fb.get(("recurrent", 4096)), fb.get(("chunk", 4096))),
     }
+    return judge_targets(TARGETS, values)
+
+
+def judge_targets(targets, values):
+    """{key: {description, value, target, status}} for ``targets`` ((key, text, "<=" or ">=", bound), ...) and the
+    measured ``values`` {key: float or None}; status PASS/FAIL, or "n/a (not measured)" for a None value."""
     out = {}
-    for key, text, op, bound in TARGETS:
+    for key, text, op, bound in targets:
         val = values[key]
         ok = None if val is None else (val <= bound if op == "<=" else val >= bound)
         out[key] = {"description": text, "value": val, "target": f"{op} {bound}",
