@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from gla_jax.ops.chunk_math import SUB_CHUNK, custom_vjp_op, default_group_chunks, document_index
+from gla_jax.ops.chunk_math import SUB_CHUNK, custom_vjp_op, default_group_chunks, doc_masks, document_index
 from gla_jax.ops.chunk_math import grouped_backward, grouped_forward, state_scan
 from gla_jax.ops.chunk_math import mm as _mm
 from gla_jax.ops.chunk_math import cumsum_rows as _cumsum_rows
@@ -67,22 +67,10 @@ _HI = lax.Precision.HIGHEST
 
 
 def _masks(doc, first=None):
-    """Document masks from running document indices ``doc`` [B, N, C] (int32, non-decreasing along the row).
-
-    Returns float32 masks broadcastable against [B, H, N, ...]:
-      m_in  [B, 1, N, C, 1]: row belongs to the document of the state entering its chunk;
-      m_out [B, 1, N, C, 1]: row belongs to the chunk's last document (the one the leaving state carries);
-      keep  [B, 1, N, 1]:    no document starts inside the chunk (the entering state survives it);
-      same  [B, 1, N, C, C]: rows i and j are in the same document.
-    """
-    last = doc[:, :, -1]  # [B, N]
-    first = doc[:, 0, 0] if first is None else first  # [B] document of the state entering the first chunk
-    entering = jnp.concatenate([first[:, None], last[:, :-1]], axis=1)  # document of the entering state
-    m_in = (doc == entering[..., None]).astype(_F32)[:, None, :, :, None]
-    m_out = (doc == last[..., None]).astype(_F32)[:, None, :, :, None]
-    keep = (last == entering).astype(_F32)[:, None, :, None]
-    same = (doc[..., :, None] == doc[..., None, :]).astype(_F32)[:, None]
-    return m_in, m_out, keep, same
+    """``chunk_math.doc_masks`` with a trailing axis for K where the vector-gate factors need it: m_in, m_out
+    [B, 1, N, C, 1], keep [B, 1, N, 1], same [B, 1, N, C, C] (float32)."""
+    m_in, m_out, keep, same = doc_masks(doc, first)
+    return m_in[..., None], m_out[..., None], keep[..., None], same
 
 
 class _Factors(NamedTuple):

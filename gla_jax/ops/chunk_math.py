@@ -131,7 +131,7 @@ def grouped_forward(forward, G: int, q, k, v, g, s0, doc):
     if doc is None:
         xs += [None, None]
     else:  # the document entering each group's first chunk: the last one of the chunk before
-        entering = jnp.concatenate([doc[:, :1, 0], doc[:, :-1, -1]], axis=1)  # [B, N]
+        entering = entering_documents(doc)  # [B, N]
         doc = jnp.pad(doc, ((0, 0), (0, pad), (0, 0)), mode="edge")
         xs += [jnp.moveaxis(doc.reshape(B, ng, -1, doc.shape[-1]), 1, 0), entering[:, ::G].T]
 
@@ -203,10 +203,31 @@ def document_index(segment_ids):
     return jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1)
 
 
+def entering_documents(doc, first=None):
+    """[B, N, C] running document numbers -> [B, N] the document of the state entering each chunk: the last one of
+    the chunk before; for the first chunk ``first`` [B] (default: the document of its first row)."""
+    first = doc[:, 0, 0] if first is None else first
+    return jnp.concatenate([first[:, None], doc[:, :-1, -1]], axis=1)
+
+
+def doc_masks(doc, first=None):
+    """From running document numbers ``doc`` [B, N, C] (non-decreasing): float32 masks broadcastable to
+    [B, H, N, ...]: m_in [B, 1, N, C] (row in the entering state's document), m_out [B, 1, N, C] (row in the chunk's
+    last document, the one the leaving state carries), keep [B, 1, N] (no document starts in the chunk: the entering
+    state survives it), same [B, 1, N, C, C] (rows i and j in the same document). ``first``: as in
+    :func:`entering_documents`."""
+    last = doc[:, :, -1]
+    entering = entering_documents(doc, first)
+    m_in = (doc == entering[..., None]).astype(jnp.float32)[:, None]
+    m_out = (doc == last[..., None]).astype(jnp.float32)[:, None]
+    keep = (last == entering).astype(jnp.float32)[:, None]
+    same = (doc[..., :, None] == doc[..., None, :]).astype(jnp.float32)[:, None]
+    return m_in, m_out, keep, same
+
+
 def chunk_relative(doc, chunk_size: int):
     """[B, T] running document numbers (T a multiple of ``chunk_size``) -> [B, T] int32 document starts between the
     state entering each position's chunk and the position (0 = the entering state's document)."""
     B, T = doc.shape
     d = doc.astype(jnp.int32).reshape(B, T // chunk_size, chunk_size)
-    entering = jnp.concatenate([d[:, :1, :1], d[:, :-1, -1:]], axis=1)  # [B, N, 1]: last number of the chunk before
-    return (d - entering).reshape(B, T)
+    return (d - entering_documents(d)[..., None]).reshape(B, T)

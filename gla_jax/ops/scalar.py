@@ -43,7 +43,8 @@ import numpy as np
 from jax import lax
 
 from gla_jax.ops.checks import query_scale
-from gla_jax.ops.chunk_math import custom_vjp_op, default_group_chunks, grouped_backward, grouped_forward, state_scan
+from gla_jax.ops.chunk_math import custom_vjp_op, default_group_chunks, doc_masks, grouped_backward, grouped_forward
+from gla_jax.ops.chunk_math import state_scan
 from gla_jax.ops.chunk_math import mm as _mm
 from gla_jax.ops.gates import finite_gates, is_zero_gate, zero_steps
 from gla_jax.ops.segments import segment_starts
@@ -65,21 +66,6 @@ def _cumsum_last(x, mode):
     return jnp.einsum("ts,...s->...t", tri, x, precision=_HI, preferred_element_type=_F32)
 
 
-def _doc_masks(doc, first=None):
-    """From running document indices ``doc`` [B, N, C] (non-decreasing): float32 masks broadcastable to
-    [B, H, N, ...]: m_in [B, 1, N, C] (row in the entering state's document), m_out [B, 1, N, C] (row in the chunk's
-    last document), keep [B, 1, N] (no document starts in the chunk), same [B, 1, N, C, C] (same document).
-    first: [B] document of the state entering the first chunk (default: that of its first row)."""
-    last = doc[:, :, -1]
-    first = doc[:, 0, 0] if first is None else first
-    entering = jnp.concatenate([first[:, None], last[:, :-1]], axis=1)
-    m_in = (doc == entering[..., None]).astype(_F32)[:, None]
-    m_out = (doc == last[..., None]).astype(_F32)[:, None]
-    keep = (last == entering).astype(_F32)[:, None]
-    same = (doc[..., :, None] == doc[..., None, :]).astype(_F32)[:, None]
-    return m_in, m_out, keep, same
-
-
 def _decays(g, doc, first=None):
     """The masked decay factors of a chunk (every exponent <= 0 and finite, zero gates included):
     eq = e^{b} m_in, ek = e^{b_C - b} m_out [B, H, N, C], a = e^{b_C} keep [B, H, N], D [B, H, N, C, C] (causal,
@@ -95,7 +81,7 @@ def _decays(g, doc, first=None):
     gap = (b[..., :, None] - b[..., None, :]) + (z[..., :, None] - z[..., None, :])
     D = jnp.where(causal, jnp.exp(jnp.minimum(gap, 0.0)), 0.0)
     if doc is not None:
-        m_in, m_out, keep, same = _doc_masks(doc, first)
+        m_in, m_out, keep, same = doc_masks(doc, first)
         eq, ek, a, D = eq * m_in, ek * m_out, a * keep, D * same
     return eq, ek, a, D
 
