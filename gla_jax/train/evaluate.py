@@ -53,18 +53,13 @@ def checkpoint_model_config(checkpoint: Path, workdir: Path, run_config, tokeniz
     was saved as (any registered family, its own sizes and options), with the run's compute ``dtype`` and ``remat``;
     a checkpoint of the run itself (or one without a config) with the run's ``run_config``. UserError naming
     ``--checkpoint`` when the model's vocabulary is smaller than the run's tokenizer's."""
-    from gla_jax.train.load import config_from_dict, find_model_config_file
+    from gla_jax.train.load import config_from_file, find_model_config_file
 
     found = find_model_config_file(checkpoint, "--checkpoint")
     if found is None or found[0].resolve().is_relative_to(Path(workdir).resolve()):
         return run_config
-    file, d = found
-    try:
-        config = config_from_dict(d).replace(dtype=run_config.dtype, remat=run_config.remat)
-    except UserError as e:
-        raise UserError(f"--checkpoint: {file}: {e}") from None
-    except (ValueError, TypeError) as e:
-        raise UserError(f"--checkpoint: {file}: {str(e).strip().splitlines()[0]}") from None
+    file = found[0]
+    config = config_from_file(*found, "--checkpoint").replace(dtype=run_config.dtype, remat=run_config.remat)
     if config.vocab_size < tokenizer_vocab:
         raise UserError(f"--checkpoint: the model's vocabulary ({config.vocab_size}, {file}) is smaller than the "
                         f"run's tokenizer's ({tokenizer_vocab}, data.tokenizer)")

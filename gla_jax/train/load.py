@@ -68,7 +68,12 @@ def find_model_config(path: str | Path, option: str = "--checkpoint"):
     if found is None:
         raise UserError(f"{option}: no model_config.json or config.json (with a model_type) in or above "
                         f"{str(Path(path).absolute())!r}")
-    file, d = found
+    return config_from_file(*found, option)
+
+
+def config_from_file(file: Path, d: dict, option: str):
+    """``config_from_dict(d)`` for the dict read from ``file``; a refused config is a UserError naming ``option``
+    and ``file`` (and, through the config's own message, the field)."""
     try:
         return config_from_dict(d)
     except UserError as e:
