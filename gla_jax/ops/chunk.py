@@ -57,10 +57,10 @@ import numpy as np
 from jax import lax
 
 from gla_jax.ops.chunk_math import SUB_CHUNK, custom_vjp_op, default_group_chunks, doc_masks, document_index
-from gla_jax.ops.chunk_math import grouped_backward, grouped_forward, state_scan
+from gla_jax.ops.chunk_math import grouped_backward, grouped_forward, state_scan, token_backward, token_forward
 from gla_jax.ops.chunk_math import mm as _mm
 from gla_jax.ops.chunk_math import cumsum_rows as _cumsum_rows
-from gla_jax.ops.gates import finite_gates, zero_steps
+from gla_jax.ops.gates import finite_gates, is_zero_gate, zero_steps
 
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
@@ -84,6 +84,8 @@ class _Factors(NamedTuple):
     eqs: jax.Array  # [B, H, N, ns, c, K] e^{b - r_I}: decay from the sub-chunk's first row
     eks: jax.Array  # [B, H, N, ns, c, K] e^{e_J - b}: decay to the sub-chunk's last row
     rho: jax.Array  # [B, H, N, ns, ns, K] e^{r_I - e_J} (meaningful for J < I only; clamped to <= 1)
+    al: jax.Array  # [B, H, N, ns, c, K] the gate itself, alpha = e^{g} (exactly 0 at a zero gate)
+    lev: tuple = ()  # per bisection level s = C/2 .. c: [B, H, N, C, K] e^{-|b - b_m|}, m the row before the half
 
 
 def _factors(g, doc, c, first=None):
@@ -95,7 +97,10 @@ def _factors(g, doc, c, first=None):
     B, H, N, C, K = g.shape
     ns = C // c
     b = _cumsum_rows(finite_gates(g))  # [B, H, N, C, K]
-    z = _cumsum_rows(zero_steps(g))  # multiples of ZERO_GATE_STEP: exact
+    if ZCOND:
+        z = lax.cond(jnp.any(is_zero_gate(g)), lambda g: _cumsum_rows(zero_steps(g)), jnp.zeros_like, g)
+    else:
+        z = _cumsum_rows(zero_steps(g))  # multiples of ZERO_GATE_STEP: exact
     bC, zC = b[:, :, :, -1, :], z[:, :, :, -1, :]
     eq = jnp.exp(b + z)
     ek = jnp.exp((bC[:, :, :, None, :] - b) + (zC[:, :, :, None, :] - z))
@@ -112,7 +117,16 @@ def _factors(g, doc, c, first=None):
     eks = jnp.exp((e[..., None, :] - b6) + (ez[..., None, :] - z6))
     rho = jnp.exp(jnp.minimum((r[..., :, None, :] - e[..., None, :, :]) + (rz[..., :, None, :] - ez[..., None, :, :]),
                               0.0))
-    return _Factors(b6, z6, eq, ek, a, eqs, eks, rho), masks
+    al = jnp.where(is_zero_gate(g), 0.0, jnp.exp(finite_gates(g))).reshape(b6.shape)
+    lev = []
+    sz = C // 2
+    while sz >= c:
+        P = C // (2 * sz)
+        b7, z7 = b.reshape(B, H, N, P, 2 * sz, K), z.reshape(B, H, N, P, 2 * sz, K)
+        bm, zm = b7[..., sz - 1:sz, :], z7[..., sz - 1:sz, :]
+        lev.append(jnp.exp(-jnp.abs((b7 - bm) + (z7 - zm))).reshape(B, H, N, C, K))
+        sz //= 2
+    return _Factors(b6, z6, eq, ek, a, eqs, eks, rho, al, tuple(lev)), masks
 
 
 def _gap(b6, z6, off):
@@ -163,6 +177,187 @@ def _offset_index(c):
     return idx
 
 
+DIAG_MODE = "prod"
+
+
+def _diag_blocks_prod(q6, k6, al6):
+    c, K = q6.shape[-2], q6.shape[-1]
+    ones = jnp.ones((K,), _F32)
+    rows_i = jnp.arange(c)[:, None]
+    d0 = jnp.einsum("...d,d->...", q6 * k6, ones, precision=_HI)
+
+    def body(E, off):
+        E = E * _shift_rows(al6, off - 1)
+        p = jnp.where(rows_i >= off, q6 * _shift_rows(k6, off) * E, 0.0)
+        return E, jnp.einsum("...d,d->...", p, ones, precision=_HI)
+
+    _, by_offset = lax.scan(body, jnp.ones_like(q6), jnp.arange(1, c))
+    by_offset = jnp.concatenate([d0[None], by_offset], axis=0)
+    by_offset = jnp.moveaxis(by_offset, 0, -2).reshape(q6.shape[:-2] + (c * c,))
+    by_offset = jnp.concatenate([by_offset, jnp.zeros_like(by_offset[..., :1])], axis=-1)
+    return jnp.take(by_offset, jnp.asarray(_offset_index(c)), axis=-1)
+
+
+def _diag_grads_prod(q6, k6, al6, d_blk):
+    c = q6.shape[-2]
+    flat = jnp.concatenate([d_blk.reshape(d_blk.shape[:-2] + (c * c,)), jnp.zeros_like(d_blk[..., 0, :1])], -1)
+    gather = np.full((c, c), c * c, np.int32)
+    for off in range(c):
+        for i in range(off, c):
+            gather[off, i] = i * c + (i - off)
+    by_offset = jnp.moveaxis(jnp.take(flat, jnp.asarray(gather), axis=-1), -2, 0)[..., None]
+
+    def body(carry, x):
+        dq, dk, E = carry
+        off, w = x
+        E = E * _shift_rows(al6, off - 1)
+        dq = dq + w * _shift_rows(k6, off) * E
+        dk = dk + _shift_rows(w * q6 * E, -off)
+        return (dq, dk, E), None
+
+    (dq, dk, _), _ = lax.scan(body, (jnp.zeros_like(q6), jnp.zeros_like(k6), jnp.ones_like(q6)),
+                              (jnp.arange(1, c), by_offset[1:]))
+    return dq, dk
+
+
+@functools.lru_cache(maxsize=None)
+def _packed_offsets(c):
+    """(starts, idx): the diagonal-block entries packed by offset, off = 0..c-1 each holding rows m = 0..c-off-1
+    (entry (i, j) = (m + off, m)), starts[off] their first position; idx[i, j] the packed position of (i, j) for j <= i
+    and c(c+1)/2 (a zero appended) above the diagonal."""
+    starts = np.concatenate([[0], np.cumsum([c - off for off in range(c)])]).astype(np.int32)
+    idx = np.full((c, c), starts[-1], np.int32)
+    for i in range(c):
+        for j in range(i + 1):
+            idx[i, j] = starts[i - j] + j
+    return starts, idx
+
+
+def _decay_by_offset(al6):
+    """[E_1, ..., E_{c-1}]: E_off [.., c - off, K] = prod_{t=m+1}^{m+off} alpha_t, the decay from row m to row m + off
+    (a product of gates <= 1: no exponent at all, exactly 0 across a zero gate)."""
+    c = al6.shape[-2]
+    out = [al6[..., 1:, :]]
+    for off in range(2, c):
+        out.append(out[-1][..., 1:, :] * al6[..., 1:c - off + 1, :])
+    return out
+
+
+def _diag_blocks_static(q6, k6, al6):
+    c, K = q6.shape[-2], q6.shape[-1]
+    E = _decay_by_offset(al6)
+    if EB:
+        E = lax.optimization_barrier(E)
+    parts = [q6 * k6] + [q6[..., off:, :] * k6[..., :c - off, :] * E[off - 1] for off in range(1, c)]
+    parts.append(jnp.zeros_like(q6[..., :1, :]))
+    packed = jnp.einsum("...d,d->...", jnp.concatenate(parts, axis=-2), jnp.ones((K,), _F32), precision=_HI)
+    return jnp.take(packed, jnp.asarray(_packed_offsets(c)[1]), axis=-1)
+
+
+def _diag_grads_static(q6, k6, al6, d_blk):
+    c = q6.shape[-2]
+    starts, _ = _packed_offsets(c)
+    gather = np.zeros(int(starts[-1]), np.int32)
+    for off in range(c):
+        for m in range(c - off):
+            gather[starts[off] + m] = (m + off) * c + m
+    w = jnp.take(d_blk.reshape(d_blk.shape[:-2] + (c * c,)), jnp.asarray(gather), axis=-1)[..., None]
+    E = _decay_by_offset(al6)
+    if EB:
+        E = lax.optimization_barrier(E)
+    dq, dk = jnp.zeros_like(q6), jnp.zeros_like(k6)
+    zero = [(0, 0)] * (q6.ndim - 2)
+    for off in range(1, c):
+        wo = w[..., starts[off]:starts[off + 1], :] * E[off - 1]
+        dq = dq + jnp.pad(wo * k6[..., :c - off, :], zero + [(off, 0), (0, 0)])
+        dk = dk + jnp.pad(wo * q6[..., off:, :], zero + [(0, off), (0, 0)])
+    return dq, dk
+
+
+def _paired_gap(b6, z6, off):
+    """-|x| with x = (b - roll(b, off)) + (z - roll(z, off)) along the sub-chunk rows: the (non-positive) exponent
+    of pass ``off``'s pair in each row."""
+    x = (b6 - jnp.roll(b6, off, axis=-2)) + (z6 - jnp.roll(z6, off, axis=-2))
+    return -jnp.abs(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _paired_index(c):
+    """idx[i, j] into the packed [pass, row] layout of the paired diagonal passes (c/2 + 1 passes of c rows, then a
+    zero), and gather[pass, row] -> i * c + j of the pair a row holds (c * c: none)."""
+    P = c // 2 + 1
+    idx = np.full((c, c), P * c, np.int32)
+    gather = np.full((P, c), c * c, np.int32)
+    for i in range(c):
+        for j in range(i + 1):
+            off = i - j
+            if off <= c // 2:
+                idx[i, j] = off * c + i
+            else:
+                idx[i, j] = (c - off) * c + j
+    for off in range(P):
+        for r in range(c):
+            if off == 0:
+                gather[off, r] = r * c + r
+            elif r >= off:
+                gather[off, r] = r * c + (r - off)
+            elif off < c - off:
+                gather[off, r] = (r + c - off) * c + r
+    return idx, gather
+
+
+def _diag_blocks_paired(q6, k6, b6, z6):
+    c, K = q6.shape[-2], q6.shape[-1]
+    ones = jnp.ones((K,), _F32)
+    rows = jnp.arange(c)[:, None]
+    packed = [jnp.einsum("...d,d->...", q6 * k6, ones, precision=_HI)]
+    for off in range(1, c // 2 + 1):
+        kr, qr = jnp.roll(k6, off, axis=-2), jnp.roll(q6, off, axis=-2)
+        p = jnp.where(rows >= off, q6 * kr, qr * k6) * jnp.exp(_paired_gap(b6, z6, off))
+        packed.append(jnp.einsum("...d,d->...", p, ones, precision=_HI))
+    packed.append(jnp.zeros_like(packed[0][..., :1]))
+    return jnp.take(jnp.concatenate(packed, axis=-1), jnp.asarray(_paired_index(c)[0]), axis=-1)
+
+
+def _diag_grads_paired(q6, k6, b6, z6, d_blk):
+    c = q6.shape[-2]
+    _, gather = _paired_index(c)
+    flat = jnp.concatenate([d_blk.reshape(d_blk.shape[:-2] + (c * c,)), jnp.zeros_like(d_blk[..., 0, :1])], -1)
+    rows = jnp.arange(c)[:, None]
+    dq, dk = jnp.zeros_like(q6), jnp.zeros_like(k6)
+    for off in range(1, c // 2 + 1):
+        w = jnp.take(flat, jnp.asarray(gather[off]), axis=-1)[..., None]  # [.., ns, c, 1]
+        e = w * jnp.exp(_paired_gap(b6, z6, off))
+        kr, qr = jnp.roll(k6, off, axis=-2), jnp.roll(q6, off, axis=-2)
+        low = rows >= off
+        dq = dq + jnp.where(low, e * kr, 0.0) + jnp.roll(jnp.where(low, 0.0, e * k6), c - off, axis=-2)
+        dk = dk + jnp.roll(jnp.where(low, e * q6, 0.0), -off, axis=-2) + jnp.where(low, 0.0, e * qr)
+    return dq, dk
+
+
+def _diag_grads_unrolled(q6, k6, al6, d_blk):
+    c = q6.shape[-2]
+    flat = jnp.concatenate([d_blk.reshape(d_blk.shape[:-2] + (c * c,)), jnp.zeros_like(d_blk[..., 0, :1])], -1)
+    gather = np.full((c, c), c * c, np.int32)
+    for off in range(c):
+        for i in range(off, c):
+            gather[off, i] = i * c + (i - off)
+    by_offset = jnp.take(flat, jnp.asarray(gather), axis=-1)[..., None]  # [.., ns, c(off), c(i), 1]
+    dq, dk = jnp.zeros_like(q6), jnp.zeros_like(k6)
+    E = jnp.ones_like(q6)
+    zrow = [(0, 0)] * (q6.ndim - 2)
+    def down(x, n):  # out[i] = x[i - n], zero-filled
+        return jnp.pad(x[..., :c - n, :], zrow + [(n, 0), (0, 0)])
+    def up(x, n):  # out[j] = x[j + n], zero-filled
+        return jnp.pad(x[..., n:, :], zrow + [(0, n), (0, 0)])
+    for off in range(1, c):
+        E = E * down(al6, off - 1)
+        w = by_offset[..., off, :, :]
+        dq = dq + w * down(k6, off) * E
+        dk = dk + up(w * q6 * E, off)
+    return dq, dk
+
+
 def _diag_grads(q6, k6, b6, z6, d_blk):
     """Gradients through the strictly-lower part of the diagonal sub-blocks, given dD = d_blk [.., ns, c, c]:
     dq[i] = sum_{j<i} dD_ij k_j e^{b_i - b_j},  dk[j] = sum_{i>j} dD_ij q_i e^{b_i - b_j}  (elementwise, float32)."""
@@ -189,7 +384,65 @@ def _diag_grads(q6, k6, b6, z6, d_blk):
     return dq, dk
 
 
+def _intra_bisect(q6, k6, F, cdt, same):
+    B, H, N, ns, c, K = q6.shape
+    C = ns * c
+    d = _diag_blocks_paired(q6, k6, F.b6, F.z6) if DIAG_MODE == "paired" else _diag_blocks_prod(q6, k6, F.al)
+    q, k = q6.reshape(B, H, N, C, K), k6.reshape(B, H, N, C, K)
+    blocks = d  # [B, H, N, ns, c, c]
+    sizes = []
+    sz = C // 2
+    while sz >= c:
+        sizes.append(sz)
+        sz //= 2
+    for li, sz in reversed(list(enumerate(sizes))):
+        P = C // (2 * sz)
+        f = F.lev[li].reshape(B, H, N, P, 2, sz, K)
+        qh = q.reshape(f.shape)[..., 1, :, :] * f[..., 1, :, :]
+        kh = k.reshape(f.shape)[..., 0, :, :] * f[..., 0, :, :]
+        a_s = _mm("bhnpik,bhnpjk->bhnpij", qh, kh, cdt)  # [B, H, N, P, sz, sz]
+        blk = blocks.reshape(B, H, N, P, 2, sz, sz)
+        top = jnp.concatenate([blk[..., 0, :, :], jnp.zeros_like(a_s)], axis=-1)
+        bot = jnp.concatenate([a_s, blk[..., 1, :, :]], axis=-1)
+        blocks = jnp.concatenate([top, bot], axis=-2)  # [B, H, N, P, 2sz, 2sz]
+    A = blocks.reshape(B, H, N, C, C)
+    return A if same is None else A * same
+
+
+def _offdiag_grads_bisect(qf, kf, dA, F, cdt):
+    """dq, dk [B, H, N, C, K] through the off-diagonal blocks, and the diagonal c x c blocks of dA."""
+    B, H, N, C, K = qf.shape
+    c = F.b6.shape[-2]
+    dq = jnp.zeros_like(qf)
+    dk = jnp.zeros_like(kf)
+    blocks = dA[:, :, :, None]  # [B, H, N, 1, C, C]
+    sz = C // 2
+    li = 0
+    while sz >= c:
+        P = C // (2 * sz)
+        blk = blocks.reshape(B, H, N, P, 2 * sz, 2 * sz)
+        dA_s = blk[..., sz:, :sz]  # [B, H, N, P, sz, sz]
+        f = F.lev[li].reshape(B, H, N, P, 2, sz, K)
+        qh = qf.reshape(f.shape)[..., 1, :, :] * f[..., 1, :, :]
+        kh = kf.reshape(f.shape)[..., 0, :, :] * f[..., 0, :, :]
+        dqh = _mm("bhnpij,bhnpjk->bhnpik", dA_s, kh, cdt) * f[..., 1, :, :]
+        dkh = _mm("bhnpij,bhnpik->bhnpjk", dA_s, qh, cdt) * f[..., 0, :, :]
+        z = jnp.zeros_like(dqh)
+        dq = dq + jnp.stack([z, dqh], axis=4).reshape(B, H, N, C, K)
+        dk = dk + jnp.stack([dkh, z], axis=4).reshape(B, H, N, C, K)
+        blocks = jnp.stack([blk[..., :sz, :sz], blk[..., sz:, sz:]], axis=4).reshape(B, H, N, 2 * P, sz, sz)
+        sz //= 2
+        li += 1
+    return dq, dk, blocks  # blocks: [B, H, N, ns, c, c]
+
+
 def _intra_matrix(q6, k6, F, cdt, same):
+    if OFFDIAG == "bisect":
+        return _intra_bisect(q6, k6, F, cdt, same)
+    return _intra_matrix_rows(q6, k6, F, cdt, same)
+
+
+def _intra_matrix_rows(q6, k6, F, cdt, same):
     """The masked intra-chunk matrix A [B, H, N, C, C] (float32, lower triangular incl. the diagonal).
 
     Row block I: [A_I0 .. A_I(I-1) | D_I | 0]; the off-diagonal part of the row block is one matmul of qhat_I
@@ -197,7 +450,12 @@ def _intra_matrix(q6, k6, F, cdt, same):
     """
     B, H, N, ns, c, K = q6.shape
     qhat, kt = q6 * F.eqs, k6 * F.eks
-    d = _diag_blocks(q6, k6, F.b6, F.z6)  # [B, H, N, ns, c, c]
+    if DIAG_MODE == "paired":
+        d = _diag_blocks_paired(q6, k6, F.b6, F.z6)
+    elif DIAG_MODE == "static":
+        d = _diag_blocks_static(q6, k6, F.al)
+    else:
+        d = _diag_blocks_prod(q6, k6, F.al) if DIAG_MODE == "prod" else _diag_blocks(q6, k6, F.b6, F.z6)
     keys_minor = jax.default_backend() == "cpu"
     if keys_minor:  # XLA:CPU: the narrow matmuls contract the keys' leading axis (docs/design.md §1)
         ktT, rhoT = jnp.moveaxis(kt, -1, 3), jnp.moveaxis(F.rho, -1, 3)  # [B, H, N, K, ns, c], [B, H, N, K, ns, ns]
@@ -245,7 +503,16 @@ def qk_gate_grads(qf, kf, do, v, same, dq_inter, dk_state, starts, dh, F, *, c: 
     # dA = do v^T on the causal (same-document) pattern.
     causal = jnp.asarray(np.tril(np.ones((C, C), np.float32)))
     dA = _mm("bhniv,bhnjv->bhnij", do, v, cdt) * (causal if same is None else causal * same)
-    # Off-diagonal sub-chunk pairs (J < I), one row block at a time, as matmuls.
+    if OFFDIAG == "bisect":
+        dq_off, dk_off, d_blk = _offdiag_grads_bisect(qf, kf, dA, F, cdt)
+        dq_off, dk_off = dq_off.reshape(q6.shape), dk_off.reshape(k6.shape)
+    else:
+        dq_off, dk_off, d_blk = _offdiag_rows(q6, k6, dA, F, cdt)
+    return _qk_rest(qf, kf, q6, k6, dq_inter, dk_state, starts, dh, F, dq_off, dk_off, d_blk)
+
+
+def _offdiag_rows(q6, k6, dA, F, cdt):
+    B, H, N, ns, c, K = q6.shape
     qhat, kt = q6 * F.eqs, k6 * F.eks
     dq_rows = [jnp.zeros((B, H, N, c, K), _F32)]
     dk_off = jnp.zeros((B, H, N, ns, c, K), _F32)
@@ -262,9 +529,23 @@ def qk_gate_grads(qf, kf, do, v, same, dq_inter, dk_state, starts, dh, F, *, c: 
         dk_off = dk_off + jnp.pad(t, ((0, 0),) * 3 + ((0, ns - I),) + ((0, 0),) * 2)
     dq_off = jnp.stack(dq_rows, axis=3) * F.eqs
     dk_off = dk_off * F.eks
-    # Diagonal sub-blocks, strictly below the diagonal (the i == j terms are added last).
     d_blk = jnp.stack([dA[:, :, :, I * c:(I + 1) * c, I * c:(I + 1) * c] for I in range(ns)], axis=3)
-    dq_diag, dk_diag = _diag_grads(q6, k6, F.b6, F.z6, d_blk)
+    return dq_off, dk_off, d_blk
+
+
+def _qk_rest(qf, kf, q6, k6, dq_inter, dk_state, starts, dh, F, dq_off, dk_off, d_blk):
+    B, H, N, C, K = qf.shape
+    # Diagonal sub-blocks, strictly below the diagonal (the i == j terms are added last).
+    if DIAG_BWD == "paired":
+        dq_diag, dk_diag = _diag_grads_paired(q6, k6, F.b6, F.z6, d_blk)
+    elif DIAG_BWD == "unrolled":
+        dq_diag, dk_diag = _diag_grads_unrolled(q6, k6, F.al, d_blk)
+    elif DIAG_BWD == "static":
+        dq_diag, dk_diag = _diag_grads_static(q6, k6, F.al, d_blk)
+    elif DIAG_BWD == "prod":
+        dq_diag, dk_diag = _diag_grads_prod(q6, k6, F.al, d_blk)
+    else:
+        dq_diag, dk_diag = _diag_grads(q6, k6, F.b6, F.z6, d_blk)
     d_self = jnp.diagonal(d_blk, axis1=-2, axis2=-1)[..., None]  # [B, H, N, ns, c, 1]
 
     dq = dq_inter + (dq_off + dq_diag).reshape(B, H, N, C, K)
@@ -321,6 +602,41 @@ def _bwd_grouped(cfg, res, cts):
 _chunk_op = custom_vjp_op(_forward_grouped, _bwd_grouped)
 
 
+def _keep(res):
+    if RES == "keepA":
+        return (res[5],)
+    return tuple(res[4:6]) if RES == "keep" else ()
+
+
+def _rebuild(c, q, k, v, g, s, doc, first, kept):
+    F, _ = _factors(g, doc, c, first)
+    if RES == "keepA":
+        (A,) = kept
+        u = _mm("bhnck,bhncv->bhnkv", k.astype(_F32) * F.ek, v)
+        starts = state_scan(F.a, u, s)[1]
+        return q, k, v, doc, starts, A, F
+    starts, A = kept
+    return q, k, v, doc, starts, A, F
+
+
+def _forward_tokens(cfg, q, k, v, g, s0, doc):
+    return token_forward(functools.partial(_forward, cfg), cfg[3], cfg[4], q, k, v, g, s0, doc, keep=_keep)
+
+
+def _bwd_tokens(cfg, res, cts):
+    return token_backward(functools.partial(_forward, cfg), functools.partial(_chunk_op_bwd, cfg), cfg[3], cfg[4],
+                          res, cts, rebuild=functools.partial(_rebuild, cfg[1]) if RES in ("keep", "keepA") else None)
+
+
+_token_op = custom_vjp_op(_forward_tokens, _bwd_tokens)
+LAYOUT = "tokens"
+OFFDIAG = "bisect"
+RES = "recompute"
+ZCOND = 1
+DIAG_BWD = "prod"
+EB = True
+
+
 def _to_chunks(x, n, C):
     B, T, H, D = x.shape
     return x.reshape(B, n, C, H, D).transpose(0, 3, 1, 2, 4)
@@ -375,7 +691,10 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_
     G = default_group_chunks() if group_chunks is None else int(group_chunks)
     if G < 0:
         raise ValueError(f"group_chunks: expected an int >= 0, got {group_chunks!r}")
-    cfg = (float(scale), c, mdt, G)
+    cfg = (float(scale), c, mdt, G, C)
+    if LAYOUT == "tokens":
+        o, s_final = _token_op(cfg, q, k, v, g, s0, doc)
+        return o[:, :T], s_final
     o, s_final = _chunk_op(cfg, _to_chunks(q, n, C), _to_chunks(k, n, C), _to_chunks(v, n, C), _to_chunks(g, n, C),
                            s0, doc)
     o = o.transpose(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]

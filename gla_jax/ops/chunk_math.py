@@ -162,6 +162,113 @@ def grouped_backward(backward, G: int, res, cts):
     return dq, dk, dv, dg, ds0, None
 
 
+def chunked(x, C: int):
+    """[B, T, H, *r] token-major -> [B, H, T // C, C, *r] chunk-major (T a multiple of C)."""
+    B, T, H = x.shape[:3]
+    return jnp.moveaxis(x.reshape((B, T // C, C, H) + x.shape[3:]), 3, 1)
+
+
+def unchunked(x):
+    """[B, H, N, C, *r] chunk-major -> [B, N * C, H, *r] token-major."""
+    x = jnp.moveaxis(x, 1, 3)
+    return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
+
+
+CUMSUM = "matmul"
+
+
+def _group_inputs(G, C, q, k, v, g, doc):
+    """Pads the token-major inputs to whole groups of ``G`` chunks; returns (groups, padded q, k, v, g, doc,
+    [ng, B] the document entering each group or None)."""
+    N = q.shape[1] // C
+    ng, pad = group_count(G, N)
+    if pad:  # zero q, k, v and log gates change nothing (docs/design.md §1)
+        q, k, v, g = (jnp.pad(x, [(0, 0), (0, pad * C)] + [(0, 0)] * (x.ndim - 2)) for x in (q, k, v, g))
+    entering = None
+    if doc is not None:
+        entering = entering_documents(doc)[:, ::G].T  # the last document of the chunk before each group
+        doc = jnp.pad(doc, ((0, 0), (0, pad), (0, 0)), mode="edge")
+    return ng, q, k, v, g, doc, entering
+
+
+def _group_slice(i, G, C, xs, doc, entering):
+    """Group ``i``'s chunks of the token-major inputs ``xs`` ([B, H, G, C, *r] each), its doc [B, G, C] and the
+    document entering it (or None, None)."""
+    L = G * C
+    out = [chunked(lax.dynamic_slice_in_dim(x, i * L, L, axis=1), C) for x in xs]
+    if doc is None:
+        return out, None, None
+    return out, lax.dynamic_slice_in_dim(doc, i * G, G, axis=1), entering[i]
+
+
+def token_forward(forward, G: int, C: int, q, k, v, g, s0, doc, keep=None):
+    """A chunk form's forward on token-major inputs (docs/design.md §1).
+
+    q, k, g: [B, T, H, ...] and v [B, T, H, V] with T a multiple of C; doc [B, T // C, C] running document numbers
+    or None; forward(q, k, v, g, s0, doc, first=None) -> ((o, s_final), res) the form's own forward on chunk-major
+    inputs [B, H, N, C, ...]. Returns ((o [B, T, H, V], s_final), residuals).
+
+    With ``group_count(G, N)`` groups (the CPU group loop) a ``lax.scan`` over groups of G chunks carries the state.
+    Each step works on its group's inputs in chunk-major layout, sliced from the token-major inputs one step ahead
+    and carried (a loop carry is a buffer of its own: XLA:CPU would otherwise fuse the slice-and-transpose into
+    every consumer), so no full-size transposed copy is made. The residuals are the inputs, the state entering
+    each group and ``keep(res)`` of each group's residuals (stacked; None keeps nothing and the backward recomputes
+    the group's forward). Otherwise everything is done at once and the form's residuals are kept."""
+    B, T = q.shape[:2]
+    N = T // C
+    if group_count(G, N) is None:
+        (o, s_final), res = forward(*(chunked(x, C) for x in (q, k, v, g)), s0, doc)
+        return (unchunked(o), s_final), res
+    ng, qp, kp, vp, gp, docp, entering = _group_inputs(G, C, q, k, v, g, doc)
+    keep = keep or (lambda res: ())
+
+    def step(carry, i):
+        s, xs = carry
+        _, doc_i, first = _group_slice(i, G, C, (), docp, entering)
+        (o, s_next), res = forward(*xs, s, doc_i, first)
+        nxt = _group_slice(jnp.minimum(i + 1, ng - 1), G, C, (qp, kp, vp, gp), None, None)[0]
+        return (s_next, tuple(nxt)), (unchunked(o), s, keep(res))
+
+    x0 = tuple(_group_slice(0, G, C, (qp, kp, vp, gp), None, None)[0])
+    (s_final, _), (o, s_in, kept) = lax.scan(step, (s0, x0), jnp.arange(ng))
+    o = jnp.moveaxis(o, 0, 1).reshape((B, ng * G * C) + o.shape[3:])[:, :T]
+    return (o, s_final), (q, k, v, g, doc, s_in, kept)
+
+
+def token_backward(forward, backward, G: int, C: int, res, cts, rebuild=None):
+    """The backward of :func:`token_forward`: ``backward(res, (do, ds)) -> (dq, dk, dv, dg, ds0, None)`` of the
+    form on chunk-major arrays; with groups, group by group in a reverse ``lax.scan`` carrying the state gradient.
+    A group's residuals are ``rebuild(q, k, v, g, s, doc, first, kept)`` from its chunk-major inputs, entering state
+    and kept arrays, or (``rebuild`` None) recomputed by ``forward``. Returns the gradients token-major."""
+    do, ds_final = cts
+    B, T = do.shape[:2]
+    N = T // C
+    if group_count(G, N) is None:
+        grads = backward(res, (chunked(do, C), ds_final))
+        return tuple(unchunked(x) for x in grads[:4]) + tuple(grads[4:])
+    q, k, v, g, doc, s_in, kept = res
+    ng, qp, kp, vp, gp, docp, entering = _group_inputs(G, C, q, k, v, g, doc)
+    dop = jnp.pad(do, [(0, 0), (0, qp.shape[1] - T)] + [(0, 0)] * (do.ndim - 2))
+
+    def step(carry, x):
+        ds, xs = carry
+        i, s, kept_i = x
+        qg, kg, vg, gg, dog = xs
+        _, doc_i, first = _group_slice(i, G, C, (), docp, entering)
+        if rebuild is None:
+            res_g = forward(qg, kg, vg, gg, s, doc_i, first)[1]
+        else:
+            res_g = rebuild(qg, kg, vg, gg, s, doc_i, first, kept_i)
+        dq, dk, dv, dg, ds0, _ = backward(res_g, (dog, ds))
+        nxt = _group_slice(jnp.maximum(i - 1, 0), G, C, (qp, kp, vp, gp, dop), None, None)[0]
+        return (ds0, tuple(nxt)), tuple(unchunked(t) for t in (dq, dk, dv, dg))
+
+    x0 = tuple(_group_slice(ng - 1, G, C, (qp, kp, vp, gp, dop), None, None)[0])
+    (ds0, _), grads = lax.scan(step, (ds_final.astype(jnp.float32), x0), (jnp.arange(ng), s_in, kept), reverse=True)
+    dq, dk, dv, dg = (jnp.moveaxis(x, 0, 1).reshape((B, -1) + x.shape[3:])[:, :T] for x in grads)
+    return dq, dk, dv, dg, ds0, None
+
+
 def cumsum_rows(x, mode: str = "inclusive", same=None):
     """Cumulative sum over the row axis (-2) of x [..., C, D] as one float32 matmul with a 0/1 triangle.
 
@@ -177,7 +284,27 @@ def cumsum_rows(x, mode: str = "inclusive", same=None):
     tri = jnp.asarray(triangle(C, mode))
     hi = lax.Precision.HIGHEST
     x = x.astype(_F32)
-    if jax.default_backend() == "cpu":
+    if (CUMSUM == "assoc" or (CUMSUM in ("assoc_incl", "assoc_incl_unb") and mode == "inclusive")) and same is None:
+        rev = mode == "reverse"
+        out = lax.associative_scan(jnp.add, x, axis=x.ndim - 2, reverse=rev)
+        if mode == "exclusive":
+            out = out - x
+        return out
+    if CUMSUM == "shift" and same is None:
+        rev = mode == "reverse"
+        out = x
+        step = 1
+        while step < C:
+            if rev:
+                sh = jnp.concatenate([out[..., step:, :], jnp.zeros_like(out[..., :step, :])], axis=-2)
+            else:
+                sh = jnp.concatenate([jnp.zeros_like(out[..., :step, :]), out[..., :-step, :]], axis=-2)
+            out = out + sh
+            step *= 2
+        if mode == "exclusive":
+            out = out - x
+        return out
+    if jax.default_backend() == "cpu" and CUMSUM != "assoc_incl_unb":
         lead = x.shape[:-2]
         m = tri if same is None else tri * same.astype(_F32)
         m = jnp.broadcast_to(m, lead + (C, C)).reshape((-1, C, C))
