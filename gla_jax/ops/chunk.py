@@ -1,4 +1,4 @@
-"""Two-level chunkwise GLA in pure JAX, with a hand-written backward (``jax.custom_vjp``).
+"""Hierarchical chunkwise GLA in pure JAX, with a hand-written backward (``jax.custom_vjp``).
 
 Layout inside: the sequence is padded to a multiple of the chunk size C (zeros for q, k, v and g: a zero key adds
 nothing and a zero log-gate keeps the state, so padding never changes results) and viewed as ``[B, H, N, C, D]``.
@@ -9,32 +9,36 @@ Per chunk, with b the chunk-local inclusive cumulative gate (float32) and S the 
     A_ij  = sum_d q_id k_jd e^{b_id - b_jd}
 
 Only the state pass is sequential (a ``lax.scan`` over chunks of an elementwise update; the chunk-start states are
-materialized, so every chunk's output is computed at once as batched einsums). ``A`` is built on two levels:
-the chunk is cut into sub-chunks of c = 16; a pair of sub-chunks (I, J < I) is a matmul
+materialized, so every chunk's output is computed at once as batched einsums). ``A`` is built by bisection
+(docs/design.md §1): the lower-left quarter of a block of 2s rows pairs rows i in its second half with rows j in
+its first half, and with m the last row of the first half
 
-    A_IJ = (q_I * e^{b_I - r_I}) (k_J * e^{e_J - b_J} * e^{r_I - e_J})^T
+    A_ij = (q_i * e^{b_i - b_m}) (k_j * e^{b_m - b_j})^T          (both exponents <= 0: nothing overflows)
 
-(r_I: b at the first row of I, e_J: b at the last row of J; every exponent <= 0, so nothing overflows), done in the
-matmul dtype (the input dtype on accelerators, see ``default_matmul_dtype``) with float32 accumulation, one row
-block I at a time against all J < I; the diagonal 16x16 blocks are formed elementwise in float32 log space, only
-j <= i, walked by the offset i - j in a ``lax.scan`` (exponents b_i - b_{i-off} <= 0).
+is one matmul per block, in the matmul dtype (the input dtype on accelerators, see ``default_matmul_dtype``) with
+float32 accumulation. Halving from s = C/2 down to the sub-chunk c leaves the diagonal c x c blocks, formed
+elementwise in float32: row i and row i - off (off <= c/2) in the same pass as row i and row i + c - off (their
+exponents -|b_i - b_{i-off}| and -|b_{i+c-off} - b_i| are one expression), so c/2 passes cover all c(c+1)/2 pairs.
 
 Zero gates (α = 0: g = -inf or <= ``gates.ZERO_LOG_GATE``) never enter b: they count as 0 there and separately, as
 exact multiples of -256, in a second cumulative sum z; every exponent below is (b_x - b_y) + (z_x - z_y), unchanged
 where no zero gate lies between x and y and <= -256 (a factor of exactly 0) where one does (``gates.py``). A finite
 stand-in for -inf inside b would instead push the later cumulative gates to |b| >= 104, where float32 rounds small
-gates to ~1e-5. dg is 0 at a zero gate (the limit g -> -inf).
+gates to ~1e-5. dg is 0 at a zero gate (the limit g -> -inf). The backward's diagonal blocks use the decays as
+products of gates alpha = e^g <= 1 (exactly 0 at a zero gate), which needs no exponent at all.
 
 Packed documents (``segment_ids``) are handled with constant masks, never with -inf gates (which would poison the
 cumulative sums): ``A_ij`` only within one document, the inter-chunk term only for rows of the document that the
 incoming state belongs to (``m_in``), the state update only from the chunk's last document (``m_out``), and the
 carried state dropped (``keep = 0``) when a document starts inside the chunk.
 
-Backward (no per-step state is stored; the residuals are the inputs, the gate factors (``_Factors``, each the
-size of k), the chunk-start states ``[B, H, N, K, V]`` and the masked intra-chunk matrix ``A`` ``[B, H, N, C, C]``): a reverse scan over chunks gives the gradient dH of
-the state leaving each chunk (and of ``initial_state``); dq, dk, dv follow chunk by chunk with the same two-level
-structure. The gate gradient uses the reverse-cumulative-sum identity of docs/design.md §2, applied per chunk: because
-g_t only enters exponent differences across t,
+Backward (no per-step state is stored; on accelerators the residuals are the inputs, the gate factors
+(``_Factors``), the chunk-start states ``[B, H, N, K, V]`` and the masked intra-chunk matrix ``A``; on CPU the
+group loop keeps only the inputs and the state entering each group and recomputes the rest, ``chunk_math.
+token_forward``): a reverse scan over chunks gives the gradient dH of the state leaving each chunk (and of
+``initial_state``); dq, dk, dv follow chunk by chunk with the same bisection. The gate gradient uses the
+reverse-cumulative-sum identity of docs/design.md §2, applied per chunk: because g_t only enters exponent
+differences across t,
 
     dg_t = sum_{s>=t, s in chunk} (q_s * dq_s - k_s * dk_s)[intra + inter parts]
            + sum_{j<t, j in chunk} k_j * dk_j[state part]  +  sum_v dH * (keep e^{b_C} S)
@@ -57,7 +61,7 @@ import numpy as np
 from jax import lax
 
 from gla_jax.ops.chunk_math import SUB_CHUNK, custom_vjp_op, default_group_chunks, doc_masks, document_index
-from gla_jax.ops.chunk_math import grouped_backward, grouped_forward, state_scan, token_backward, token_forward
+from gla_jax.ops.chunk_math import state_scan, token_backward, token_forward
 from gla_jax.ops.chunk_math import mm as _mm
 from gla_jax.ops.chunk_math import cumsum_rows as _cumsum_rows
 from gla_jax.ops.gates import finite_gates, is_zero_gate, zero_steps
@@ -74,18 +78,31 @@ def _masks(doc, first=None):
 
 
 class _Factors(NamedTuple):
-    """Gate-derived float32 factors of one call, shared by forward and backward (saved as residuals)."""
+    """Gate-derived float32 factors of one call, shared by forward and backward."""
 
     b6: jax.Array  # [B, H, N, ns, c, K] chunk-local inclusive cumulative gate (zero gates counted as 0)
     z6: jax.Array  # [B, H, N, ns, c, K] chunk-local inclusive cumulative zero steps (gla_jax.ops.gates)
     eq: jax.Array  # [B, H, N, C, K] e^{b}: query-side decay from the chunk start (* m_in)
     ek: jax.Array  # [B, H, N, C, K] e^{b_C - b}: key-side decay to the chunk end (* m_out)
     a: jax.Array  # [B, H, N, K] e^{b_C}: whole-chunk decay of the carried state (* keep)
-    eqs: jax.Array  # [B, H, N, ns, c, K] e^{b - r_I}: decay from the sub-chunk's first row
-    eks: jax.Array  # [B, H, N, ns, c, K] e^{e_J - b}: decay to the sub-chunk's last row
-    rho: jax.Array  # [B, H, N, ns, ns, K] e^{r_I - e_J} (meaningful for J < I only; clamped to <= 1)
-    al: jax.Array  # [B, H, N, ns, c, K] the gate itself, alpha = e^{g} (exactly 0 at a zero gate)
-    lev: tuple = ()  # per bisection level s = C/2 .. c: [B, H, N, C, K] e^{-|b - b_m|}, m the row before the half
+    alpha: jax.Array  # [B, H, N, ns, c, K] the gates e^{g} (exactly 0 at a zero gate)
+    halves: tuple  # per bisection level (``_half_sizes``): [B, H, N, C, K] e^{-|b - b_m|}, m the block's middle
+
+
+def _half_sizes(C, c):
+    """The half-block sizes of the bisection of a C-row chunk down to sub-chunks of c: C/2, C/4, ..., c."""
+    out = []
+    s = C // 2
+    while s >= c:
+        out.append(s)
+        s //= 2
+    return out
+
+
+def _any_zero_cumsum(g):
+    """Chunk-local cumulative zero steps of g [B, H, N, C, K]: computed only when g holds a zero gate (a ``lax.cond``
+    on XLA, which skips the other branch), else zeros."""
+    return lax.cond(jnp.any(is_zero_gate(g)), lambda g: _cumsum_rows(zero_steps(g)), jnp.zeros_like, g)
 
 
 def _factors(g, doc, c, first=None):
@@ -95,12 +112,8 @@ def _factors(g, doc, c, first=None):
     below is (b_x - b_y) + (z_x - z_y), which is the plain gate difference when no zero gate lies between the two
     positions and <= -256 (a factor of exactly 0) when one does."""
     B, H, N, C, K = g.shape
-    ns = C // c
     b = _cumsum_rows(finite_gates(g))  # [B, H, N, C, K]
-    if ZCOND:
-        z = lax.cond(jnp.any(is_zero_gate(g)), lambda g: _cumsum_rows(zero_steps(g)), jnp.zeros_like, g)
-    else:
-        z = _cumsum_rows(zero_steps(g))  # multiples of ZERO_GATE_STEP: exact
+    z = _any_zero_cumsum(g)  # multiples of ZERO_GATE_STEP: exact
     bC, zC = b[:, :, :, -1, :], z[:, :, :, -1, :]
     eq = jnp.exp(b + z)
     ek = jnp.exp((bC[:, :, :, None, :] - b) + (zC[:, :, :, None, :] - z))
@@ -110,192 +123,30 @@ def _factors(g, doc, c, first=None):
         m_in, m_out, keep, same = _masks(doc, first)
         eq, ek, a = eq * m_in, ek * m_out, a * keep
         masks = (m_in, m_out, keep, same)
-    b6, z6 = b.reshape(B, H, N, ns, c, K), z.reshape(B, H, N, ns, c, K)
-    r, rz = b6[..., 0, :], z6[..., 0, :]  # [B, H, N, ns, K]: at the first row of each sub-chunk
-    e, ez = b6[..., -1, :], z6[..., -1, :]  # at the last row
-    eqs = jnp.exp((b6 - r[..., None, :]) + (z6 - rz[..., None, :]))
-    eks = jnp.exp((e[..., None, :] - b6) + (ez[..., None, :] - z6))
-    rho = jnp.exp(jnp.minimum((r[..., :, None, :] - e[..., None, :, :]) + (rz[..., :, None, :] - ez[..., None, :, :]),
-                              0.0))
-    al = jnp.where(is_zero_gate(g), 0.0, jnp.exp(finite_gates(g))).reshape(b6.shape)
-    lev = []
-    sz = C // 2
-    while sz >= c:
-        P = C // (2 * sz)
-        b7, z7 = b.reshape(B, H, N, P, 2 * sz, K), z.reshape(B, H, N, P, 2 * sz, K)
-        bm, zm = b7[..., sz - 1:sz, :], z7[..., sz - 1:sz, :]
-        lev.append(jnp.exp(-jnp.abs((b7 - bm) + (z7 - zm))).reshape(B, H, N, C, K))
-        sz //= 2
-    return _Factors(b6, z6, eq, ek, a, eqs, eks, rho, al, tuple(lev)), masks
-
-
-def _gap(b6, z6, off):
-    """min((b_i - b_{i-off}) + (z_i - z_{i-off}), 0) along the sub-chunk rows (rows i < off: garbage, masked)."""
-    return jnp.minimum((b6 - _shift_rows(b6, off)) + (z6 - _shift_rows(z6, off)), 0.0)
-
-
-def _khat(kt, rho, I):
-    """Keys of sub-chunks J < I seen from sub-chunk I: kt_J * e^{r_I - e_J}, flattened to [B, H, N, I*c, K]."""
-    B, H, N, _, c, K = kt.shape
-    return (kt[:, :, :, :I] * rho[:, :, :, I, :I, None, :]).reshape(B, H, N, I * c, K)
-
-
-def _shift_rows(x, off):
-    """x shifted down by ``off`` (traced) rows along axis -2: out[i] = x[i - off] (rows i < off hold garbage that
-    callers mask)."""
-    return jnp.roll(x, off, axis=-2)
-
-
-def _diag_blocks(q6, k6, b6, z6):
-    """The diagonal sub-blocks D[.., I, i, j] = sum_d q_id k_jd e^{b_id - b_jd} for j <= i (0 above), float32.
-
-    Elementwise in log space, walked by the offset i - j (a ``lax.scan`` over offsets, so the program stays
-    small) so that every exponent is <= 0; the sum over d is a matrix-vector product (fast on CPU).
-    """
-    c, K = q6.shape[-2], q6.shape[-1]
-    ones = jnp.ones((K,), _F32)
-    rows_i = jnp.arange(c)[:, None]
-
-    def body(_, off):
-        p = q6 * _shift_rows(k6, off) * jnp.exp(_gap(b6, z6, off))
-        p = jnp.where(rows_i >= off, p, 0.0)
-        return None, jnp.einsum("...d,d->...", p, ones, precision=_HI)  # [.., ns, c]: D[i, i - off]
-
-    _, by_offset = lax.scan(body, None, jnp.arange(c))  # [c(off), B, H, N, ns, c(i)]
-    by_offset = jnp.moveaxis(by_offset, 0, -2).reshape(q6.shape[:-2] + (c * c,))
-    by_offset = jnp.concatenate([by_offset, jnp.zeros_like(by_offset[..., :1])], axis=-1)
-    return jnp.take(by_offset, jnp.asarray(_offset_index(c)), axis=-1)
-
-
-@functools.lru_cache(maxsize=None)
-def _offset_index(c):
-    """idx[i, j] into the flattened [offset, i] layout of _diag_blocks (c * c: the zero entry, for j > i)."""
-    idx = np.full((c, c), c * c, np.int32)
-    for i in range(c):
-        for j in range(i + 1):
-            idx[i, j] = (i - j) * c + i
-    return idx
-
-
-DIAG_MODE = "prod"
-
-
-def _diag_blocks_prod(q6, k6, al6):
-    c, K = q6.shape[-2], q6.shape[-1]
-    ones = jnp.ones((K,), _F32)
-    rows_i = jnp.arange(c)[:, None]
-    d0 = jnp.einsum("...d,d->...", q6 * k6, ones, precision=_HI)
-
-    def body(E, off):
-        E = E * _shift_rows(al6, off - 1)
-        p = jnp.where(rows_i >= off, q6 * _shift_rows(k6, off) * E, 0.0)
-        return E, jnp.einsum("...d,d->...", p, ones, precision=_HI)
-
-    _, by_offset = lax.scan(body, jnp.ones_like(q6), jnp.arange(1, c))
-    by_offset = jnp.concatenate([d0[None], by_offset], axis=0)
-    by_offset = jnp.moveaxis(by_offset, 0, -2).reshape(q6.shape[:-2] + (c * c,))
-    by_offset = jnp.concatenate([by_offset, jnp.zeros_like(by_offset[..., :1])], axis=-1)
-    return jnp.take(by_offset, jnp.asarray(_offset_index(c)), axis=-1)
-
-
-def _diag_grads_prod(q6, k6, al6, d_blk):
-    c = q6.shape[-2]
-    flat = jnp.concatenate([d_blk.reshape(d_blk.shape[:-2] + (c * c,)), jnp.zeros_like(d_blk[..., 0, :1])], -1)
-    gather = np.full((c, c), c * c, np.int32)
-    for off in range(c):
-        for i in range(off, c):
-            gather[off, i] = i * c + (i - off)
-    by_offset = jnp.moveaxis(jnp.take(flat, jnp.asarray(gather), axis=-1), -2, 0)[..., None]
-
-    def body(carry, x):
-        dq, dk, E = carry
-        off, w = x
-        E = E * _shift_rows(al6, off - 1)
-        dq = dq + w * _shift_rows(k6, off) * E
-        dk = dk + _shift_rows(w * q6 * E, -off)
-        return (dq, dk, E), None
-
-    (dq, dk, _), _ = lax.scan(body, (jnp.zeros_like(q6), jnp.zeros_like(k6), jnp.ones_like(q6)),
-                              (jnp.arange(1, c), by_offset[1:]))
-    return dq, dk
-
-
-@functools.lru_cache(maxsize=None)
-def _packed_offsets(c):
-    """(starts, idx): the diagonal-block entries packed by offset, off = 0..c-1 each holding rows m = 0..c-off-1
-    (entry (i, j) = (m + off, m)), starts[off] their first position; idx[i, j] the packed position of (i, j) for j <= i
-    and c(c+1)/2 (a zero appended) above the diagonal."""
-    starts = np.concatenate([[0], np.cumsum([c - off for off in range(c)])]).astype(np.int32)
-    idx = np.full((c, c), starts[-1], np.int32)
-    for i in range(c):
-        for j in range(i + 1):
-            idx[i, j] = starts[i - j] + j
-    return starts, idx
-
-
-def _decay_by_offset(al6):
-    """[E_1, ..., E_{c-1}]: E_off [.., c - off, K] = prod_{t=m+1}^{m+off} alpha_t, the decay from row m to row m + off
-    (a product of gates <= 1: no exponent at all, exactly 0 across a zero gate)."""
-    c = al6.shape[-2]
-    out = [al6[..., 1:, :]]
-    for off in range(2, c):
-        out.append(out[-1][..., 1:, :] * al6[..., 1:c - off + 1, :])
-    return out
-
-
-def _diag_blocks_static(q6, k6, al6):
-    c, K = q6.shape[-2], q6.shape[-1]
-    E = _decay_by_offset(al6)
-    if EB:
-        E = lax.optimization_barrier(E)
-    parts = [q6 * k6] + [q6[..., off:, :] * k6[..., :c - off, :] * E[off - 1] for off in range(1, c)]
-    parts.append(jnp.zeros_like(q6[..., :1, :]))
-    packed = jnp.einsum("...d,d->...", jnp.concatenate(parts, axis=-2), jnp.ones((K,), _F32), precision=_HI)
-    return jnp.take(packed, jnp.asarray(_packed_offsets(c)[1]), axis=-1)
-
-
-def _diag_grads_static(q6, k6, al6, d_blk):
-    c = q6.shape[-2]
-    starts, _ = _packed_offsets(c)
-    gather = np.zeros(int(starts[-1]), np.int32)
-    for off in range(c):
-        for m in range(c - off):
-            gather[starts[off] + m] = (m + off) * c + m
-    w = jnp.take(d_blk.reshape(d_blk.shape[:-2] + (c * c,)), jnp.asarray(gather), axis=-1)[..., None]
-    E = _decay_by_offset(al6)
-    if EB:
-        E = lax.optimization_barrier(E)
-    dq, dk = jnp.zeros_like(q6), jnp.zeros_like(k6)
-    zero = [(0, 0)] * (q6.ndim - 2)
-    for off in range(1, c):
-        wo = w[..., starts[off]:starts[off + 1], :] * E[off - 1]
-        dq = dq + jnp.pad(wo * k6[..., :c - off, :], zero + [(off, 0), (0, 0)])
-        dk = dk + jnp.pad(wo * q6[..., off:, :], zero + [(0, off), (0, 0)])
-    return dq, dk
-
-
-def _paired_gap(b6, z6, off):
-    """-|x| with x = (b - roll(b, off)) + (z - roll(z, off)) along the sub-chunk rows: the (non-positive) exponent
-    of pass ``off``'s pair in each row."""
-    x = (b6 - jnp.roll(b6, off, axis=-2)) + (z6 - jnp.roll(z6, off, axis=-2))
-    return -jnp.abs(x)
+    halves = []
+    for s in _half_sizes(C, c):
+        b7, z7 = b.reshape(B, H, N, C // (2 * s), 2 * s, K), z.reshape(B, H, N, C // (2 * s), 2 * s, K)
+        gap = (b7 - b7[..., s - 1:s, :]) + (z7 - z7[..., s - 1:s, :])  # <= 0 below the middle, >= 0 above
+        halves.append(jnp.exp(-jnp.abs(gap)).reshape(B, H, N, C, K))
+    shape6 = (B, H, N, C // c, c, K)
+    alpha = jnp.where(is_zero_gate(g), 0.0, jnp.exp(finite_gates(g))).reshape(shape6)
+    return _Factors(b.reshape(shape6), z.reshape(shape6), eq, ek, a, alpha, tuple(halves)), masks
 
 
 @functools.lru_cache(maxsize=None)
 def _paired_index(c):
-    """idx[i, j] into the packed [pass, row] layout of the paired diagonal passes (c/2 + 1 passes of c rows, then a
-    zero), and gather[pass, row] -> i * c + j of the pair a row holds (c * c: none)."""
-    P = c // 2 + 1
-    idx = np.full((c, c), P * c, np.int32)
-    gather = np.full((P, c), c * c, np.int32)
+    """The diagonal c x c block packed by pass: pass 0 holds D[i, i], pass off (1..c/2) holds in row r the pair
+    (r, r - off) for r >= off and (r + c - off, r) for r < off. Returns (idx[i, j]: the packed position of D[i, j]
+    for j <= i, (c/2 + 1) c (a zero) above the diagonal; gather[off, r]: i * c + j of the pair in row r of pass off,
+    c * c (none) for the duplicate half of pass c/2)."""
+    passes = c // 2 + 1
+    idx = np.full((c, c), passes * c, np.int32)
+    gather = np.full((passes, c), c * c, np.int32)
     for i in range(c):
         for j in range(i + 1):
             off = i - j
-            if off <= c // 2:
-                idx[i, j] = off * c + i
-            else:
-                idx[i, j] = (c - off) * c + j
-    for off in range(P):
+            idx[i, j] = off * c + i if off <= c // 2 else (c - off) * c + j
+    for off in range(passes):
         for r in range(c):
             if off == 0:
                 gather[off, r] = r * c + r
@@ -306,173 +157,106 @@ def _paired_index(c):
     return idx, gather
 
 
-def _diag_blocks_paired(q6, k6, b6, z6):
+def _diag_blocks(q6, k6, b6, z6):
+    """The diagonal sub-blocks D[.., I, i, j] = sum_d q_id k_jd e^{b_id - b_jd} for j <= i (0 above), float32.
+
+    c/2 + 1 elementwise passes (``_paired_index``): pass off pairs row r with row r - off (r >= off) or row
+    r + c - off with row r (r < off), whose exponent is -|x| with x = (b_r - b_{r-off mod c}) (+ the zero-step
+    counts), <= 0 either way; the sum over d is a matrix-vector product (fast on CPU)."""
     c, K = q6.shape[-2], q6.shape[-1]
     ones = jnp.ones((K,), _F32)
     rows = jnp.arange(c)[:, None]
     packed = [jnp.einsum("...d,d->...", q6 * k6, ones, precision=_HI)]
     for off in range(1, c // 2 + 1):
         kr, qr = jnp.roll(k6, off, axis=-2), jnp.roll(q6, off, axis=-2)
-        p = jnp.where(rows >= off, q6 * kr, qr * k6) * jnp.exp(_paired_gap(b6, z6, off))
+        x = (b6 - jnp.roll(b6, off, axis=-2)) + (z6 - jnp.roll(z6, off, axis=-2))
+        p = jnp.where(rows >= off, q6 * kr, qr * k6) * jnp.exp(-jnp.abs(x))
         packed.append(jnp.einsum("...d,d->...", p, ones, precision=_HI))
     packed.append(jnp.zeros_like(packed[0][..., :1]))
     return jnp.take(jnp.concatenate(packed, axis=-1), jnp.asarray(_paired_index(c)[0]), axis=-1)
 
 
-def _diag_grads_paired(q6, k6, b6, z6, d_blk):
-    c = q6.shape[-2]
-    _, gather = _paired_index(c)
-    flat = jnp.concatenate([d_blk.reshape(d_blk.shape[:-2] + (c * c,)), jnp.zeros_like(d_blk[..., 0, :1])], -1)
-    rows = jnp.arange(c)[:, None]
-    dq, dk = jnp.zeros_like(q6), jnp.zeros_like(k6)
-    for off in range(1, c // 2 + 1):
-        w = jnp.take(flat, jnp.asarray(gather[off]), axis=-1)[..., None]  # [.., ns, c, 1]
-        e = w * jnp.exp(_paired_gap(b6, z6, off))
-        kr, qr = jnp.roll(k6, off, axis=-2), jnp.roll(q6, off, axis=-2)
-        low = rows >= off
-        dq = dq + jnp.where(low, e * kr, 0.0) + jnp.roll(jnp.where(low, 0.0, e * k6), c - off, axis=-2)
-        dk = dk + jnp.roll(jnp.where(low, e * q6, 0.0), -off, axis=-2) + jnp.where(low, 0.0, e * qr)
-    return dq, dk
-
-
-def _diag_grads_unrolled(q6, k6, al6, d_blk):
-    c = q6.shape[-2]
-    flat = jnp.concatenate([d_blk.reshape(d_blk.shape[:-2] + (c * c,)), jnp.zeros_like(d_blk[..., 0, :1])], -1)
+@functools.lru_cache(maxsize=None)
+def _by_offset(c):
+    """gather[off, i] -> i * c + (i - off), the flat index of D[i, i - off] (c * c: none, for i < off)."""
     gather = np.full((c, c), c * c, np.int32)
     for off in range(c):
         for i in range(off, c):
             gather[off, i] = i * c + (i - off)
-    by_offset = jnp.take(flat, jnp.asarray(gather), axis=-1)[..., None]  # [.., ns, c(off), c(i), 1]
-    dq, dk = jnp.zeros_like(q6), jnp.zeros_like(k6)
-    E = jnp.ones_like(q6)
-    zrow = [(0, 0)] * (q6.ndim - 2)
-    def down(x, n):  # out[i] = x[i - n], zero-filled
-        return jnp.pad(x[..., :c - n, :], zrow + [(n, 0), (0, 0)])
-    def up(x, n):  # out[j] = x[j + n], zero-filled
-        return jnp.pad(x[..., n:, :], zrow + [(0, n), (0, 0)])
-    for off in range(1, c):
-        E = E * down(al6, off - 1)
-        w = by_offset[..., off, :, :]
-        dq = dq + w * down(k6, off) * E
-        dk = dk + up(w * q6 * E, off)
-    return dq, dk
+    return gather
 
 
-def _diag_grads(q6, k6, b6, z6, d_blk):
+def _shift_rows(x, off):
+    """x shifted down by ``off`` (traced) rows along axis -2: out[i] = x[i - off] (rows i < off hold garbage that
+    callers mask)."""
+    return jnp.roll(x, off, axis=-2)
+
+
+def _diag_grads(q6, k6, alpha, d_blk):
     """Gradients through the strictly-lower part of the diagonal sub-blocks, given dD = d_blk [.., ns, c, c]:
-    dq[i] = sum_{j<i} dD_ij k_j e^{b_i - b_j},  dk[j] = sum_{i>j} dD_ij q_i e^{b_i - b_j}  (elementwise, float32)."""
+    dq[i] = sum_{j<i} dD_ij k_j E_ij,  dk[j] = sum_{i>j} dD_ij q_i E_ij  (elementwise, float32), with the decay
+    E_ij = alpha_{j+1} ... alpha_i built offset by offset as a running product (a ``lax.scan`` over i - j)."""
     c = q6.shape[-2]
-    # by_offset[off, .., i] = dD[i, i - off] (0 where i < off)
-    idx = _offset_index(c)
     flat = jnp.concatenate([d_blk.reshape(d_blk.shape[:-2] + (c * c,)), jnp.zeros_like(d_blk[..., 0, :1])], -1)
-    gather = np.full((c, c), c * c, np.int32)  # gather[off, i] -> flat index of (i, i - off)
-    for off in range(c):
-        for i in range(off, c):
-            gather[off, i] = i * c + (i - off)
-    by_offset = jnp.moveaxis(jnp.take(flat, jnp.asarray(gather), axis=-1), -2, 0)[..., None]  # [c, .., ns, c, 1]
-    del idx
+    by_offset = jnp.moveaxis(jnp.take(flat, jnp.asarray(_by_offset(c)), axis=-1), -2, 0)[..., None]
 
     def body(carry, x):
-        dq, dk = carry
-        off, w = x  # w[i] = dD[i, i - off]
-        e = jnp.exp(_gap(b6, z6, off))
-        dq = dq + w * _shift_rows(k6, off) * e
-        dk = dk + _shift_rows(w * q6 * e, -off)  # row j receives from row i = j + off
-        return (dq, dk), None
+        dq, dk, decay = carry
+        off, w = x  # w[i] = dD[i, i - off] (0 where i < off)
+        decay = decay * _shift_rows(alpha, off - 1)  # decay[i] = alpha_{i-off+1} ... alpha_i
+        dq = dq + w * _shift_rows(k6, off) * decay
+        dk = dk + _shift_rows(w * q6 * decay, -off)  # row j receives from row i = j + off
+        return (dq, dk, decay), None
 
-    (dq, dk), _ = lax.scan(body, (jnp.zeros_like(q6), jnp.zeros_like(k6)), (jnp.arange(1, c), by_offset[1:]))
+    init = (jnp.zeros_like(q6), jnp.zeros_like(k6), jnp.ones_like(q6))
+    (dq, dk, _), _ = lax.scan(body, init, (jnp.arange(1, c), by_offset[1:]))
     return dq, dk
 
 
-def _intra_bisect(q6, k6, F, cdt, same):
+def _split_halves(x, s):
+    """[B, H, N, C, D] -> ([.., P, s, D] the first, [.., P, s, D] the second half of each block of 2s rows)."""
+    B, H, N, C, D = x.shape
+    x = x.reshape(B, H, N, C // (2 * s), 2, s, D)
+    return x[..., 0, :, :], x[..., 1, :, :]
+
+
+def _intra_matrix(q6, k6, F, cdt, same):
+    """The masked intra-chunk matrix A [B, H, N, C, C] (float32, lower triangular incl. the diagonal), by bisection
+    (module docstring): the diagonal c x c blocks elementwise, then for s = c, 2c, .., C/2 every block of 2s rows
+    as [[A_top, 0], [Q_s K_sᵀ, A_bottom]] with one batched matmul per level."""
     B, H, N, ns, c, K = q6.shape
     C = ns * c
-    d = _diag_blocks_paired(q6, k6, F.b6, F.z6) if DIAG_MODE == "paired" else _diag_blocks_prod(q6, k6, F.al)
     q, k = q6.reshape(B, H, N, C, K), k6.reshape(B, H, N, C, K)
-    blocks = d  # [B, H, N, ns, c, c]
-    sizes = []
-    sz = C // 2
-    while sz >= c:
-        sizes.append(sz)
-        sz //= 2
-    for li, sz in reversed(list(enumerate(sizes))):
-        P = C // (2 * sz)
-        f = F.lev[li].reshape(B, H, N, P, 2, sz, K)
-        qh = q.reshape(f.shape)[..., 1, :, :] * f[..., 1, :, :]
-        kh = k.reshape(f.shape)[..., 0, :, :] * f[..., 0, :, :]
-        a_s = _mm("bhnpik,bhnpjk->bhnpij", qh, kh, cdt)  # [B, H, N, P, sz, sz]
-        blk = blocks.reshape(B, H, N, P, 2, sz, sz)
-        top = jnp.concatenate([blk[..., 0, :, :], jnp.zeros_like(a_s)], axis=-1)
-        bot = jnp.concatenate([a_s, blk[..., 1, :, :]], axis=-1)
-        blocks = jnp.concatenate([top, bot], axis=-2)  # [B, H, N, P, 2sz, 2sz]
+    blocks = _diag_blocks(q6, k6, F.b6, F.z6)  # [B, H, N, ns, c, c]
+    for s, f in reversed(list(zip(_half_sizes(C, c), F.halves))):
+        qh, kh = _split_halves(q * f, s)[1], _split_halves(k * f, s)[0]
+        low = _mm("bhnpik,bhnpjk->bhnpij", qh, kh, cdt)  # [B, H, N, P, s, s]
+        blk = blocks.reshape(B, H, N, C // (2 * s), 2, s, s)
+        top = jnp.concatenate([blk[..., 0, :, :], jnp.zeros_like(low)], axis=-1)
+        bottom = jnp.concatenate([low, blk[..., 1, :, :]], axis=-1)
+        blocks = jnp.concatenate([top, bottom], axis=-2)  # [B, H, N, P, 2s, 2s]
     A = blocks.reshape(B, H, N, C, C)
     return A if same is None else A * same
 
 
-def _offdiag_grads_bisect(qf, kf, dA, F, cdt):
-    """dq, dk [B, H, N, C, K] through the off-diagonal blocks, and the diagonal c x c blocks of dA."""
+def _offdiag_grads(qf, kf, dA, F, c, cdt):
+    """Gradients through the bisection's off-diagonal blocks given dA [B, H, N, C, C]: (dq, dk [B, H, N, C, K],
+    the diagonal c x c blocks of dA [B, H, N, C/c, c, c])."""
     B, H, N, C, K = qf.shape
-    c = F.b6.shape[-2]
-    dq = jnp.zeros_like(qf)
-    dk = jnp.zeros_like(kf)
+    dq, dk = jnp.zeros_like(qf), jnp.zeros_like(kf)
     blocks = dA[:, :, :, None]  # [B, H, N, 1, C, C]
-    sz = C // 2
-    li = 0
-    while sz >= c:
-        P = C // (2 * sz)
-        blk = blocks.reshape(B, H, N, P, 2 * sz, 2 * sz)
-        dA_s = blk[..., sz:, :sz]  # [B, H, N, P, sz, sz]
-        f = F.lev[li].reshape(B, H, N, P, 2, sz, K)
-        qh = qf.reshape(f.shape)[..., 1, :, :] * f[..., 1, :, :]
-        kh = kf.reshape(f.shape)[..., 0, :, :] * f[..., 0, :, :]
-        dqh = _mm("bhnpij,bhnpjk->bhnpik", dA_s, kh, cdt) * f[..., 1, :, :]
-        dkh = _mm("bhnpij,bhnpik->bhnpjk", dA_s, qh, cdt) * f[..., 0, :, :]
-        z = jnp.zeros_like(dqh)
-        dq = dq + jnp.stack([z, dqh], axis=4).reshape(B, H, N, C, K)
-        dk = dk + jnp.stack([dkh, z], axis=4).reshape(B, H, N, C, K)
-        blocks = jnp.stack([blk[..., :sz, :sz], blk[..., sz:, sz:]], axis=4).reshape(B, H, N, 2 * P, sz, sz)
-        sz //= 2
-        li += 1
-    return dq, dk, blocks  # blocks: [B, H, N, ns, c, c]
-
-
-def _intra_matrix(q6, k6, F, cdt, same):
-    if OFFDIAG == "bisect":
-        return _intra_bisect(q6, k6, F, cdt, same)
-    return _intra_matrix_rows(q6, k6, F, cdt, same)
-
-
-def _intra_matrix_rows(q6, k6, F, cdt, same):
-    """The masked intra-chunk matrix A [B, H, N, C, C] (float32, lower triangular incl. the diagonal).
-
-    Row block I: [A_I0 .. A_I(I-1) | D_I | 0]; the off-diagonal part of the row block is one matmul of qhat_I
-    against the keys of all earlier sub-chunks, only the J < I pairs being formed.
-    """
-    B, H, N, ns, c, K = q6.shape
-    qhat, kt = q6 * F.eqs, k6 * F.eks
-    if DIAG_MODE == "paired":
-        d = _diag_blocks_paired(q6, k6, F.b6, F.z6)
-    elif DIAG_MODE == "static":
-        d = _diag_blocks_static(q6, k6, F.al)
-    else:
-        d = _diag_blocks_prod(q6, k6, F.al) if DIAG_MODE == "prod" else _diag_blocks(q6, k6, F.b6, F.z6)
-    keys_minor = jax.default_backend() == "cpu"
-    if keys_minor:  # XLA:CPU: the narrow matmuls contract the keys' leading axis (docs/design.md §1)
-        ktT, rhoT = jnp.moveaxis(kt, -1, 3), jnp.moveaxis(F.rho, -1, 3)  # [B, H, N, K, ns, c], [B, H, N, K, ns, ns]
-    rows = []
-    for I in range(ns):
-        parts = []
-        if I and keys_minor:
-            khat_t = (ktT[:, :, :, :, :I] * rhoT[:, :, :, :, I, :I, None]).reshape(B, H, N, K, I * c)
-            parts.append(_mm("bhnik,bhnkj->bhnij", qhat[:, :, :, I], khat_t, cdt))
-        elif I:
-            parts.append(_mm("bhnik,bhnjk->bhnij", qhat[:, :, :, I], _khat(kt, F.rho, I), cdt))
-        parts.append(d[:, :, :, I])
-        if I < ns - 1:
-            parts.append(jnp.zeros((B, H, N, c, (ns - 1 - I) * c), _F32))
-        rows.append(jnp.concatenate(parts, axis=-1))
-    A = jnp.concatenate(rows, axis=-2)
-    return A if same is None else A * same
+    for s, f in zip(_half_sizes(C, c), F.halves):
+        P = C // (2 * s)
+        blk = blocks.reshape(B, H, N, P, 2 * s, 2 * s)
+        f0, f1 = _split_halves(f, s)
+        q1, k0 = _split_halves(qf, s)[1] * f1, _split_halves(kf, s)[0] * f0
+        dq1 = _mm("bhnpij,bhnpjk->bhnpik", blk[..., s:, :s], k0, cdt) * f1
+        dk0 = _mm("bhnpij,bhnpik->bhnpjk", blk[..., s:, :s], q1, cdt) * f0
+        zero = jnp.zeros_like(dq1)
+        dq = dq + jnp.stack([zero, dq1], axis=4).reshape(B, H, N, C, K)
+        dk = dk + jnp.stack([dk0, zero], axis=4).reshape(B, H, N, C, K)
+        blocks = jnp.stack([blk[..., :s, :s], blk[..., s:, s:]], axis=4).reshape(B, H, N, 2 * P, s, s)
+    return dq, dk, blocks
 
 
 def _forward(cfg, q, k, v, g, s0, doc, first=None):
@@ -498,58 +282,17 @@ def qk_gate_grads(qf, kf, do, v, same, dq_inter, dk_state, starts, dh, F, *, c: 
     each chunk; F: ``_factors`` of the gates; c: the sub-chunk; cdt: matmul operand dtype (None: float32).
     dg is the chunk-local identity (module docstring), 0 at a zero gate (the limit g -> -inf)."""
     B, H, N, C, K = qf.shape
-    ns = C // c
     q6, k6 = qf.reshape(F.b6.shape), kf.reshape(F.b6.shape)
     # dA = do v^T on the causal (same-document) pattern.
     causal = jnp.asarray(np.tril(np.ones((C, C), np.float32)))
     dA = _mm("bhniv,bhnjv->bhnij", do, v, cdt) * (causal if same is None else causal * same)
-    if OFFDIAG == "bisect":
-        dq_off, dk_off, d_blk = _offdiag_grads_bisect(qf, kf, dA, F, cdt)
-        dq_off, dk_off = dq_off.reshape(q6.shape), dk_off.reshape(k6.shape)
-    else:
-        dq_off, dk_off, d_blk = _offdiag_rows(q6, k6, dA, F, cdt)
-    return _qk_rest(qf, kf, q6, k6, dq_inter, dk_state, starts, dh, F, dq_off, dk_off, d_blk)
-
-
-def _offdiag_rows(q6, k6, dA, F, cdt):
-    B, H, N, ns, c, K = q6.shape
-    qhat, kt = q6 * F.eqs, k6 * F.eks
-    dq_rows = [jnp.zeros((B, H, N, c, K), _F32)]
-    dk_off = jnp.zeros((B, H, N, ns, c, K), _F32)
-    dA_t = jnp.swapaxes(dA, -1, -2) if jax.default_backend() == "cpu" else None  # XLA:CPU layout (§1)
-    for I in range(1, ns):
-        dA_I = dA[:, :, :, I * c:(I + 1) * c, :I * c]  # [B, H, N, c, I*c]
-        dq_rows.append(_mm("bhnij,bhnjk->bhnik", dA_I, _khat(kt, F.rho, I), cdt))
-        if dA_t is None:
-            t = _mm("bhnij,bhnik->bhnjk", dA_I, qhat[:, :, :, I], cdt)
-        else:
-            t = _mm("bhnji,bhnik->bhnjk", dA_t[:, :, :, :I * c, I * c:(I + 1) * c], qhat[:, :, :, I], cdt)
-        t = t.reshape(B, H, N, I, c, K)
-        t = t * F.rho[:, :, :, I, :I, None, :]
-        dk_off = dk_off + jnp.pad(t, ((0, 0),) * 3 + ((0, ns - I),) + ((0, 0),) * 2)
-    dq_off = jnp.stack(dq_rows, axis=3) * F.eqs
-    dk_off = dk_off * F.eks
-    d_blk = jnp.stack([dA[:, :, :, I * c:(I + 1) * c, I * c:(I + 1) * c] for I in range(ns)], axis=3)
-    return dq_off, dk_off, d_blk
-
-
-def _qk_rest(qf, kf, q6, k6, dq_inter, dk_state, starts, dh, F, dq_off, dk_off, d_blk):
-    B, H, N, C, K = qf.shape
+    dq_off, dk_off, d_blk = _offdiag_grads(qf, kf, dA, F, c, cdt)
     # Diagonal sub-blocks, strictly below the diagonal (the i == j terms are added last).
-    if DIAG_BWD == "paired":
-        dq_diag, dk_diag = _diag_grads_paired(q6, k6, F.b6, F.z6, d_blk)
-    elif DIAG_BWD == "unrolled":
-        dq_diag, dk_diag = _diag_grads_unrolled(q6, k6, F.al, d_blk)
-    elif DIAG_BWD == "static":
-        dq_diag, dk_diag = _diag_grads_static(q6, k6, F.al, d_blk)
-    elif DIAG_BWD == "prod":
-        dq_diag, dk_diag = _diag_grads_prod(q6, k6, F.al, d_blk)
-    else:
-        dq_diag, dk_diag = _diag_grads(q6, k6, F.b6, F.z6, d_blk)
+    dq_diag, dk_diag = _diag_grads(q6, k6, F.alpha, d_blk)
     d_self = jnp.diagonal(d_blk, axis1=-2, axis2=-1)[..., None]  # [B, H, N, ns, c, 1]
 
-    dq = dq_inter + (dq_off + dq_diag).reshape(B, H, N, C, K)
-    dk_intra = (dk_off + dk_diag).reshape(B, H, N, C, K)
+    dq = dq_inter + dq_off + dq_diag.reshape(B, H, N, C, K)
+    dk_intra = dk_off + dk_diag.reshape(B, H, N, C, K)
     # Gate gradient (chunk-local identity, see the module docstring).
     x = qf * dq - kf * dk_intra
     y = kf * dk_state
@@ -589,57 +332,19 @@ def _chunk_op_bwd(cfg, res, cts):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0, None
 
 
-def _forward_grouped(cfg, q, k, v, g, s0, doc):
-    """``_forward`` over groups of ``cfg[3]`` chunks (``chunk_math.grouped_forward``; docs/design.md §1)."""
-    return grouped_forward(functools.partial(_forward, cfg), cfg[3], q, k, v, g, s0, doc)
-
-
-def _bwd_grouped(cfg, res, cts):
-    """``_chunk_op_bwd`` over the same groups, in reverse (``chunk_math.grouped_backward``)."""
-    return grouped_backward(functools.partial(_chunk_op_bwd, cfg), cfg[3], res, cts)
-
-
-_chunk_op = custom_vjp_op(_forward_grouped, _bwd_grouped)
-
-
-def _keep(res):
-    if RES == "keepA":
-        return (res[5],)
-    return tuple(res[4:6]) if RES == "keep" else ()
-
-
-def _rebuild(c, q, k, v, g, s, doc, first, kept):
-    F, _ = _factors(g, doc, c, first)
-    if RES == "keepA":
-        (A,) = kept
-        u = _mm("bhnck,bhncv->bhnkv", k.astype(_F32) * F.ek, v)
-        starts = state_scan(F.a, u, s)[1]
-        return q, k, v, doc, starts, A, F
-    starts, A = kept
-    return q, k, v, doc, starts, A, F
-
-
 def _forward_tokens(cfg, q, k, v, g, s0, doc):
-    return token_forward(functools.partial(_forward, cfg), cfg[3], cfg[4], q, k, v, g, s0, doc, keep=_keep)
+    """``_forward`` on token-major inputs [B, T, H, D] (``chunk_math.token_forward``: the CPU group loop when
+    ``cfg[3]`` chunks per group apply; docs/design.md §1)."""
+    return token_forward(functools.partial(_forward, cfg), cfg[3], cfg[4], q, k, v, g, s0, doc)
 
 
 def _bwd_tokens(cfg, res, cts):
+    """``_chunk_op_bwd`` on token-major cotangents (``chunk_math.token_backward``)."""
     return token_backward(functools.partial(_forward, cfg), functools.partial(_chunk_op_bwd, cfg), cfg[3], cfg[4],
-                          res, cts, rebuild=functools.partial(_rebuild, cfg[1]) if RES in ("keep", "keepA") else None)
+                          res, cts)
 
 
-_token_op = custom_vjp_op(_forward_tokens, _bwd_tokens)
-LAYOUT = "tokens"
-OFFDIAG = "bisect"
-RES = "recompute"
-ZCOND = 1
-DIAG_BWD = "prod"
-EB = True
-
-
-def _to_chunks(x, n, C):
-    B, T, H, D = x.shape
-    return x.reshape(B, n, C, H, D).transpose(0, 3, 1, 2, 4)
+_chunk_op = custom_vjp_op(_forward_tokens, _bwd_tokens)
 
 
 def default_matmul_dtype(dtype):
@@ -651,25 +356,42 @@ def default_matmul_dtype(dtype):
     return dtype
 
 
+#: Sub-chunk of the pure-JAX chunk form on CPU: the diagonal blocks are 8 x 8 (4 elementwise passes) and the
+#: bisection adds a third matmul level. Measured side by side at T = 8192 (B=1, H=4, K=V=64, float32): fwd+bwd
+#: 0.8-0.9x the time of 16 (docs/design.md §1). Accelerators keep ``SUB_CHUNK`` (16: tensor-core tiles).
+CPU_SUB_CHUNK = 8
+
+
+def default_sub_chunk():
+    """Sub-chunk of the diagonal blocks: ``CPU_SUB_CHUNK`` on CPU, ``SUB_CHUNK`` elsewhere."""
+    return CPU_SUB_CHUNK if jax.default_backend() == "cpu" else SUB_CHUNK
+
+
 def gla_chunk(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_size=64, matmul_dtype=None,
-              group_chunks=None):
-    """Two-level chunkwise GLA (chunks of ``chunk_size``, sub-chunks of 16), differentiable via a custom VJP.
+              group_chunks=None, sub_chunk=None):
+    """Hierarchical chunkwise GLA (chunks of ``chunk_size``, bisected down to ``sub_chunk``), differentiable via a
+    custom VJP.
 
     q, k, g: [B, T, H, K]; v: [B, T, H, V] (float32/bfloat16/float16); g <= 0 is the log forget gate;
     initial_state: [B, H, K, V] or None; segment_ids: [B, T] int or None (state reset at each document start).
-    matmul_dtype: operand dtype of the intra-chunk matmuls (off-diagonal sub-chunk blocks, A v and their
-    gradients), always with float32 accumulation; default ``default_matmul_dtype(input dtype)``. Gates, the
-    diagonal sub-blocks and everything touching the state are float32.
+    chunk_size: a power of two >= 16 (or a power of two below 16, then also the sub-chunk).
+    matmul_dtype: operand dtype of the intra-chunk matmuls (the bisection's blocks, A v and their gradients),
+    always with float32 accumulation; default ``default_matmul_dtype(input dtype)``. Gates, the diagonal
+    sub-blocks and everything touching the state are float32.
     group_chunks: chunks per step of the loop over the sequence (0: all chunks at once); default
     ``default_group_chunks()`` (``CPU_GROUP_CHUNKS`` on CPU, 0 on accelerators).
+    sub_chunk: rows of the elementwise diagonal blocks (a power of two <= chunk_size); default
+    ``default_sub_chunk()`` (8 on CPU, 16 elsewhere).
     Returns (o [B, T, H, V] float32, final_state [B, H, K, V] float32).
     """
     B, T, H, K = q.shape
     V = v.shape[-1]
     C = int(chunk_size)
-    c = min(SUB_CHUNK, C)
-    if C % c:
-        raise ValueError(f"chunk_size: expected a multiple of {SUB_CHUNK}, got {chunk_size!r}")
+    if C < 1 or C & (C - 1):
+        raise ValueError(f"chunk_size: expected a power of two, got {chunk_size!r}")
+    c = min(default_sub_chunk() if sub_chunk is None else int(sub_chunk), C)
+    if c < 1 or c & (c - 1):
+        raise ValueError(f"sub_chunk: expected a power of two, got {sub_chunk!r}")
     n = max(1, math.ceil(T / C))
     pad = n * C - T
     in_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
@@ -691,11 +413,5 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_
     G = default_group_chunks() if group_chunks is None else int(group_chunks)
     if G < 0:
         raise ValueError(f"group_chunks: expected an int >= 0, got {group_chunks!r}")
-    cfg = (float(scale), c, mdt, G, C)
-    if LAYOUT == "tokens":
-        o, s_final = _token_op(cfg, q, k, v, g, s0, doc)
-        return o[:, :T], s_final
-    o, s_final = _chunk_op(cfg, _to_chunks(q, n, C), _to_chunks(k, n, C), _to_chunks(v, n, C), _to_chunks(g, n, C),
-                           s0, doc)
-    o = o.transpose(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]
-    return o, s_final
+    o, s_final = _chunk_op((float(scale), c, mdt, G, C), q, k, v, g, s0, doc)
+    return o[:, :T], s_final

@@ -93,19 +93,6 @@ def default_group_chunks():
     return CPU_GROUP_CHUNKS if jax.default_backend() == "cpu" else 0
 
 
-def to_groups(x, ng, pad, axis=2):
-    """[B, H, N, ...] -> [ng, B, H, G, ...] for the group loop (``pad`` zero chunks appended on ``axis``: zero q, k,
-    v and log gates change nothing, docs/design.md §1)."""
-    x = jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)])
-    return jnp.moveaxis(x.reshape(x.shape[:axis] + (ng, -1) + x.shape[axis + 1:]), axis, 0)
-
-
-def from_groups(x, N):
-    """[ng, B, H, G, ...] -> [B, H, N, ...]."""
-    x = jnp.moveaxis(x, 0, 2)
-    return x.reshape(x.shape[:2] + (-1,) + x.shape[4:])[:, :, :N]
-
-
 def group_count(G: int, N: int):
     """(groups, padded chunks) of the group loop over ``N`` chunks in groups of ``G``, or None when the chunks are
     done all at once (``G`` = 0 or ``N <= G``)."""
@@ -113,53 +100,6 @@ def group_count(G: int, N: int):
         return None
     ng = -(-N // G)
     return ng, ng * G - N
-
-
-def grouped_forward(forward, G: int, q, k, v, g, s0, doc):
-    """The CPU group loop of a chunk form's forward (docs/design.md §1): ``forward`` over groups of ``G`` chunks in a
-    ``lax.scan`` carrying the state, so each step's working set stays cache-sized.
-
-    forward(q, k, v, g, s0, doc, first=None) -> ((o, s_final), res): the form's own forward on chunked inputs
-    ``[B, H, N', ...]``; ``doc`` [B, N', C] document index or None; ``first`` [B] the document entering the first
-    chunk (the last one of the chunk before). Returns the same with ``res`` stacked over groups."""
-    B, H, N = q.shape[:3]
-    grouping = group_count(G, N)
-    if grouping is None:
-        return forward(q, k, v, g, s0, doc)
-    ng, pad = grouping
-    xs = [to_groups(x, ng, pad) for x in (q, k, v, g)]
-    if doc is None:
-        xs += [None, None]
-    else:  # the document entering each group's first chunk: the last one of the chunk before
-        entering = entering_documents(doc)  # [B, N]
-        doc = jnp.pad(doc, ((0, 0), (0, pad), (0, 0)), mode="edge")
-        xs += [jnp.moveaxis(doc.reshape(B, ng, -1, doc.shape[-1]), 1, 0), entering[:, ::G].T]
-
-    def step(s, x):
-        (o, s_next), res = forward(*x[:4], s, *x[4:])
-        return s_next, (o, res)
-
-    s_final, (o, res) = lax.scan(step, s0, tuple(xs))
-    return (from_groups(o, N), s_final), res
-
-
-def grouped_backward(backward, G: int, res, cts):
-    """The reverse of :func:`grouped_forward`: ``backward(res, (do, ds)) -> (dq, dk, dv, dg, ds0, None)`` group by
-    group in a reverse ``lax.scan`` carrying the state gradient; ``res`` as ``grouped_forward`` returned it."""
-    do, ds_final = cts
-    grouping = group_count(G, do.shape[2])
-    if grouping is None:
-        return backward(res, cts)
-    ng, pad = grouping
-
-    def step(ds, x):
-        res_g, do_g = x
-        dq, dk, dv, dg, ds0, _ = backward(res_g, (do_g, ds))
-        return ds0, (dq, dk, dv, dg)
-
-    ds0, grads = lax.scan(step, ds_final.astype(jnp.float32), (res, to_groups(do, ng, pad)), reverse=True)
-    dq, dk, dv, dg = (from_groups(x, do.shape[2]) for x in grads)
-    return dq, dk, dv, dg, ds0, None
 
 
 def chunked(x, C: int):
@@ -174,7 +114,6 @@ def unchunked(x):
     return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
 
 
-CUMSUM = "matmul"
 
 
 def _group_inputs(G, C, q, k, v, g, doc):
@@ -284,27 +223,7 @@ def cumsum_rows(x, mode: str = "inclusive", same=None):
     tri = jnp.asarray(triangle(C, mode))
     hi = lax.Precision.HIGHEST
     x = x.astype(_F32)
-    if (CUMSUM == "assoc" or (CUMSUM in ("assoc_incl", "assoc_incl_unb") and mode == "inclusive")) and same is None:
-        rev = mode == "reverse"
-        out = lax.associative_scan(jnp.add, x, axis=x.ndim - 2, reverse=rev)
-        if mode == "exclusive":
-            out = out - x
-        return out
-    if CUMSUM == "shift" and same is None:
-        rev = mode == "reverse"
-        out = x
-        step = 1
-        while step < C:
-            if rev:
-                sh = jnp.concatenate([out[..., step:, :], jnp.zeros_like(out[..., :step, :])], axis=-2)
-            else:
-                sh = jnp.concatenate([jnp.zeros_like(out[..., :step, :]), out[..., :-step, :]], axis=-2)
-            out = out + sh
-            step *= 2
-        if mode == "exclusive":
-            out = out - x
-        return out
-    if jax.default_backend() == "cpu" and CUMSUM != "assoc_incl_unb":
+    if jax.default_backend() == "cpu":
         lead = x.shape[:-2]
         m = tri if same is None else tri * same.astype(_F32)
         m = jnp.broadcast_to(m, lead + (C, C)).reshape((-1, C, C))

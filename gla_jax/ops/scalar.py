@@ -43,7 +43,7 @@ import numpy as np
 from jax import lax
 
 from gla_jax.ops.checks import query_scale
-from gla_jax.ops.chunk_math import custom_vjp_op, default_group_chunks, doc_masks, grouped_backward, grouped_forward
+from gla_jax.ops.chunk_math import custom_vjp_op, default_group_chunks, doc_masks, token_backward, token_forward
 from gla_jax.ops.chunk_math import state_scan
 from gla_jax.ops.chunk_math import mm as _mm
 from gla_jax.ops.gates import finite_gates, is_zero_gate, zero_steps
@@ -132,18 +132,19 @@ def _scalar_op_bwd(cfg, res, cts):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype), ds0, None
 
 
-def _forward_grouped(cfg, q, k, v, g, s0, doc):
-    """``_forward`` over groups of ``cfg[2]`` chunks (``chunk_math.grouped_forward``, the vector-gate chunk form's CPU
-    group loop, docs/design.md §1)."""
-    return grouped_forward(functools.partial(_forward, cfg), cfg[2], q, k, v, g, s0, doc)
+def _forward_tokens(cfg, q, k, v, g, s0, doc):
+    """``_forward`` on token-major inputs (``chunk_math.token_forward``: the CPU group loop of the vector-gate
+    chunk form when ``cfg[2]`` chunks per group apply, docs/design.md §1)."""
+    return token_forward(functools.partial(_forward, cfg), cfg[2], cfg[3], q, k, v, g, s0, doc)
 
 
-def _bwd_grouped(cfg, res, cts):
-    """``_scalar_op_bwd`` over the same groups, in reverse (``chunk_math.grouped_backward``)."""
-    return grouped_backward(functools.partial(_scalar_op_bwd, cfg), cfg[2], res, cts)
+def _bwd_tokens(cfg, res, cts):
+    """``_scalar_op_bwd`` on token-major cotangents (``chunk_math.token_backward``)."""
+    return token_backward(functools.partial(_forward, cfg), functools.partial(_scalar_op_bwd, cfg), cfg[2], cfg[3],
+                          res, cts)
 
 
-_scalar_op = custom_vjp_op(_forward_grouped, _bwd_grouped)
+_scalar_op = custom_vjp_op(_forward_tokens, _bwd_tokens)
 
 
 def check_scalar_inputs(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
@@ -236,15 +237,11 @@ def gla_scalar(q, k, v, g, *, scale=None, initial_state=None, output_final_state
             doc = jnp.pad(doc, ((0, 0), (0, pad)), mode="edge")
         doc = doc.reshape(B, n, C)
 
-    def chunks(x):  # [B, T', H, D] -> [B, H, N, C, D]
-        return x.reshape(B, n, C, H, x.shape[-1]).transpose(0, 3, 1, 2, 4)
-
-    gc = g.reshape(B, n, C, H).transpose(0, 3, 1, 2)  # [B, H, N, C]
-    cfg = (scale, _matmul_dtype(in_dtype), default_group_chunks() if group_chunks is None else int(group_chunks))
+    cfg = (scale, _matmul_dtype(in_dtype), default_group_chunks() if group_chunks is None else int(group_chunks), C)
     if cfg[2] < 0:
         raise ValueError(f"group_chunks: expected an int >= 0, got {group_chunks!r}")
-    o, s_final = _scalar_op(cfg, chunks(q), chunks(k), chunks(v), gc, s0, doc)
-    o = o.transpose(0, 2, 3, 1, 4).reshape(B, n * C, H, V)[:, :T]
+    o, s_final = _scalar_op(cfg, q, k, v, g, s0, doc)
+    o = o[:, :T]
     return o.astype(out_dtype), (s_final if output_final_state else None)
 
 
