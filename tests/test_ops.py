@@ -441,3 +441,38 @@ def test_chunk_group_loop_matches_float64(group_chunks, docs, pattern):
     assert rel_err(o, ro) <= F32_TOL and rel_err(s, rs) <= F32_TOL
     for name, a, b in zip(("dq", "dk", "dv", "dg", "ds0"), grads, rgrads):
         assert rel_err(a, b) <= F32_TOL, name
+
+
+@pytest.mark.parametrize("chunk_size,sub_chunk,group_chunks", [(64, 1, 0), (64, 2, 3), (64, 16, 2), (32, 8, 0),
+                                                               (128, 8, 0), (16, 16, 0)])
+def test_chunk_bisection_sizes_match_float64(chunk_size, sub_chunk, group_chunks):
+    """Every bisection depth (chunk_size / sub_chunk = 1 .. 64 rows per diagonal block) against the float64
+    recurrence, with strong gates (log alpha down to about -48 per step: every decay exponent must stay <= 0),
+    zero gates and packed documents, through the group loop and without it."""
+    gate_scale = 16.0
+    x = make_inputs(1, 200, 2, 16, 8, seed=5, docs=3, gate_scale=gate_scale)
+    x["g"] = place_zero_gates(x["g"], "scattered")
+    seg = jnp.asarray(x["seg"])
+
+    @jax.jit
+    def run(q, k, v, g, s0, do, ds):
+        f = lambda *a: gla_chunk(*a[:4], scale=q.shape[-1] ** -0.5, initial_state=a[4], segment_ids=seg,
+                                 chunk_size=chunk_size, sub_chunk=sub_chunk, group_chunks=group_chunks)
+        (o, s), vjp = jax.vjp(f, q, k, v, g, s0)
+        return o, s, vjp((do, ds))
+
+    o, s, grads = run(*(jnp.asarray(x[n]) for n in "qkvg"), jnp.asarray(x["s0"]), jnp.asarray(x["do"]),
+                      jnp.asarray(x["ds"]))
+    ro, rs, rgrads = reference(x)
+    assert rel_err(o, ro) <= F32_TOL and rel_err(s, rs) <= F32_TOL
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "ds0"), grads, rgrads):
+        # As in test_chunk_property_gates_and_documents: dg's budget grows with the gate magnitude.
+        assert rel_err(a, b) <= (max(F32_TOL, 3e-6 * gate_scale) if name == "dg" else F32_TOL), name
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(sub_chunk=12), "sub_chunk"), (dict(sub_chunk=0), "sub_chunk"),
+                                         (dict(chunk_size=48), "chunk_size")])
+def test_gla_chunk_bad_sizes(kwargs, name):
+    q = jnp.ones((1, 20, 1, 4))
+    with pytest.raises(ValueError, match=rf"^{name}:"):
+        gla_chunk(q, q, q, -q, scale=0.5, **kwargs)
