@@ -197,6 +197,8 @@ def _diag_grads(q6, k6, alpha, d_blk):
     dq[i] = sum_{j<i} dD_ij k_j E_ij,  dk[j] = sum_{i>j} dD_ij q_i E_ij  (elementwise, float32), with the decay
     E_ij = alpha_{j+1} ... alpha_i built offset by offset as a running product (a ``lax.scan`` over i - j)."""
     c = q6.shape[-2]
+    if c == 1:  # 1 x 1 blocks: nothing below the diagonal
+        return jnp.zeros_like(q6), jnp.zeros_like(k6)
     flat = jnp.concatenate([d_blk.reshape(d_blk.shape[:-2] + (c * c,)), jnp.zeros_like(d_blk[..., 0, :1])], -1)
     by_offset = jnp.moveaxis(jnp.take(flat, jnp.asarray(_by_offset(c)), axis=-1), -2, 0)[..., None]
 
@@ -356,15 +358,21 @@ def default_matmul_dtype(dtype):
     return dtype
 
 
-#: Sub-chunk of the pure-JAX chunk form on CPU: the diagonal blocks are 8 x 8 (4 elementwise passes) and the
-#: bisection adds a third matmul level. Measured side by side at T = 8192 (B=1, H=4, K=V=64, float32): fwd+bwd
-#: 0.8-0.9x the time of 16 (docs/design.md §1). Accelerators keep ``SUB_CHUNK`` (16: tensor-core tiles).
-CPU_SUB_CHUNK = 8
+#: Sub-chunk of the pure-JAX chunk form on CPU: 1, so the bisection runs down to single rows and there is no
+#: elementwise diagonal block at all (every pair (i, j < i) is in some level's matmul; the diagonal is q_i · k_i).
+#: Measured side by side at T = 8192 (B=1, H=4, K=V=64, float32, docs/design.md §1): fwd+bwd 0.81-0.91x the time of
+#: sub-chunks of 8, 0.88x of 2, forward within noise. Accelerators keep ``SUB_CHUNK`` (16: tensor-core tiles, and
+#: XLA's GPU/TPU matmuls gain nothing from rows of 1..8).
+CPU_SUB_CHUNK = 1
 
 
-def default_sub_chunk():
-    """Sub-chunk of the diagonal blocks: ``CPU_SUB_CHUNK`` on CPU, ``SUB_CHUNK`` elsewhere."""
-    return CPU_SUB_CHUNK if jax.default_backend() == "cpu" else SUB_CHUNK
+def default_sub_chunk(matmul_dtype=jnp.float32):
+    """Sub-chunk of the diagonal blocks: ``CPU_SUB_CHUNK`` on CPU with float32 matmuls, else ``SUB_CHUNK`` (with
+    half-precision matmul operands the diagonal blocks stay float32 elementwise: the pairs closest to the diagonal
+    carry the largest decays, and bf16 rounding there doubles dg's error)."""
+    if jax.default_backend() == "cpu" and jnp.dtype(matmul_dtype) == jnp.float32:
+        return CPU_SUB_CHUNK
+    return SUB_CHUNK
 
 
 def gla_chunk(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_size=64, matmul_dtype=None,
@@ -381,7 +389,7 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_
     group_chunks: chunks per step of the loop over the sequence (0: all chunks at once); default
     ``default_group_chunks()`` (``CPU_GROUP_CHUNKS`` on CPU, 0 on accelerators).
     sub_chunk: rows of the elementwise diagonal blocks (a power of two <= chunk_size); default
-    ``default_sub_chunk()`` (8 on CPU, 16 elsewhere).
+    ``default_sub_chunk(matmul dtype)`` (1 on CPU with float32 matmuls, 16 elsewhere).
     Returns (o [B, T, H, V] float32, final_state [B, H, K, V] float32).
     """
     B, T, H, K = q.shape
@@ -389,9 +397,6 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_
     C = int(chunk_size)
     if C < 1 or C & (C - 1):
         raise ValueError(f"chunk_size: expected a power of two, got {chunk_size!r}")
-    c = min(default_sub_chunk() if sub_chunk is None else int(sub_chunk), C)
-    if c < 1 or c & (c - 1):
-        raise ValueError(f"sub_chunk: expected a power of two, got {sub_chunk!r}")
     n = max(1, math.ceil(T / C))
     pad = n * C - T
     in_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
@@ -399,6 +404,9 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_
         in_dtype = jnp.dtype(_F32)
     q, k, v = q.astype(in_dtype), k.astype(in_dtype), v.astype(in_dtype)
     mdt = default_matmul_dtype(in_dtype) if matmul_dtype is None else jnp.dtype(matmul_dtype)
+    c = min(default_sub_chunk(mdt) if sub_chunk is None else sub_chunk, C)
+    if not isinstance(c, int) or isinstance(c, bool) or c < 1 or c & (c - 1):
+        raise ValueError(f"sub_chunk: expected a power of two, got {sub_chunk!r}")
     g = g.astype(_F32)
     if pad:
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
