@@ -16,16 +16,19 @@ its first half, and with m the last row of the first half
     A_ij = (q_i * e^{b_i - b_m}) (k_j * e^{b_m - b_j})^T          (both exponents <= 0: nothing overflows)
 
 is one matmul per block, in the matmul dtype (the input dtype on accelerators, see ``default_matmul_dtype``) with
-float32 accumulation. Halving from s = C/2 down to the sub-chunk c leaves the diagonal c x c blocks, formed
-elementwise in float32: row i and row i - off (off <= c/2) in the same pass as row i and row i + c - off (their
-exponents -|b_i - b_{i-off}| and -|b_{i+c-off} - b_i| are one expression), so c/2 passes cover all c(c+1)/2 pairs.
+float32 accumulation. Halving from s = C/2 down to the sub-chunk c leaves the diagonal c x c blocks (on CPU c = 1:
+only the diagonal itself, q_i · k_i); for c > 1 they are formed elementwise in float32, row i and row i - off
+(off <= c/2) in the same pass as row i and row i + c - off (their exponents -|b_i - b_{i-off}| and
+-|b_{i+c-off} - b_i| are one expression), so c/2 passes cover all c(c+1)/2 pairs.
 
-Zero gates (α = 0: g = -inf or <= ``gates.ZERO_LOG_GATE``) never enter b: they count as 0 there and separately, as
-exact multiples of -256, in a second cumulative sum z; every exponent below is (b_x - b_y) + (z_x - z_y), unchanged
-where no zero gate lies between x and y and <= -256 (a factor of exactly 0) where one does (``gates.py``). A finite
-stand-in for -inf inside b would instead push the later cumulative gates to |b| >= 104, where float32 rounds small
-gates to ~1e-5. dg is 0 at a zero gate (the limit g -> -inf). The backward's diagonal blocks use the decays as
-products of gates alpha = e^g <= 1 (exactly 0 at a zero gate), which needs no exponent at all.
+Every decay factor (e^{b}, e^{b_C - b} and the bisection's e^{b_i - b_m}, e^{b_m - b_j}) is a product of gates
+alpha = e^g <= 1 over the rows in between, multiplied up a binary tree of aligned blocks (``_decay_tree``): no
+exponent at all, a precision that does not degrade as |b| grows along the chunk, and a zero gate (α = 0: g = -inf
+or <= ``gates.ZERO_LOG_GATE``) makes every product across it exactly 0, as in the recurrence. Only the elementwise
+diagonal blocks (c > 1) use exponents of cumulative gates; there zero gates never enter b: they count as 0 there
+and separately, as exact multiples of -256, in a second cumulative sum z, and every exponent is
+(b_x - b_y) + (z_x - z_y), <= -256 (a factor of exactly 0) where a zero gate lies between x and y (``gates.py``).
+dg is 0 at a zero gate (the limit g -> -inf). The backward's diagonal blocks use running products of gates too.
 
 Packed documents (``segment_ids``) are handled with constant masks, never with -inf gates (which would poison the
 cumulative sums): ``A_ij`` only within one document, the inter-chunk term only for rows of the document that the
@@ -86,7 +89,9 @@ class _Factors(NamedTuple):
     ek: jax.Array  # [B, H, N, C, K] e^{b_C - b}: key-side decay to the chunk end (* m_out)
     a: jax.Array  # [B, H, N, K] e^{b_C}: whole-chunk decay of the carried state (* keep)
     alpha: jax.Array  # [B, H, N, ns, c, K] the gates e^{g} (exactly 0 at a zero gate)
-    halves: tuple  # per bisection level (``_half_sizes``): [B, H, N, C, K] e^{-|b - b_m|}, m the block's middle
+    halves: tuple  # per bisection level s (``_half_sizes``): ([B, H, N, P, s, K] e^{b_m - b} on the first halves,
+    #                 [B, H, N, P, s, K] e^{b - b_m} on the second halves of the blocks of 2s rows, m their middle)
+    zero: jax.Array  # [B, H, N, C, K] bool: zero gates
 
 
 def _half_sizes(C, c):
@@ -105,19 +110,40 @@ def _any_zero_cumsum(g):
     return lax.cond(jnp.any(is_zero_gate(g)), lambda g: _cumsum_rows(zero_steps(g)), jnp.zeros_like, g)
 
 
-def _factors(g, doc, c, first=None):
-    """Cumulative gates and every decay factor (all exponents <= 0), plus the document masks (or None).
+def _decay_tree(alpha, C):
+    """The decays within aligned blocks of s = 1, 2, 4, .., C rows as products of the gates alpha [.., C, K]:
+    {s: (R_s, L_s)} with R_s[i] = alpha over (start of i's block, i] (e^{b_i - b_before}) and L_s[i] = alpha over
+    (i, end of i's block] (e^{b_end - b_i}); every factor <= 1, exactly 0 across a zero gate."""
+    lead, K = alpha.shape[:-2], alpha.shape[-1]
+    R, L = alpha, jnp.ones_like(alpha)
+    out = {1: (R, L)}
+    s = 1
+    while s < C:
+        R2, L2 = R.reshape(lead + (C // (2 * s), 2, s, K)), L.reshape(lead + (C // (2 * s), 2, s, K))
+        first_total = R2[..., 0, s - 1:, :]  # [.., P, 1, K]: the whole first half
+        second_total = R2[..., 1, s - 1:, :]
+        R = jnp.stack([R2[..., 0, :, :], R2[..., 1, :, :] * first_total], axis=-3).reshape(alpha.shape)
+        L = jnp.stack([L2[..., 0, :, :] * second_total, L2[..., 1, :, :]], axis=-3).reshape(alpha.shape)
+        s *= 2
+        out[s] = (R, L)
+    return out
 
-    Zero gates (α = 0, ``gla_jax.ops.gates``) enter as a separate, exactly summed cumulative count: every exponent
-    below is (b_x - b_y) + (z_x - z_y), which is the plain gate difference when no zero gate lies between the two
-    positions and <= -256 (a factor of exactly 0) when one does."""
+
+def _factors(g, doc, c, first=None):
+    """Every decay factor of the chunks (all <= 1: products of gates, no exponent at all), plus the document masks
+    (or None). g: [B, H, N, C, K] log gates; doc: [B, N, C] or None; c: the sub-chunk.
+
+    The gates alpha = e^g (exactly 0 at a zero gate, ``gla_jax.ops.gates``) are multiplied up a binary tree of
+    aligned blocks (``_decay_tree``), which gives the bisection's factors on both halves of every block, e^{b} and
+    e^{b_C - b} of the inter-chunk terms, each a product of about 2 log2(C) rounded factors: more precise than the
+    exponential of a difference of float32 cumulative sums (|b| grows along the chunk), and a zero gate anywhere
+    in a product makes it exactly 0 as in the recurrence. The cumulative gates b (and zero-step counts z) are only
+    formed for the elementwise diagonal blocks when c > 1."""
     B, H, N, C, K = g.shape
-    b = _cumsum_rows(finite_gates(g))  # [B, H, N, C, K]
-    z = _any_zero_cumsum(g)  # multiples of ZERO_GATE_STEP: exact
-    bC, zC = b[:, :, :, -1, :], z[:, :, :, -1, :]
-    eq = jnp.exp(b + z)
-    ek = jnp.exp((bC[:, :, :, None, :] - b) + (zC[:, :, :, None, :] - z))
-    a = jnp.exp(bC + zC)
+    alpha = jnp.where(is_zero_gate(g), 0.0, jnp.exp(finite_gates(g)))
+    tree = _decay_tree(alpha, C)
+    eq, ek = tree[C]
+    a = eq[:, :, :, -1, :]
     masks = None
     if doc is not None:
         m_in, m_out, keep, same = _masks(doc, first)
@@ -125,12 +151,16 @@ def _factors(g, doc, c, first=None):
         masks = (m_in, m_out, keep, same)
     halves = []
     for s in _half_sizes(C, c):
-        b7, z7 = b.reshape(B, H, N, C // (2 * s), 2 * s, K), z.reshape(B, H, N, C // (2 * s), 2 * s, K)
-        gap = (b7 - b7[..., s - 1:s, :]) + (z7 - z7[..., s - 1:s, :])  # <= 0 below the middle, >= 0 above
-        halves.append(jnp.exp(-jnp.abs(gap)).reshape(B, H, N, C, K))
+        R, L = tree[s]
+        halves.append((_split_halves(L, s)[0], _split_halves(R, s)[1]))
     shape6 = (B, H, N, C // c, c, K)
-    alpha = jnp.where(is_zero_gate(g), 0.0, jnp.exp(finite_gates(g))).reshape(shape6)
-    return _Factors(b.reshape(shape6), z.reshape(shape6), eq, ek, a, alpha, tuple(halves)), masks
+    if c > 1:
+        b = _cumsum_rows(finite_gates(g))
+        z = _any_zero_cumsum(g)
+        b6, z6 = b.reshape(shape6), z.reshape(shape6)
+    else:
+        b6 = z6 = None
+    return _Factors(b6, z6, eq, ek, a, alpha.reshape(shape6), tuple(halves), is_zero_gate(g)), masks
 
 
 @functools.lru_cache(maxsize=None)
@@ -230,8 +260,8 @@ def _intra_matrix(q6, k6, F, cdt, same):
     C = ns * c
     q, k = q6.reshape(B, H, N, C, K), k6.reshape(B, H, N, C, K)
     blocks = _diag_blocks(q6, k6, F.b6, F.z6)  # [B, H, N, ns, c, c]
-    for s, f in reversed(list(zip(_half_sizes(C, c), F.halves))):
-        qh, kh = _split_halves(q * f, s)[1], _split_halves(k * f, s)[0]
+    for s, (f0, f1) in reversed(list(zip(_half_sizes(C, c), F.halves))):
+        qh, kh = _split_halves(q, s)[1] * f1, _split_halves(k, s)[0] * f0
         low = _mm("bhnpik,bhnpjk->bhnpij", qh, kh, cdt)  # [B, H, N, P, s, s]
         blk = blocks.reshape(B, H, N, C // (2 * s), 2, s, s)
         top = jnp.concatenate([blk[..., 0, :, :], jnp.zeros_like(low)], axis=-1)
@@ -247,10 +277,9 @@ def _offdiag_grads(qf, kf, dA, F, c, cdt):
     B, H, N, C, K = qf.shape
     dq, dk = jnp.zeros_like(qf), jnp.zeros_like(kf)
     blocks = dA[:, :, :, None]  # [B, H, N, 1, C, C]
-    for s, f in zip(_half_sizes(C, c), F.halves):
+    for s, (f0, f1) in zip(_half_sizes(C, c), F.halves):
         P = C // (2 * s)
         blk = blocks.reshape(B, H, N, P, 2 * s, 2 * s)
-        f0, f1 = _split_halves(f, s)
         q1, k0 = _split_halves(qf, s)[1] * f1, _split_halves(kf, s)[0] * f0
         dq1 = _mm("bhnpij,bhnpjk->bhnpik", blk[..., s:, :s], k0, cdt) * f1
         dk0 = _mm("bhnpij,bhnpik->bhnpjk", blk[..., s:, :s], q1, cdt) * f0
@@ -269,7 +298,7 @@ def _forward(cfg, q, k, v, g, s0, doc, first=None):
     u = _mm("bhnck,bhncv->bhnkv", kf * F.ek, v)  # each chunk's contribution to the state leaving it
     s_final, starts = state_scan(F.a, u, s0)
     o = _mm("bhnck,bhnkv->bhncv", qf * F.eq, starts)  # inter-chunk term
-    q6, k6 = qf.reshape(F.b6.shape), kf.reshape(F.b6.shape)
+    q6, k6 = qf.reshape(F.alpha.shape), kf.reshape(F.alpha.shape)
     A = _intra_matrix(q6, k6, F, cdt, None if masks is None else masks[3])
     o = (o + _mm("bhnij,bhnjv->bhniv", A, v, cdt)) * scale
     return (o, s_final), (q, k, v, doc, starts, A, F)
@@ -284,7 +313,7 @@ def qk_gate_grads(qf, kf, do, v, same, dq_inter, dk_state, starts, dh, F, *, c: 
     each chunk; F: ``_factors`` of the gates; c: the sub-chunk; cdt: matmul operand dtype (None: float32).
     dg is the chunk-local identity (module docstring), 0 at a zero gate (the limit g -> -inf)."""
     B, H, N, C, K = qf.shape
-    q6, k6 = qf.reshape(F.b6.shape), kf.reshape(F.b6.shape)
+    q6, k6 = qf.reshape(F.alpha.shape), kf.reshape(F.alpha.shape)
     # dA = do v^T on the causal (same-document) pattern.
     causal = jnp.asarray(np.tril(np.ones((C, C), np.float32)))
     dA = _mm("bhniv,bhnjv->bhnij", do, v, cdt) * (causal if same is None else causal * same)
@@ -301,8 +330,7 @@ def qk_gate_grads(qf, kf, do, v, same, dq_inter, dk_state, starts, dh, F, *, c: 
     carried = jnp.sum(dh * F.a[..., None] * starts, axis=-1)  # [B, H, N, K]
     dg = _cumsum_rows(x, "reverse") + _cumsum_rows(y, "exclusive") + carried[:, :, :, None, :]
     # At a zero gate dg is 0 (the limit g -> -inf; the identity gives 0 there only up to rounding).
-    z = F.z6.reshape(B, H, N, C, K)
-    dg = jnp.where(z != jnp.pad(z[:, :, :, :-1], ((0, 0),) * 3 + ((1, 0), (0, 0))), 0.0, dg)
+    dg = jnp.where(F.zero, 0.0, dg)
     dq = dq + (d_self * k6).reshape(B, H, N, C, K)
     dk = dk_intra + dk_state + (d_self * q6).reshape(B, H, N, C, K)
     return dq, dk, dg
