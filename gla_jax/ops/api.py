@@ -90,7 +90,8 @@ def gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
         document start so nothing flows between documents.
       impl: a registered backend (``gla_jax.ops.registry.choices()``): "auto" (the best validated kernel native to
         the platform, else "chunk"), "chunk" (alias "xla"), "recurrent", "parallel", "triton" (alias "pallas", GPU).
-      chunk_size: chunk length of the chunkwise forms (power of two >= 16; sub-chunks are 16).
+      chunk_size: chunk length of the chunkwise forms (power of two >= 16; sub-chunks of 16 in the kernels, the
+        pure-JAX form bisects down to single rows on CPU, docs/design.md §1).
       interpret: run a Pallas kernel backend in interpret mode (any platform; slow, for tests).
       batch_axes, head_axes: mesh axis names (a name or a tuple) to split B and H over. Used only when a Pallas
         kernel backend runs under a mesh (``jax.set_mesh``): the kernel is then wrapped in ``jax.shard_map`` (a
