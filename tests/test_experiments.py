@@ -380,6 +380,7 @@ def test_compare_models_reuses_gate_ablation_rows_only_for_the_same_settings(com
     assert cmp.gate_ablation_rows(args, tmp_path / "absent.json") is None
 
 
+@pytest.mark.slow  # 35 s: the other experiment smoke tests are slow too
 @needs_models
 def test_compare_models_smoke(tmp_path):
     cmp = _load("compare_models")

@@ -30,6 +30,7 @@ def test_notebooks_present_and_clean():
                 assert not cell.outputs and cell.execution_count is None, f"{name}: commit without outputs"
 
 
+@pytest.mark.slow  # 36-81 s each on 2 cores; the default suite stays near 15 min (CI runs -m slow too)
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, tmp_path):
     if name == "fla_parity.ipynb" and not _fla_available():

@@ -104,6 +104,7 @@ def test_sigkill_then_resume_is_bit_identical(reference, tmp_path):
     assert K.Checkpointer(wd / "checkpoints").latest_step() == 8
 
 
+@pytest.mark.slow  # 63 s; the SIGKILL resume test covers bit-identical resume by default
 def test_sigterm_saves_and_resume_matches(reference, tmp_path):
     _, ref, _ = reference
     cfg = C.load_config(None, BASE)
@@ -235,6 +236,7 @@ def test_zero_steps_prints_no_sample(tmp_path, capsys):
     assert "--- sample" not in out and "no sample: the model has not been trained (train.steps=0)" in out
 
 
+@pytest.mark.slow  # 69 s
 def test_init_from_saved_params_starts_a_new_run_there(tmp_path):
     """A run started (seed 0) from the exported initial parameters of seed 5 trains exactly like seed 5 itself."""
     short = [a for a in BASE if not a.startswith(("train.steps", "checkpoint.every"))]
