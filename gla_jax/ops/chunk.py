@@ -55,7 +55,6 @@ negative (e.g. log alpha = -20 per step), where the true dg is ~e^-20 times smal
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -63,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from gla_jax.ops.chunk_math import SUB_CHUNK, custom_vjp_op, default_group_chunks, doc_masks, document_index
+from gla_jax.ops.chunk_math import SUB_CHUNK, custom_vjp_op, doc_masks, group_chunks_or_default, pad_to_chunks
 from gla_jax.ops.chunk_math import state_scan, token_backward, token_forward
 from gla_jax.ops.chunk_math import mm as _mm
 from gla_jax.ops.chunk_math import cumsum_rows as _cumsum_rows
@@ -140,7 +139,8 @@ def _factors(g, doc, c, first=None):
     in a product makes it exactly 0 as in the recurrence. The cumulative gates b (and zero-step counts z) are only
     formed for the elementwise diagonal blocks when c > 1."""
     B, H, N, C, K = g.shape
-    alpha = jnp.where(is_zero_gate(g), 0.0, jnp.exp(finite_gates(g)))
+    zero = is_zero_gate(g)
+    alpha = jnp.where(zero, 0.0, jnp.exp(finite_gates(g)))
     tree = _decay_tree(alpha, C)
     eq, ek = tree[C]
     a = eq[:, :, :, -1, :]
@@ -160,31 +160,20 @@ def _factors(g, doc, c, first=None):
         b6, z6 = b.reshape(shape6), z.reshape(shape6)
     else:
         b6 = z6 = None
-    return _Factors(b6, z6, eq, ek, a, alpha.reshape(shape6), tuple(halves), is_zero_gate(g)), masks
+    return _Factors(b6, z6, eq, ek, a, alpha.reshape(shape6), tuple(halves), zero), masks
 
 
 @functools.lru_cache(maxsize=None)
 def _paired_index(c):
-    """The diagonal c x c block packed by pass: pass 0 holds D[i, i], pass off (1..c/2) holds in row r the pair
-    (r, r - off) for r >= off and (r + c - off, r) for r < off. Returns (idx[i, j]: the packed position of D[i, j]
-    for j <= i, (c/2 + 1) c (a zero) above the diagonal; gather[off, r]: i * c + j of the pair in row r of pass off,
-    c * c (none) for the duplicate half of pass c/2)."""
-    passes = c // 2 + 1
-    idx = np.full((c, c), passes * c, np.int32)
-    gather = np.full((passes, c), c * c, np.int32)
+    """idx[i, j]: the position of D[i, j] (j <= i) in the diagonal c x c block packed by pass, where pass 0 holds
+    D[i, i] and pass off (1..c/2) holds in row r the pair (r, r - off) for r >= off and (r + c - off, r) for r < off;
+    (c/2 + 1) c (a zero appended) above the diagonal."""
+    idx = np.full((c, c), (c // 2 + 1) * c, np.int32)
     for i in range(c):
         for j in range(i + 1):
             off = i - j
             idx[i, j] = off * c + i if off <= c // 2 else (c - off) * c + j
-    for off in range(passes):
-        for r in range(c):
-            if off == 0:
-                gather[off, r] = r * c + r
-            elif r >= off:
-                gather[off, r] = r * c + (r - off)
-            elif off < c - off:
-                gather[off, r] = (r + c - off) * c + r
-    return idx, gather
+    return idx
 
 
 def _diag_blocks(q6, k6, b6, z6):
@@ -203,7 +192,7 @@ def _diag_blocks(q6, k6, b6, z6):
         p = jnp.where(rows >= off, q6 * kr, qr * k6) * jnp.exp(-jnp.abs(x))
         packed.append(jnp.einsum("...d,d->...", p, ones, precision=_HI))
     packed.append(jnp.zeros_like(packed[0][..., :1]))
-    return jnp.take(jnp.concatenate(packed, axis=-1), jnp.asarray(_paired_index(c)[0]), axis=-1)
+    return jnp.take(jnp.concatenate(packed, axis=-1), jnp.asarray(_paired_index(c)), axis=-1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -292,7 +281,6 @@ def _offdiag_grads(qf, kf, dA, F, c, cdt):
 
 def _forward(cfg, q, k, v, g, s0, doc, first=None):
     scale, c, cdt = cfg[:3]
-    B, H, N, C, K = q.shape
     F, masks = _factors(g, doc, c, first)
     qf, kf = q.astype(_F32), k.astype(_F32)
     u = _mm("bhnck,bhncv->bhnkv", kf * F.ek, v)  # each chunk's contribution to the state leaving it
@@ -425,29 +413,16 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_
     C = int(chunk_size)
     if C < 1 or C & (C - 1):
         raise ValueError(f"chunk_size: expected a power of two, got {chunk_size!r}")
-    n = max(1, math.ceil(T / C))
-    pad = n * C - T
     in_dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
     if jnp.finfo(in_dtype).bits > 32:
         in_dtype = jnp.dtype(_F32)
-    q, k, v = q.astype(in_dtype), k.astype(in_dtype), v.astype(in_dtype)
     mdt = default_matmul_dtype(in_dtype) if matmul_dtype is None else jnp.dtype(matmul_dtype)
     c = min(default_sub_chunk(mdt) if sub_chunk is None else sub_chunk, C)
     if not isinstance(c, int) or isinstance(c, bool) or c < 1 or c & (c - 1):
         raise ValueError(f"sub_chunk: expected a power of two, got {sub_chunk!r}")
-    g = g.astype(_F32)
-    if pad:
-        widths = ((0, 0), (0, pad), (0, 0), (0, 0))
-        q, k, v, g = (jnp.pad(x, widths) for x in (q, k, v, g))
+    G = group_chunks_or_default(group_chunks)
+    (q, k, v, g), doc = pad_to_chunks([q.astype(in_dtype), k.astype(in_dtype), v.astype(in_dtype), g.astype(_F32)],
+                                      segment_ids, C)
     s0 = jnp.zeros((B, H, K, V), _F32) if initial_state is None else initial_state.astype(_F32)
-    doc = None
-    if segment_ids is not None:
-        doc = document_index(segment_ids)
-        if pad:
-            doc = jnp.pad(doc, ((0, 0), (0, pad)), mode="edge")
-        doc = doc.reshape(B, n, C)
-    G = default_group_chunks() if group_chunks is None else int(group_chunks)
-    if G < 0:
-        raise ValueError(f"group_chunks: expected an int >= 0, got {group_chunks!r}")
     o, s_final = _chunk_op((float(scale), c, mdt, G, C), q, k, v, g, s0, doc)
     return o[:, :T], s_final

@@ -114,6 +114,31 @@ def unchunked(x):
     return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
 
 
+def group_chunks_or_default(group_chunks):
+    """The chunks per step of the group loop for a ``group_chunks`` argument (None: ``default_group_chunks()``);
+    ValueError naming it unless an int >= 0."""
+    G = default_group_chunks() if group_chunks is None else int(group_chunks)
+    if G < 0:
+        raise ValueError(f"group_chunks: expected an int >= 0, got {group_chunks!r}")
+    return G
+
+
+def pad_to_chunks(xs, segment_ids, C: int):
+    """The chunk forms' inputs padded to whole chunks: (each [B, T, ...] array of ``xs`` with zeros appended to a
+    multiple of ``C`` along T, [B, N, C] running document numbers of ``segment_ids`` [B, T] or None). Zero keys add
+    nothing and zero log gates keep the state, so padding never changes a result; the padded rows continue the last
+    document."""
+    B, T = xs[0].shape[:2]
+    pad = -T % C if T else C
+    if pad:
+        xs = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in xs]
+    doc = None
+    if segment_ids is not None:
+        doc = document_index(segment_ids)
+        if pad:
+            doc = jnp.pad(doc, ((0, 0), (0, pad)), mode="edge")
+        doc = doc.reshape(B, -1, C)
+    return xs, doc
 
 
 def _group_inputs(G, C, q, k, v, g, doc):

@@ -35,7 +35,6 @@ many orders of magnitude smaller than the individual q·dq terms.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -43,11 +42,11 @@ import numpy as np
 from jax import lax
 
 from gla_jax.ops.checks import query_scale
-from gla_jax.ops.chunk_math import custom_vjp_op, default_group_chunks, doc_masks, token_backward, token_forward
+from gla_jax.ops.chunk_math import custom_vjp_op, doc_masks, group_chunks_or_default, pad_to_chunks, token_backward
+from gla_jax.ops.chunk_math import token_forward
 from gla_jax.ops.chunk_math import state_scan
 from gla_jax.ops.chunk_math import mm as _mm
 from gla_jax.ops.gates import finite_gates, is_zero_gate, zero_steps
-from gla_jax.ops.segments import segment_starts
 
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
@@ -222,24 +221,9 @@ def gla_scalar(q, k, v, g, *, scale=None, initial_state=None, output_final_state
     scale = query_scale(scale, K)
     in_dtype = out_dtype if jnp.finfo(out_dtype).bits <= 32 else jnp.dtype(_F32)
     C = int(chunk_size)
-    n = max(1, math.ceil(T / C))
-    pad = n * C - T
-    q, k, v = (x.astype(in_dtype) for x in (q, k, v))
-    g = g.astype(_F32)
-    if pad:  # zero keys add nothing, zero log-gates keep the state: padding never changes the results
-        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-        g = jnp.pad(g, ((0, 0), (0, pad), (0, 0)))
+    (q, k, v, g), doc = pad_to_chunks([x.astype(in_dtype) for x in (q, k, v)] + [g.astype(_F32)], segment_ids, C)
     s0 = jnp.zeros((B, H, K, V), _F32) if initial_state is None else initial_state.astype(_F32)
-    doc = None
-    if segment_ids is not None:
-        doc = jnp.cumsum(segment_starts(segment_ids).astype(jnp.int32), axis=1)
-        if pad:
-            doc = jnp.pad(doc, ((0, 0), (0, pad)), mode="edge")
-        doc = doc.reshape(B, n, C)
-
-    cfg = (scale, _matmul_dtype(in_dtype), default_group_chunks() if group_chunks is None else int(group_chunks), C)
-    if cfg[2] < 0:
-        raise ValueError(f"group_chunks: expected an int >= 0, got {group_chunks!r}")
+    cfg = (scale, _matmul_dtype(in_dtype), group_chunks_or_default(group_chunks), C)
     o, s_final = _scalar_op(cfg, q, k, v, g, s0, doc)
     o = o[:, :T]
     return o.astype(out_dtype), (s_final if output_final_state else None)
