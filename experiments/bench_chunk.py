@@ -8,7 +8,10 @@ For each sequence length T it times, in one process and interleaved so that load
   * a 1024³ float32 matmul (``a @ b``, best of ``--reps``) right before and right after the row: the row's reference
     speed is the better of the two (2·1024³ FLOPs per call);
   * the chunk operator's forward, its backward alone (the ``jax.vjp`` pullback, jitted, residuals as inputs) and
-    forward+backward (best of ``--reps`` each, one warm-up call excluded);
+    forward+backward as a training step pays it: ``jax.value_and_grad`` of the loss ⟨o, do⟩, which needs the output
+    and every input gradient (best of ``--reps`` each, one warm-up call excluded). A bare jitted ``jax.vjp``
+    pullback would let XLA drop the forward's output-only work, which no training step can; files before
+    ``bench_chunk_cpu_after4`` timed that bare pullback;
   * the plain ``lax.scan`` recurrence (``impl="recurrent"``) fwd+bwd at the ``--recurrent-T`` lengths.
 
 FLOPs of the algorithm's own work (what a well-shaped chunkwise form must do; C the chunk size):
@@ -101,8 +104,8 @@ def main(argv=None):
         def run(q, k, v, g):
             return gla(q, k, v, g, impl=impl, chunk_size=C)[0] if impl == "chunk" else gla(q, k, v, g, impl=impl)[0]
 
-        def fb(q, k, v, g, do):
-            return jax.vjp(run, q, k, v, g)[1](do)
+        def fb(q, k, v, g, do):  # a training step: the output (the loss needs it) and the input gradients
+            return jax.value_and_grad(lambda *x: jnp.vdot(run(*x), do), argnums=(0, 1, 2, 3))(q, k, v, g)
 
         return jax.jit(run), jax.jit(fb), jax.jit(lambda q, k, v, g: jax.vjp(run, q, k, v, g)[1])
 
@@ -152,6 +155,7 @@ def main(argv=None):
     config = {k: getattr(args, k) for k in ("T", "recurrent_T", "B", "H", "K", "V", "chunk_size", "reps")}
     config.update(dtype="float32", matmul=f"{MATMUL_N}^3 float32, best of reps, before and after each row",
                   timing="best of reps after one warm-up call, jax.block_until_ready",
+                  fwd_bwd="jax.value_and_grad of <o, do> w.r.t. q, k, v, g (a training step: the output is computed)",
                   flops="forward 2*(C*(K+V) + 2*K*V) per token and head; fwd+bwd 3x forward")
     path = common.write_results(args.name, config=config, seed=0, results=rows, out_dir=args.out, started=started,
                                 extra={"targets": targets}, replace=args.replace)

@@ -37,8 +37,8 @@ carried state dropped (``keep = 0``) when a document starts inside the chunk.
 
 Backward (no per-step state is stored; on accelerators the residuals are the inputs, the gate factors
 (``_Factors``), the chunk-start states ``[B, H, N, K, V]`` and the masked intra-chunk matrix ``A``; on CPU the
-group loop keeps only the inputs and the state entering each group and recomputes the rest, ``chunk_math.
-token_forward``): a reverse scan over chunks gives the gradient dH of the state leaving each chunk (and of
+group loop keeps the inputs, the state entering each group and ``A`` (``_kept``) and recomputes the factors and
+chunk states, ``chunk_math.token_forward``): a reverse scan over chunks gives the gradient dH of the state leaving each chunk (and of
 ``initial_state``); dq, dk, dv follow chunk by chunk with the same bisection. The gate gradient uses the
 reverse-cumulative-sum identity of docs/design.md §2, applied per chunk: because g_t only enters exponent
 differences across t,
@@ -279,12 +279,17 @@ def _offdiag_grads(qf, kf, dA, F, c, cdt):
     return dq, dk, blocks
 
 
+def _chunk_states(k, v, F, s0):
+    """(the state leaving the last chunk [B, H, K, V], the states entering each chunk [B, H, N, K, V]), float32."""
+    u = _mm("bhnck,bhncv->bhnkv", k.astype(_F32) * F.ek, v)  # each chunk's contribution to the state leaving it
+    return state_scan(F.a, u, s0)
+
+
 def _forward(cfg, q, k, v, g, s0, doc, first=None):
     scale, c, cdt = cfg[:3]
     F, masks = _factors(g, doc, c, first)
     qf, kf = q.astype(_F32), k.astype(_F32)
-    u = _mm("bhnck,bhncv->bhnkv", kf * F.ek, v)  # each chunk's contribution to the state leaving it
-    s_final, starts = state_scan(F.a, u, s0)
+    s_final, starts = _chunk_states(k, v, F, s0)
     o = _mm("bhnck,bhnkv->bhncv", qf * F.eq, starts)  # inter-chunk term
     q6, k6 = qf.reshape(F.alpha.shape), kf.reshape(F.alpha.shape)
     A = _intra_matrix(q6, k6, F, cdt, None if masks is None else masks[3])
@@ -350,16 +355,30 @@ def _chunk_op_bwd(cfg, res, cts):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0, None
 
 
+def _kept(res):
+    """The residual the CPU group loop stores per group: the masked intra-chunk matrix A [B, H, G, C, C] (float32;
+    as large as q). Rebuilding it costs the bisection's log2(C) matmuls again; the gate factors and the chunk
+    states are cheaper to recompute than to store (``_rebuild``)."""
+    return (res[5],)
+
+
+def _rebuild(cfg, q, k, v, g, s, doc, first, kept):
+    """``_forward``'s residuals of one group from its inputs, the state ``s`` entering it and ``_kept``'s A."""
+    F, _ = _factors(g, doc, cfg[1], first)
+    _, starts = _chunk_states(k, v, F, s)
+    return q, k, v, doc, starts, kept[0], F
+
+
 def _forward_tokens(cfg, q, k, v, g, s0, doc):
     """``_forward`` on token-major inputs [B, T, H, D] (``chunk_math.token_forward``: the CPU group loop when
-    ``cfg[3]`` chunks per group apply; docs/design.md §1)."""
-    return token_forward(functools.partial(_forward, cfg), cfg[3], cfg[4], q, k, v, g, s0, doc)
+    ``cfg[3]`` chunks per group apply, storing A per group; docs/design.md §1)."""
+    return token_forward(functools.partial(_forward, cfg), cfg[3], cfg[4], q, k, v, g, s0, doc, keep=_kept)
 
 
 def _bwd_tokens(cfg, res, cts):
     """``_chunk_op_bwd`` on token-major cotangents (``chunk_math.token_backward``)."""
     return token_backward(functools.partial(_forward, cfg), functools.partial(_chunk_op_bwd, cfg), cfg[3], cfg[4],
-                          res, cts)
+                          res, cts, rebuild=functools.partial(_rebuild, cfg))
 
 
 _chunk_op = custom_vjp_op(_forward_tokens, _bwd_tokens)

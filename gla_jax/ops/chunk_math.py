@@ -165,19 +165,20 @@ def _group_slice(i, G, C, xs, doc, entering):
     return out, lax.dynamic_slice_in_dim(doc, i * G, G, axis=1), entering[i]
 
 
-def token_forward(forward, G: int, C: int, q, k, v, g, s0, doc):
+def token_forward(forward, G: int, C: int, q, k, v, g, s0, doc, keep=None):
     """A chunk form's forward on token-major inputs (docs/design.md §1).
 
     q, k, g: [B, T, H, ...] and v [B, T, H, V] with T a multiple of C; doc [B, T // C, C] running document numbers
     or None; forward(q, k, v, g, s0, doc, first=None) -> ((o, s_final), res) the form's own forward on chunk-major
-    inputs [B, H, N, C, ...]. Returns ((o [B, T, H, V], s_final), residuals).
+    inputs [B, H, N, C, ...]; keep(res) -> a tuple of the residual arrays worth storing per group (default none).
+    Returns ((o [B, T, H, V], s_final), residuals).
 
     With ``group_count(G, N)`` groups (the CPU group loop) a ``lax.scan`` over groups of G chunks carries the state.
     Each step works on its group's inputs in chunk-major layout, sliced from the token-major inputs one step ahead
     and carried: a loop carry is a buffer of its own, where XLA:CPU would otherwise fuse the slice-and-transpose into
-    every consumer. No full-size transposed copy is made, and the residuals are only the inputs and the state
-    entering each group (``token_backward`` recomputes the rest). Otherwise everything is done at once and the
-    form's residuals are kept."""
+    every consumer. No full-size transposed copy is made; the residuals are the inputs, the state entering each
+    group and ``keep``'s arrays stacked over the groups (``token_backward`` recomputes the rest). Otherwise
+    everything is done at once and the form's residuals are kept."""
     B, T = q.shape[:2]
     N = T // C
     if group_count(G, N) is None:
@@ -188,45 +189,49 @@ def token_forward(forward, G: int, C: int, q, k, v, g, s0, doc):
     def step(carry, i):
         s, xs = carry
         _, doc_i, first = _group_slice(i, G, C, (), docp, entering)
-        (o, s_next), _ = forward(*xs, s, doc_i, first)
+        (o, s_next), res = forward(*xs, s, doc_i, first)
         nxt = _group_slice(jnp.minimum(i + 1, ng - 1), G, C, (qp, kp, vp, gp), None, None)[0]
-        return (s_next, tuple(nxt)), (unchunked(o), s)
+        return (s_next, tuple(nxt)), (unchunked(o), s, () if keep is None else tuple(keep(res)))
 
     x0 = tuple(_group_slice(0, G, C, (qp, kp, vp, gp), None, None)[0])
-    (s_final, _), (o, s_in) = lax.scan(step, (s0, x0), jnp.arange(ng))
+    (s_final, _), (o, s_in, kept) = lax.scan(step, (s0, x0), jnp.arange(ng))
     o = jnp.moveaxis(o, 0, 1).reshape((B, ng * G * C) + o.shape[3:])[:, :T]
-    return (o, s_final), (q, k, v, g, doc, s_in)
+    return (o, s_final), (q, k, v, g, doc, s_in, kept)
 
 
-def token_backward(forward, backward, G: int, C: int, res, cts):
+def token_backward(forward, backward, G: int, C: int, res, cts, rebuild=None):
     """The backward of :func:`token_forward`: ``backward(res, (do, ds)) -> (dq, dk, dv, dg, ds0, None)`` of the
     form on chunk-major arrays, with ``forward`` as in :func:`token_forward`. Returns the gradients token-major.
 
     With groups: a reverse ``lax.scan`` over the groups carrying the state gradient (and, sliced one step ahead,
-    the next group's chunk-major inputs and output cotangent, as in ``token_forward``); each step recomputes its
-    group's residuals with ``forward`` from the state that entered the group. Keeping per-group residuals instead
-    (stacked over the loop) measured 1.2-1.3x slower fwd+bwd: the buffers are fresh memory on every call."""
+    the next group's chunk-major inputs and output cotangent, as in ``token_forward``); each step rebuilds its
+    group's residuals: ``rebuild(q, k, v, g, s, doc, first, kept)`` from the group's inputs, the state ``s`` that
+    entered it and its arrays of ``token_forward``'s ``keep``, or (``rebuild`` None) by running ``forward`` again."""
     do, ds_final = cts
     B, T = do.shape[:2]
     N = T // C
     if group_count(G, N) is None:
         grads = backward(res, (chunked(do, C), ds_final))
         return tuple(unchunked(x) for x in grads[:4]) + tuple(grads[4:])
-    q, k, v, g, doc, s_in = res
+    q, k, v, g, doc, s_in, kept = res
     ng, qp, kp, vp, gp, docp, entering = _group_inputs(G, C, q, k, v, g, doc)
     dop = jnp.pad(do, [(0, 0), (0, qp.shape[1] - T)] + [(0, 0)] * (do.ndim - 2))
 
     def step(carry, x):
         ds, xs = carry
-        i, s = x
+        i, s, kept_i = x
         *xs, do_i = xs
         _, doc_i, first = _group_slice(i, G, C, (), docp, entering)
-        dq, dk, dv, dg, ds0, _ = backward(forward(*xs, s, doc_i, first)[1], (do_i, ds))
+        if rebuild is None:
+            res_i = forward(*xs, s, doc_i, first)[1]
+        else:
+            res_i = rebuild(*xs, s, doc_i, first, kept_i)
+        dq, dk, dv, dg, ds0, _ = backward(res_i, (do_i, ds))
         nxt = _group_slice(jnp.maximum(i - 1, 0), G, C, (qp, kp, vp, gp, dop), None, None)[0]
         return (ds0, tuple(nxt)), tuple(unchunked(t) for t in (dq, dk, dv, dg))
 
     x0 = tuple(_group_slice(ng - 1, G, C, (qp, kp, vp, gp, dop), None, None)[0])
-    (ds0, _), grads = lax.scan(step, (ds_final.astype(jnp.float32), x0), (jnp.arange(ng), s_in), reverse=True)
+    (ds0, _), grads = lax.scan(step, (ds_final.astype(jnp.float32), x0), (jnp.arange(ng), s_in, kept), reverse=True)
     dq, dk, dv, dg = (jnp.moveaxis(x, 0, 1).reshape((B, -1) + x.shape[3:])[:, :T] for x in grads)
     return dq, dk, dv, dg, ds0, None
 
