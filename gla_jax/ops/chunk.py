@@ -63,7 +63,7 @@ import numpy as np
 from jax import lax
 
 from gla_jax.ops.chunk_math import SUB_CHUNK, custom_vjp_op, doc_masks, group_chunks_or_default, pad_to_chunks
-from gla_jax.ops.chunk_math import state_scan, token_backward, token_forward
+from gla_jax.ops.chunk_math import default_matmul_dtype, state_scan, token_backward, token_forward
 from gla_jax.ops.chunk_math import mm as _mm
 from gla_jax.ops.chunk_math import cumsum_rows as _cumsum_rows
 from gla_jax.ops.gates import finite_gates, is_zero_gate, zero_steps
@@ -382,15 +382,6 @@ def _bwd_tokens(cfg, res, cts):
 
 
 _chunk_op = custom_vjp_op(_forward_tokens, _bwd_tokens)
-
-
-def default_matmul_dtype(dtype):
-    """Operand dtype of the intra-chunk matmuls for inputs of ``dtype``: the input dtype on accelerators (bf16
-    tensor cores), float32 on CPU (where half-precision matmuls are no faster and cost accuracy)."""
-    dtype = jnp.dtype(dtype)
-    if jax.default_backend() == "cpu" or not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits > 32:
-        return jnp.dtype(_F32)
-    return dtype
 
 
 #: Sub-chunk of the pure-JAX chunk form on CPU: 1, so the bisection runs down to single rows and there is no

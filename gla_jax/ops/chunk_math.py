@@ -49,6 +49,16 @@ def mm(spec: str, a, b, dtype=None):
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=_F32)
 
 
+def default_matmul_dtype(dtype):
+    """Operand dtype of the intra-chunk matmuls of the chunk forms for inputs of ``dtype``: the input dtype on
+    accelerators (bf16 tensor cores), float32 on CPU (where half-precision matmuls are no faster and cost accuracy)
+    and for anything but a float of at most 32 bits."""
+    dtype = jnp.dtype(dtype)
+    if jax.default_backend() == "cpu" or not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits > 32:
+        return jnp.dtype(_F32)
+    return dtype
+
+
 def state_scan(a, u, s0, reverse: bool = False):
     """The chunk-level recurrence S_{n+1} = a_n ⊙ S_n + u_n over the chunk axis 2 (backwards with ``reverse``: the
     state gradients dS_n = a_n ⊙ dS_{n+1} + u_n).

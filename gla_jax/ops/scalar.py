@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from gla_jax.ops.checks import query_scale
-from gla_jax.ops.chunk_math import custom_vjp_op, doc_masks, group_chunks_or_default, pad_to_chunks, token_backward
-from gla_jax.ops.chunk_math import token_forward
+from gla_jax.ops.chunk_math import custom_vjp_op, default_matmul_dtype, doc_masks, group_chunks_or_default
+from gla_jax.ops.chunk_math import pad_to_chunks, token_backward, token_forward
 from gla_jax.ops.chunk_math import state_scan
 from gla_jax.ops.chunk_math import mm as _mm
 from gla_jax.ops.gates import finite_gates, is_zero_gate, zero_steps
@@ -185,14 +184,6 @@ def check_scalar_inputs(q, k, v, g, *, scale, initial_state, segment_ids, chunk_
     return B, T, H, K, V
 
 
-def _matmul_dtype(dtype):
-    """Operand dtype of the intra-chunk matmuls: the input dtype on accelerators, float32 on CPU or for float64."""
-    dtype = jnp.dtype(dtype)
-    if jax.default_backend() == "cpu" or jnp.finfo(dtype).bits >= 32:
-        return jnp.dtype(_F32)
-    return dtype
-
-
 def gla_scalar(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
                chunk_size=64, group_chunks=None):
     """Chunkwise scalar-gate linear attention, differentiable through its own backward (custom VJP).
@@ -223,7 +214,7 @@ def gla_scalar(q, k, v, g, *, scale=None, initial_state=None, output_final_state
     C = int(chunk_size)
     (q, k, v, g), doc = pad_to_chunks([x.astype(in_dtype) for x in (q, k, v)] + [g.astype(_F32)], segment_ids, C)
     s0 = jnp.zeros((B, H, K, V), _F32) if initial_state is None else initial_state.astype(_F32)
-    cfg = (scale, _matmul_dtype(in_dtype), group_chunks_or_default(group_chunks), C)
+    cfg = (scale, default_matmul_dtype(in_dtype), group_chunks_or_default(group_chunks), C)
     o, s_final = _scalar_op(cfg, q, k, v, g, s0, doc)
     o = o[:, :T]
     return o.astype(out_dtype), (s_final if output_final_state else None)
