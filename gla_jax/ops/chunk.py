@@ -38,10 +38,10 @@ carried state dropped (``keep = 0``) when a document starts inside the chunk.
 Backward (no per-step state is stored; on accelerators the residuals are the inputs, the gate factors
 (``_Factors``), the chunk-start states ``[B, H, N, K, V]`` and the masked intra-chunk matrix ``A``; on CPU the
 group loop keeps the inputs, the state entering each group and ``A`` (``_kept``) and recomputes the factors and
-chunk states, ``chunk_math.token_forward``): a reverse scan over chunks gives the gradient dH of the state leaving each chunk (and of
-``initial_state``); dq, dk, dv follow chunk by chunk with the same bisection. The gate gradient uses the
-reverse-cumulative-sum identity of docs/design.md §2, applied per chunk: because g_t only enters exponent
-differences across t,
+chunk states, ``chunk_math.token_forward``): a reverse scan over chunks gives the gradient dH of the state leaving
+each chunk (and of ``initial_state``); dq, dk, dv follow chunk by chunk with the same bisection. The gate
+gradient uses the reverse-cumulative-sum identity of docs/design.md §2, applied per chunk: because g_t only enters
+exponent differences across t,
 
     dg_t = sum_{s>=t, s in chunk} (q_s * dq_s - k_s * dk_s)[intra + inter parts]
            + sum_{j<t, j in chunk} k_j * dk_j[state part]  +  sum_v dH * (keep e^{b_C} S)
@@ -279,6 +279,18 @@ def _offdiag_grads(qf, kf, dA, F, c, cdt):
     return dq, dk, blocks
 
 
+class _Residuals(NamedTuple):
+    """What ``_forward`` leaves for ``_chunk_op_bwd`` (or ``_rebuild`` rebuilds for one group)."""
+
+    q: jax.Array  # [B, H, N, C, K] the inputs as given
+    k: jax.Array
+    v: jax.Array  # [B, H, N, C, V]
+    doc: jax.Array | None  # [B, N, C] running document numbers
+    starts: jax.Array  # [B, H, N, K, V] float32 states entering each chunk
+    A: jax.Array  # [B, H, N, C, C] float32 masked intra-chunk matrix
+    F: _Factors
+
+
 def _chunk_states(k, v, F, s0):
     """(the state leaving the last chunk [B, H, K, V], the states entering each chunk [B, H, N, K, V]), float32."""
     u = _mm("bhnck,bhncv->bhnkv", k.astype(_F32) * F.ek, v)  # each chunk's contribution to the state leaving it
@@ -294,7 +306,7 @@ def _forward(cfg, q, k, v, g, s0, doc, first=None):
     q6, k6 = qf.reshape(F.alpha.shape), kf.reshape(F.alpha.shape)
     A = _intra_matrix(q6, k6, F, cdt, None if masks is None else masks[3])
     o = (o + _mm("bhnij,bhnjv->bhniv", A, v, cdt)) * scale
-    return (o, s_final), (q, k, v, doc, starts, A, F)
+    return (o, s_final), _Residuals(q, k, v, doc, starts, A, F)
 
 
 def qk_gate_grads(qf, kf, do, v, same, dq_inter, dk_state, starts, dh, F, *, c: int, cdt):
@@ -359,14 +371,14 @@ def _kept(res):
     """The residual the CPU group loop stores per group: the masked intra-chunk matrix A [B, H, G, C, C] (float32;
     as large as q). Rebuilding it costs the bisection's log2(C) matmuls again; the gate factors and the chunk
     states are cheaper to recompute than to store (``_rebuild``)."""
-    return (res[5],)
+    return (res.A,)
 
 
 def _rebuild(cfg, q, k, v, g, s, doc, first, kept):
     """``_forward``'s residuals of one group from its inputs, the state ``s`` entering it and ``_kept``'s A."""
     F, _ = _factors(g, doc, cfg[1], first)
     _, starts = _chunk_states(k, v, F, s)
-    return q, k, v, doc, starts, kept[0], F
+    return _Residuals(q, k, v, doc, starts, kept[0], F)
 
 
 def _forward_tokens(cfg, q, k, v, g, s0, doc):
