@@ -19,7 +19,12 @@ FLOPs of the algorithm's own work (what a well-shaped chunkwise form must do; C 
     forward  = 2 · (C·(K + V) + 2·K·V)  per token and head   (intra-chunk Q Kᵀ and A V, inter-chunk Q S, state Kᵀ V)
     fwd+bwd  = 3 × forward
 
-Reported per row: times (ms), GFLOP/s of fwd+bwd, the fraction of the matmul speed measured beside it, bwd/fwd.
+Beside the reference it times the chunk path's own product shape, a batched ``[32, 64, 64]·[32, 64, 64]`` matmul
+(n = B·H·G = 32 products, one step of the CPU group loop), which XLA:CPU runs on one core
+(``bench_matmul_forms.py``); files from ``bench_chunk_cpu_after5`` on carry it.
+
+Reported per row: times (ms), GFLOP/s of fwd+bwd, the fraction of the matmul speed measured beside it, bwd/fwd,
+and the fraction of the batched small-matmul speed.
 Targets (issue 16): fwd+bwd at T=8192 >= 0.2 of the matmul speed; time(T=16384)/time(T=2048) <= 9;
 recurrent/chunk at T=4096 >= 10; backward <= 2x forward. On a shared machine only the side-by-side ratios mean
 anything: absolute times move with the load.
@@ -37,6 +42,7 @@ import common
 
 DEFAULT_T = (2048, 4096, 8192, 16384)
 MATMUL_N = 1024
+SMALL_BATCH = 32
 TARGETS = (
     ("fraction_of_matmul_T8192", "chunk fwd+bwd FLOP/s / matmul FLOP/s at T=8192", ">=", 0.2),
     ("scaling_T16384_over_T2048", "chunk fwd+bwd time(T=16384) / time(T=2048)", "<=", 9.0),
@@ -100,6 +106,14 @@ def main(argv=None):
     def matmul_flops():
         return 2 * MATMUL_N**3 / best_time(matmul, (a, a), args.reps)[0]
 
+    # The chunk path's own product shape: one batched [n, 64, 64]·[n, 64, 64] matmul (n = 32 = B·H·G of the CPU
+    # group loop at the default shape), which XLA:CPU runs on one core (bench_matmul_forms.py, docs/design.md §1).
+    small = jax.random.normal(jax.random.PRNGKey(1), (SMALL_BATCH, 64, 64), jnp.float32)
+    batched = jax.jit(lambda x, y: jnp.einsum("nij,njk->nik", x, y, precision=jax.lax.Precision.HIGHEST))
+
+    def batched_flops():
+        return 2 * SMALL_BATCH * 64**3 / best_time(batched, (small, small), args.reps)[0]
+
     def make(impl):
         def run(q, k, v, g):
             return gla(q, k, v, g, impl=impl, chunk_size=C)[0] if impl == "chunk" else gla(q, k, v, g, impl=impl)[0]
@@ -114,7 +128,7 @@ def main(argv=None):
     print(f"bench_chunk: backend={jax.default_backend()} B={B} H={H} K={K} V={V} C={C} float32 reps={args.reps} "
           f"(best of); matmul {MATMUL_N}^3 float32 timed before and after each row", flush=True)
     print(f"{'impl':<9} {'T':>6} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'bwd/fwd':>7} {'GFLOP/s':>8} "
-          f"{'mm GFLOP/s':>10} {'frac':>6}", flush=True)
+          f"{'mm GFLOP/s':>10} {'frac':>6} {'bmm GFLOP/s':>11} {'frac b':>6}", flush=True)
     for T in args.T:
         key = jax.random.split(jax.random.PRNGKey(T), 5)
         q = jax.random.normal(key[0], (B, T, H, K), jnp.float32)
@@ -124,7 +138,7 @@ def main(argv=None):
         do = jax.random.normal(key[4], (B, T, H, V), jnp.float32)
         for impl in ["chunk"] + (["recurrent"] if T in args.recurrent_T else []):
             fwd, fb, vjp = make(impl)
-            mm_before = matmul_flops()
+            mm_before, small_before = matmul_flops(), batched_flops()
             row = {"impl": impl, "T": T, "B": B, "H": H, "K": K, "V": V, "chunk_size": C}
             row["fwd_s"], row["first_fwd_s"] = best_time(fwd, (q, k, v, g), args.reps)
             row["fwd_bwd_s"], row["first_fwd_bwd_s"] = best_time(fb, (q, k, v, g, do), args.reps)
@@ -132,20 +146,23 @@ def main(argv=None):
                 vjp_fn = vjp(q, k, v, g)
                 row["bwd_s"], _ = best_time(pullback, (vjp_fn, do), args.reps)
                 del vjp_fn
-            mm_after = matmul_flops()
+            mm_after, small_after = matmul_flops(), batched_flops()
             mm = max(mm_before, mm_after)
             row["matmul_flops_per_s"] = mm
+            row["batched_matmul_flops_per_s"] = max(small_before, small_after)
             if impl == "chunk":
                 flops = 3 * chunk_flops_fwd(B, T, H, K, V, C)
                 row["flops_fwd_bwd"] = flops
                 row["flops_per_s"] = flops / row["fwd_bwd_s"]
                 row["fraction_of_matmul"] = row["flops_per_s"] / mm
+                row["fraction_of_batched_matmul"] = row["flops_per_s"] / row["batched_matmul_flops_per_s"]
                 row["bwd_over_fwd"] = row["bwd_s"] / row["fwd_s"]
             rows.append(row)
             f = lambda x, s=1e3: "-" if x is None else f"{x * s:.4g}"
             print(f"{impl:<9} {T:>6} {f(row['fwd_s']):>9} {f(row.get('bwd_s')):>9} {f(row['fwd_bwd_s']):>9} "
                   f"{f(row.get('bwd_over_fwd'), 1):>7} {f(row.get('flops_per_s'), 1e-9):>8} {f(mm, 1e-9):>10} "
-                  f"{f(row.get('fraction_of_matmul'), 1):>6}", flush=True)
+                  f"{f(row.get('fraction_of_matmul'), 1):>6} {f(row['batched_matmul_flops_per_s'], 1e-9):>11} "
+                  f"{f(row.get('fraction_of_batched_matmul'), 1):>6}", flush=True)
 
     targets = compute_targets(rows)
     print("\ntargets (measured side by side in this run):")
@@ -154,6 +171,8 @@ def main(argv=None):
         print(f"  {t['description']}: {'-' if v is None else f'{v:.3g}'} (target {t['target']}) -> {t['status']}")
     config = {k: getattr(args, k) for k in ("T", "recurrent_T", "B", "H", "K", "V", "chunk_size", "reps")}
     config.update(dtype="float32", matmul=f"{MATMUL_N}^3 float32, best of reps, before and after each row",
+                  batched_matmul=f"[{SMALL_BATCH}, 64, 64]x[{SMALL_BATCH}, 64, 64] float32 HIGHEST, best of reps, "
+                                 "before and after each row (the chunk path's product shape)",
                   timing="best of reps after one warm-up call, jax.block_until_ready",
                   fwd_bwd="jax.value_and_grad of <o, do> w.r.t. q, k, v, g (a training step: the output is computed)",
                   flops="forward 2*(C*(K+V) + 2*K*V) per token and head; fwd+bwd 3x forward")
