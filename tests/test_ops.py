@@ -443,6 +443,24 @@ def test_chunk_group_loop_matches_float64(group_chunks, docs, pattern):
         assert rel_err(a, b) <= F32_TOL, name
 
 
+@pytest.mark.parametrize("T,G,want", [(333, 4, 512), (333, 2, 384), (333, 0, 384), (300, 8, 320), (513, 8, 1024),
+                                      (512, 8, 512)])
+def test_pad_to_chunks_pads_once_to_whole_groups(T, G, want):
+    """Inputs are padded once: to whole groups of G chunks of 64 when the group loop applies (more than G chunks),
+    else to whole chunks; zeros appended, the padded rows' documents continue the last one."""
+    from gla_jax.ops.chunk_math import pad_to_chunks
+
+    x = jnp.arange(1.0, 2 * T + 1).reshape(1, T, 2)
+    seg = jnp.asarray(np.repeat([[3, 7]], [T // 2, T - T // 2], axis=1))
+    (xp,), doc = pad_to_chunks([x], seg, 64, G)
+    assert xp.shape == (1, want, 2) and doc.shape == (1, want // 64, 64)
+    np.testing.assert_array_equal(xp[:, :T], x)
+    assert not np.any(np.asarray(xp[:, T:]))
+    flat = np.asarray(doc).reshape(-1)
+    np.testing.assert_array_equal(flat[T:], flat[T - 1])
+    np.testing.assert_array_equal(flat[:T], np.arange(T) >= T // 2)
+
+
 @pytest.mark.parametrize("chunk_size,sub_chunk,group_chunks", [(64, 1, 0), (64, 2, 3), (64, 16, 2), (32, 8, 0),
                                                                (128, 8, 0), (16, 16, 0)])
 def test_chunk_bisection_sizes_match_float64(chunk_size, sub_chunk, group_chunks):

@@ -1,7 +1,8 @@
 """Hierarchical chunkwise GLA in pure JAX, with a hand-written backward (``jax.custom_vjp``).
 
-Layout inside: the sequence is padded to a multiple of the chunk size C (zeros for q, k, v and g: a zero key adds
-nothing and a zero log-gate keeps the state, so padding never changes results) and viewed as ``[B, H, N, C, D]``.
+Layout inside: the sequence is padded once to a multiple of the chunk size C, or of G·C with the CPU group loop of G
+chunks (zeros for q, k, v and g: a zero key adds nothing and a zero log-gate keeps the state, so padding never
+changes results) and viewed as ``[B, H, N, C, D]``.
 Per chunk, with b the chunk-local inclusive cumulative gate (float32) and S the state entering the chunk:
 
     o_i   = scale * ( m_in_i (q_i * e^{b_i}) S  +  sum_{j<=i, same doc} A_ij v_j )
@@ -444,7 +445,7 @@ def gla_chunk(q, k, v, g, *, scale, initial_state=None, segment_ids=None, chunk_
         raise ValueError(f"sub_chunk: expected a power of two, got {sub_chunk!r}")
     G = group_chunks_or_default(group_chunks)
     (q, k, v, g), doc = pad_to_chunks([q.astype(in_dtype), k.astype(in_dtype), v.astype(in_dtype), g.astype(_F32)],
-                                      segment_ids, C)
+                                      segment_ids, C, G)
     s0 = jnp.zeros((B, H, K, V), _F32) if initial_state is None else initial_state.astype(_F32)
     o, s_final = _chunk_op((float(scale), c, mdt, G, C), q, k, v, g, s0, doc)
     return o[:, :T], s_final

@@ -133,13 +133,16 @@ def group_chunks_or_default(group_chunks):
     return G
 
 
-def pad_to_chunks(xs, segment_ids, C: int):
+def pad_to_chunks(xs, segment_ids, C: int, G: int = 0):
     """The chunk forms' inputs padded to whole chunks: (each [B, T, ...] array of ``xs`` with zeros appended to a
-    multiple of ``C`` along T, [B, N, C] running document numbers of ``segment_ids`` [B, T] or None). Zero keys add
-    nothing and zero log gates keep the state, so padding never changes a result; the padded rows continue the last
-    document."""
+    multiple of ``C`` along T, or of ``G * C`` when the group loop of ``G`` chunks applies (``group_count``: the
+    inputs are then padded once, not again per group), [B, N, C] running document numbers of ``segment_ids``
+    [B, T] or None). Zero keys add nothing and zero log gates keep the state, so padding never changes a result;
+    the padded rows continue the last document."""
     B, T = xs[0].shape[:2]
     pad = -T % C if T else C
+    if group_count(G, (T + pad) // C) is not None:
+        pad = -T % (G * C)
     if pad:
         xs = [jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) for x in xs]
     doc = None

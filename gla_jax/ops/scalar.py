@@ -212,9 +212,10 @@ def gla_scalar(q, k, v, g, *, scale=None, initial_state=None, output_final_state
     scale = query_scale(scale, K)
     in_dtype = out_dtype if jnp.finfo(out_dtype).bits <= 32 else jnp.dtype(_F32)
     C = int(chunk_size)
-    (q, k, v, g), doc = pad_to_chunks([x.astype(in_dtype) for x in (q, k, v)] + [g.astype(_F32)], segment_ids, C)
+    G = group_chunks_or_default(group_chunks)
+    (q, k, v, g), doc = pad_to_chunks([x.astype(in_dtype) for x in (q, k, v)] + [g.astype(_F32)], segment_ids, C, G)
     s0 = jnp.zeros((B, H, K, V), _F32) if initial_state is None else initial_state.astype(_F32)
-    cfg = (scale, default_matmul_dtype(in_dtype), group_chunks_or_default(group_chunks), C)
+    cfg = (scale, default_matmul_dtype(in_dtype), G, C)
     o, s_final = _scalar_op(cfg, q, k, v, g, s0, doc)
     o = o[:, :T]
     return o.astype(out_dtype), (s_final if output_final_state else None)
