@@ -3,22 +3,14 @@ bookkeeping, and that it never writes over an earlier result."""
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 
-EXP = pathlib.Path(__file__).resolve().parents[1] / "experiments"
-sys.path.insert(0, str(EXP))
+from experiment_loader import load_experiment
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("_exp_bench_chunk", EXP / "bench_chunk.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("bench_chunk")
 
 
 def test_flop_formula(bench):

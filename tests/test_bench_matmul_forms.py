@@ -3,24 +3,17 @@ follows from the shapes, and the run writes a complete results file without writ
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
-EXP = pathlib.Path(__file__).resolve().parents[1] / "experiments"
-sys.path.insert(0, str(EXP))
+from experiment_loader import load_experiment
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("_exp_bench_matmul_forms", EXP / "bench_matmul_forms.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("bench_matmul_forms")
 
 
 def _numpy_product(name, arrays):

@@ -5,7 +5,6 @@ tests/reference.py), the results writer, and each script's --smoke path (seconds
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 import pathlib
 import sys
@@ -13,17 +12,9 @@ import sys
 import numpy as np
 import pytest
 
+from experiment_loader import load_experiment as _load  # puts experiments/ on sys.path
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXP = ROOT / "experiments"
-sys.path.insert(0, str(EXP))
-
-
-def _load(name):
-    """Imports experiments/<name>.py under a private module name."""
-    spec = importlib.util.spec_from_file_location(f"_exp_{name}", EXP / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")

@@ -154,18 +154,13 @@ def pad_to_chunks(xs, segment_ids, C: int, G: int = 0):
     return xs, doc
 
 
-def _group_inputs(G, C, q, k, v, g, doc):
-    """Pads the token-major inputs to whole groups of ``G`` chunks; returns (groups, padded q, k, v, g, doc,
-    [ng, B] the document entering each group or None)."""
-    N = q.shape[1] // C
+def _groups(G, N, doc):
+    """(groups of ``G`` among ``N`` chunks, [ng, B] the document entering each group or None) for the group loop;
+    the inputs are already padded to whole groups (``pad_to_chunks(..., G)``)."""
     ng, pad = group_count(G, N)
-    if pad:  # zero q, k, v and log gates change nothing (docs/design.md §1)
-        q, k, v, g = (jnp.pad(x, [(0, 0), (0, pad * C)] + [(0, 0)] * (x.ndim - 2)) for x in (q, k, v, g))
-    entering = None
-    if doc is not None:
-        entering = entering_documents(doc)[:, ::G].T  # the last document of the chunk before each group
-        doc = jnp.pad(doc, ((0, 0), (0, pad), (0, 0)), mode="edge")
-    return ng, q, k, v, g, doc, entering
+    if pad:
+        raise ValueError(f"the group loop needs whole groups of {G} chunks, got {N} chunks: pad with pad_to_chunks")
+    return ng, None if doc is None else entering_documents(doc)[:, ::G].T  # the last document before each group
 
 
 def _group_slice(i, G, C, xs, doc, entering):
@@ -181,7 +176,8 @@ def _group_slice(i, G, C, xs, doc, entering):
 def token_forward(forward, G: int, C: int, q, k, v, g, s0, doc, keep=None):
     """A chunk form's forward on token-major inputs (docs/design.md §1).
 
-    q, k, g: [B, T, H, ...] and v [B, T, H, V] with T a multiple of C; doc [B, T // C, C] running document numbers
+    q, k, g: [B, T, H, ...] and v [B, T, H, V] with T a multiple of C, of G·C when the group loop applies
+    (``pad_to_chunks(..., G)``); doc [B, T // C, C] running document numbers
     or None; forward(q, k, v, g, s0, doc, first=None) -> ((o, s_final), res) the form's own forward on chunk-major
     inputs [B, H, N, C, ...]; keep(res) -> a tuple of the residual arrays worth storing per group (default none).
     Returns ((o [B, T, H, V], s_final), residuals).
@@ -197,18 +193,18 @@ def token_forward(forward, G: int, C: int, q, k, v, g, s0, doc, keep=None):
     if group_count(G, N) is None:
         (o, s_final), res = forward(*(chunked(x, C) for x in (q, k, v, g)), s0, doc)
         return (unchunked(o), s_final), res
-    ng, qp, kp, vp, gp, docp, entering = _group_inputs(G, C, q, k, v, g, doc)
+    ng, entering = _groups(G, N, doc)
 
     def step(carry, i):
         s, xs = carry
-        _, doc_i, first = _group_slice(i, G, C, (), docp, entering)
+        _, doc_i, first = _group_slice(i, G, C, (), doc, entering)
         (o, s_next), res = forward(*xs, s, doc_i, first)
-        nxt = _group_slice(jnp.minimum(i + 1, ng - 1), G, C, (qp, kp, vp, gp), None, None)[0]
+        nxt = _group_slice(jnp.minimum(i + 1, ng - 1), G, C, (q, k, v, g), None, None)[0]
         return (s_next, tuple(nxt)), (unchunked(o), s, () if keep is None else tuple(keep(res)))
 
-    x0 = tuple(_group_slice(0, G, C, (qp, kp, vp, gp), None, None)[0])
+    x0 = tuple(_group_slice(0, G, C, (q, k, v, g), None, None)[0])
     (s_final, _), (o, s_in, kept) = lax.scan(step, (s0, x0), jnp.arange(ng))
-    o = jnp.moveaxis(o, 0, 1).reshape((B, ng * G * C) + o.shape[3:])[:, :T]
+    o = jnp.moveaxis(o, 0, 1).reshape((B, T) + o.shape[3:])
     return (o, s_final), (q, k, v, g, doc, s_in, kept)
 
 
@@ -227,25 +223,24 @@ def token_backward(forward, backward, G: int, C: int, res, cts, rebuild=None):
         grads = backward(res, (chunked(do, C), ds_final))
         return tuple(unchunked(x) for x in grads[:4]) + tuple(grads[4:])
     q, k, v, g, doc, s_in, kept = res
-    ng, qp, kp, vp, gp, docp, entering = _group_inputs(G, C, q, k, v, g, doc)
-    dop = jnp.pad(do, [(0, 0), (0, qp.shape[1] - T)] + [(0, 0)] * (do.ndim - 2))
+    ng, entering = _groups(G, N, doc)
 
     def step(carry, x):
         ds, xs = carry
         i, s, kept_i = x
         *xs, do_i = xs
-        _, doc_i, first = _group_slice(i, G, C, (), docp, entering)
+        _, doc_i, first = _group_slice(i, G, C, (), doc, entering)
         if rebuild is None:
             res_i = forward(*xs, s, doc_i, first)[1]
         else:
             res_i = rebuild(*xs, s, doc_i, first, kept_i)
         dq, dk, dv, dg, ds0, _ = backward(res_i, (do_i, ds))
-        nxt = _group_slice(jnp.maximum(i - 1, 0), G, C, (qp, kp, vp, gp, dop), None, None)[0]
+        nxt = _group_slice(jnp.maximum(i - 1, 0), G, C, (q, k, v, g, do), None, None)[0]
         return (ds0, tuple(nxt)), tuple(unchunked(t) for t in (dq, dk, dv, dg))
 
-    x0 = tuple(_group_slice(ng - 1, G, C, (qp, kp, vp, gp, dop), None, None)[0])
+    x0 = tuple(_group_slice(ng - 1, G, C, (q, k, v, g, do), None, None)[0])
     (ds0, _), grads = lax.scan(step, (ds_final.astype(jnp.float32), x0), (jnp.arange(ng), s_in, kept), reverse=True)
-    dq, dk, dv, dg = (jnp.moveaxis(x, 0, 1).reshape((B, -1) + x.shape[3:])[:, :T] for x in grads)
+    dq, dk, dv, dg = (jnp.moveaxis(x, 0, 1).reshape((B, T) + x.shape[3:]) for x in grads)
     return dq, dk, dv, dg, ds0, None
 
 
