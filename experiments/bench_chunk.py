@@ -37,6 +37,7 @@ from __future__ import annotations
 import sys
 import time
 
+import bench_matmul_forms
 import bench_ops
 import common
 
@@ -108,11 +109,12 @@ def main(argv=None):
 
     # The chunk path's own product shape: one batched [n, 64, 64]·[n, 64, 64] matmul (n = 32 = B·H·G of the CPU
     # group loop at the default shape), which XLA:CPU runs on one core (bench_matmul_forms.py, docs/design.md §1).
-    small = jax.random.normal(jax.random.PRNGKey(1), (SMALL_BATCH, 64, 64), jnp.float32)
-    batched = jax.jit(lambda x, y: jnp.einsum("nij,njk->nik", x, y, precision=jax.lax.Precision.HIGHEST))
+    product, shapes, product_flops = bench_matmul_forms.forms([SMALL_BATCH])[f"batched_{SMALL_BATCH}"]
+    small = [jax.random.normal(jax.random.PRNGKey(i + 1), s, jnp.float32) for i, s in enumerate(shapes)]
+    batched = jax.jit(product)
 
     def batched_flops():
-        return 2 * SMALL_BATCH * 64**3 / best_time(batched, (small, small), args.reps)[0]
+        return product_flops / best_time(batched, small, args.reps)[0]
 
     def make(impl):
         def run(q, k, v, g):
